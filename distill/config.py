@@ -1,0 +1,310 @@
+"""Typed run configuration: one YAML recipe plus ``key=value`` overrides, validated before anything loads.
+
+Every setting has one dotted name (``training.learning_rate``) used in YAML, on the command line,
+in TensorBoard hparams and in the model card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from distill.errors import DistillError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
+
+
+@dataclass
+class ModelConfig:
+    """A teacher or student: a local Hugging Face directory or a hub id, and its DeepSpeed config."""
+
+    path: str = ""
+    ds_config: str = ""
+    revision: Optional[str] = None
+    # SDPA keeps attention fast; feature capture never needs the whole model in eager mode.
+    attn_implementation: str = "sdpa"
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise DistillError(f"{prefix}.path is required")
+        if not self.ds_config:
+            raise DistillError(f"{prefix}.ds_config is required")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are tokenized."""
+
+    path: str = ""  # hub dataset name, local directory, or local json/jsonl/csv/parquet file
+    name: Optional[str] = None  # dataset configuration, e.g. "3.0.0" for cnn_dailymail
+    train_split: str = "train"
+    eval_split: Optional[str] = "validation"
+    source_column: str = "document"
+    target_column: str = "summary"
+    source_prefix: str = ""  # e.g. "summarize: " for T5
+    max_source_length: int = 512
+    max_target_length: int = 128
+    # False drops examples longer than the limits instead of cutting them.
+    truncation: bool = True
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise DistillError(f"{prefix}.path is required")
+        _positive(self, prefix, "max_source_length", "max_target_length")
+        _positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
+        if self.source_column == self.target_column:
+            raise DistillError(f"{prefix}.source_column and {prefix}.target_column are both '{self.source_column}'")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = ""
+    seed: int = 42
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the decayed learning rate ends at learning_rate * min_lr_ratio
+    max_grad_norm: float = 1.0
+    precision: Precision = "fp32"
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    save_every: int = 500
+    keep_checkpoints: int = 2  # complete checkpoints kept on disk, newest first
+    resume: str = "auto"  # "auto" (latest complete checkpoint if any), "never", or a checkpoint tag
+    export: bool = True  # write a Hugging Face directory of the student at the end
+
+    def validate(self, prefix: str) -> None:
+        if not self.output_dir:
+            raise DistillError(f"{prefix}.output_dir is required")
+        _positive(self, prefix, "micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
+                  "save_every", "keep_checkpoints")
+        if self.learning_rate <= 0:
+            raise DistillError(f"{prefix}.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise DistillError(f"{prefix}.warmup_steps must be in [0, training.max_steps), got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise DistillError(f"{prefix}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm < 0:
+            raise DistillError(f"{prefix}.max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        if self.eval_every < 0:
+            raise DistillError(f"{prefix}.eval_every must be >= 0, got {self.eval_every}")
+        if self.weight_decay < 0:
+            raise DistillError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective: L = w_ce * CE(gold) + w_kd * tau^2 * D(teacher || student)."""
+
+    w_ce: float = 1.0
+    w_kd: float = 0.0
+    temperature: float = 2.0
+    divergence: Divergence = "forward_kl"
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+    taid_lambda_start: float = 0.1
+    taid_lambda_end: float = 1.0
+    taid_schedule: Literal["constant", "linear", "adaptive"] = "linear"
+    label_smoothing: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        for key in ("w_ce", "w_kd"):
+            if getattr(self, key) < 0:
+                raise DistillError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+        if self.w_ce == 0 and self.w_kd == 0:
+            raise DistillError(f"{prefix}.w_ce and {prefix}.w_kd are both 0: nothing to train on")
+        if self.temperature <= 0:
+            raise DistillError(f"{prefix}.temperature must be > 0, got {self.temperature}")
+        for key in ("jsd_beta", "skew_alpha", "taid_lambda_start", "taid_lambda_end"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise DistillError(f"{prefix}.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.taid_lambda_start > self.taid_lambda_end:
+            raise DistillError(f"{prefix}.taid_lambda_start must not exceed {prefix}.taid_lambda_end")
+        if not 0 <= self.label_smoothing < 1:
+            raise DistillError(f"{prefix}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class RunConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None  # None: plain fine-tuning (SFT), no teacher is loaded
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self) -> "RunConfig":
+        self.student.validate("student")
+        if self.teacher is not None:
+            self.teacher.validate("teacher")
+        self.data.validate("data")
+        self.training.validate("training")
+        self.loss.validate("loss")
+        if self.loss.w_kd > 0 and self.teacher is None:
+            raise DistillError("loss.w_kd > 0 needs a teacher: set teacher.path and teacher.ds_config")
+        return self
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and self.loss.w_kd > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted names to values, as used on the command line and in TensorBoard hparams."""
+        return flatten(self.to_dict())
+
+
+def _positive(obj: Any, prefix: str, *keys: str, optional: bool = False) -> None:
+    for key in keys:
+        value = getattr(obj, key)
+        if optional and value is None:
+            continue
+        if value < 1:
+            raise DistillError(f"{prefix}.{key} must be >= 1, got {value}")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; the error names the dotted ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return _coerce(value, arg, key)  # its own errors name the nested key
+            try:
+                return _coerce(value, arg, key)
+            except DistillError:
+                continue
+        raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise DistillError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise DistillError(f"unknown config key '{prefix}{key}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise DistillError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise DistillError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def merge_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise DistillError(f"override '{text}': '{'.'.join(parts[:i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML recipe, apply ``key=value`` overrides, and return a validated RunConfig."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DistillError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DistillError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise DistillError(f"config file {p} must hold a mapping at the top level")
+    tree = merge_overrides(tree, list(overrides))
+    return _build(RunConfig, tree).validate()
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

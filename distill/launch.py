@@ -1,0 +1,57 @@
+"""Entry point of a training run on every rank: ``deepspeed launchers/run.py --config X.yaml key=value ...``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from distill.errors import DistillError
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="run.py", description="Distill a teacher into a student (one rank).")
+    parser.add_argument("--config", help="YAML recipe")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. training.max_steps=100")
+    return parser.parse_args(argv)
+
+
+def _limit_cpu_threads() -> None:
+    """On CPU ranks, share the cores instead of every rank claiming all of them."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import torch
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = int(os.environ.get("RANK", 0))
+    try:
+        from distill.config import load_config
+        from distill.trainer import Trainer
+
+        cfg = load_config(args.config, args.overrides)
+        _limit_cpu_threads()
+        trainer = Trainer(cfg)
+        trainer.setup()
+        final = trainer.train()
+    except DistillError as exc:
+        # Every rank hits the same check; one line from rank 0 is the whole report.
+        if rank == 0:
+            print(f"distill: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+        print(f"distill: done at step {trainer.step}" + (f"; {shown}" if shown else "")
+              + f"; outputs in {trainer.out}", flush=True)
+    return 0

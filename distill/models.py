@@ -1,0 +1,112 @@
+"""Loading teacher and student: cheap checks first, then ``from_pretrained`` straight into ZeRO-3 shards.
+
+With a ``HfDeepSpeedConfig`` alive, transformers builds the model inside ``deepspeed.zero.Init``,
+so each rank only ever holds its own partition of the weights, from the moment they exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distill.config import ModelConfig
+from distill.errors import DistillError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+
+
+def load_model_config(mc: ModelConfig, role: str):
+    """The model's config, without its weights: the cheap check that the model exists."""
+    from transformers import AutoConfig
+
+    path = Path(mc.path).expanduser()
+    if _looks_local(mc.path) and not (path / "config.json").is_file():
+        what = "not found" if not path.exists() else "has no config.json"
+        raise DistillError(f"{role}.path {mc.path} {what}")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else mc.path, revision=mc.revision)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DistillError(f"cannot load {role} config from '{mc.path}': {first}") from None
+
+
+def load_tokenizer(mc: ModelConfig, role: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path,
+                                             revision=mc.revision)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DistillError(f"cannot load the {role} tokenizer from '{mc.path}': {first}") from None
+
+
+def hidden_size(config) -> int:
+    for key in ("d_model", "hidden_size", "n_embd"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise DistillError(f"cannot tell the hidden size of a {type(config).__name__}")
+
+
+@dataclass
+class Vocab:
+    """The vocabulary the two models share: logits are compared over the first ``size`` entries."""
+
+    size: int
+
+
+def check_pair(teacher_cfg, student_cfg, teacher_tok, student_tok) -> Vocab:
+    """Refuse teacher/student pairs whose outputs cannot be compared token for token."""
+    if teacher_cfg.is_encoder_decoder != student_cfg.is_encoder_decoder:
+        kinds = {True: "encoder-decoder", False: "decoder-only"}
+        raise DistillError(f"teacher is {kinds[teacher_cfg.is_encoder_decoder]} but student is "
+                           f"{kinds[student_cfg.is_encoder_decoder]}")
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = len(set(tv.items()) - set(sv.items()))
+        raise DistillError(f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens, "
+                           f"{only_t} teacher tokens missing or renumbered in the student)")
+    # Embedding matrices may carry padding rows past the tokenizer (e.g. rounded to a multiple of 8);
+    # those rows are never real tokens, so the logits are compared over the shared prefix.
+    size = min(teacher_cfg.vocab_size, student_cfg.vocab_size)
+    if size < len(tv):
+        raise DistillError(f"a model's vocab_size ({size}) is smaller than its tokenizer ({len(tv)} tokens)")
+    return Vocab(size=size)
+
+
+def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: str) -> tuple[torch.nn.Module, Any]:
+    """Build the model partitioned under ZeRO-3 (or whole, for a ZeRO-0/1/2 student).
+
+    Returns the model and the ``HfDeepSpeedConfig`` that must stay alive while it is in use:
+    transformers consults it (through a weak reference) whenever it asks whether ZeRO-3 is on.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    path = str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path
+    model = auto.from_pretrained(path, revision=mc.revision, dtype=DTYPES[precision],
+                                 attn_implementation=mc.attn_implementation)
+    return model, keep_alive
+
+
+def rank_param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the whole model), for ZeRO-3 partitioned or plain params."""
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total

@@ -1,0 +1,66 @@
+"""What a run reports: TensorBoard scalars, a metrics.jsonl file and a progress bar, from rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def reduce_mean(values: dict[str, float], device) -> dict[str, float]:
+    """Average scalars over ranks (every rank must call with the same keys)."""
+    if not values or not dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+class Monitor:
+    def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, flat_config: dict[str, Any]):
+        self.rank = rank
+        self.writer = None
+        self.bar = None
+        self.metrics_file: Optional[Any] = None
+        if rank != 0:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm.auto import tqdm
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_step or None)
+        self.metrics_file = open(out_dir / "metrics.jsonl", "a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True)
+        table = "\n".join(f"| `{k}` | `{v}` |" for k, v in flat_config.items())
+        self.writer.add_text("config", "| setting | value |\n|---|---|\n" + table, global_step=start_step)
+        self._hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in flat_config.items()}
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.metrics_file.flush()
+        shown = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/") or k.startswith("eval/")}
+        if shown:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self, final_metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        finite = {k: v for k, v in final_metrics.items() if isinstance(v, float) and math.isfinite(v)}
+        self.writer.add_hparams(self._hparams, {f"hparam/{k}": v for k, v in finite.items()}, run_name=".")
+        self.writer.close()
+        self.metrics_file.close()
+        self.bar.close()

@@ -1,0 +1,269 @@
+"""The distillation trainer: a frozen ZeRO-3 teacher and a trainable student on the same ranks.
+
+``setup`` does every cheap check before anything expensive (models, data columns, configs,
+checkpoint to resume), then builds both engines; ``train`` is the loop. Per micro-batch:
+teacher forward without gradients, student forward, loss, backward, step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from distill import checkpoint
+from distill.config import RunConfig, save_config
+from distill.data import BatchStream, Seq2SeqCollator, drop_overlong, eval_loader, load_split
+from distill.dsconfig import read_ds_config, resolve_ds_config
+from distill.errors import DistillError
+from distill.export import export_student
+from distill.models import check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
+from distill.monitor import Monitor, reduce_mean
+from distill.objective import Objective, teacher_forced_sums
+from distill.schedules import lr_multiplier
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+
+
+def _world() -> tuple[int, int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.training.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.teacher = None
+        self.step = 0
+
+    # ---- set-up --------------------------------------------------------------------------------
+
+    def check_inputs(self) -> None:
+        """Everything that can be refused without loading a model or starting ranks."""
+        cfg = self.cfg
+        self.student_config = load_model_config(cfg.student, "student")
+        if not self.student_config.is_encoder_decoder:
+            raise DistillError("decoder-only students load, but the trainer handles encoder-decoder models only "
+                               "for now")
+        self.tokenizer = load_tokenizer(cfg.student, "student")
+        self.raw_ds = {"student": read_ds_config(cfg.student.ds_config, "student")}
+        self.vocab = None
+        if cfg.uses_teacher:
+            self.teacher_config = load_model_config(cfg.teacher, "teacher")
+            self.vocab = check_pair(self.teacher_config, self.student_config,
+                                    load_tokenizer(cfg.teacher, "teacher"), self.tokenizer)
+            self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
+        self.train_data = load_split(cfg.data, cfg.data.train_split, "train")
+        self.eval_data = load_split(cfg.data, cfg.data.eval_split, "eval") if cfg.data.eval_split else None
+        if not cfg.data.truncation:
+            self.train_data = drop_overlong(self.train_data, cfg.data, self.tokenizer)
+            if self.eval_data is not None:
+                self.eval_data = drop_overlong(self.eval_data, cfg.data, self.tokenizer)
+        rank, world, _ = _world()
+        # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
+        from deepspeed.accelerator import get_accelerator
+
+        self.accelerator = get_accelerator()
+        self.ds = {role: resolve_ds_config(raw, cfg, role, world,
+                                           hidden_size(self.student_config if role == "student" else self.teacher_config),
+                                           self.accelerator.device_name(), getattr(cfg, role).ds_config)
+                   for role, raw in self.raw_ds.items()}
+        self.resume_tag = checkpoint.resolve_resume(self.ckpt_dir, cfg.training.resume, world)
+
+    def setup(self) -> None:
+        import deepspeed
+
+        cfg, t = self.cfg, self.cfg.training
+        self.check_inputs()
+        backend = "gloo" if self.accelerator.device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.accelerator.device_name() != "cpu":
+            self.accelerator.set_device(_world()[2])  # before zero.Init places any shard
+        self.device = torch.device(self.accelerator.current_device_name())
+        _seed_everything(t.seed + self.rank)
+
+        self.objective = Objective(cfg.loss, t.max_steps, has_teacher=cfg.teacher is not None)
+        if self.objective.needs_teacher:
+            teacher, self._teacher_ds_alive = load_model(cfg.teacher, self.teacher_config, self.ds["teacher"],
+                                                         t.precision)
+            teacher.requires_grad_(False)
+            teacher.eval()
+            self.teacher, *_ = deepspeed.initialize(model=teacher, config=self.ds["teacher"])
+            self.teacher.eval()
+        student, self._student_ds_alive = load_model(cfg.student, self.student_config, self.ds["student"],
+                                                     t.precision)
+        # Keep the schedule in the run config: one name for it everywhere, no DeepSpeed scheduler section.
+        schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+            opt, lambda s: lr_multiplier(t.lr_schedule, s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
+        self.student, _, _, self.scheduler = deepspeed.initialize(
+            model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
+            config=self.ds["student"], lr_scheduler=schedule)
+
+        collate = Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
+        self.collate = collate
+        self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed)
+        if self.resume_tag is not None:
+            state = checkpoint.load(self.student, self.ckpt_dir, self.resume_tag)
+            self.step = state["step"]
+            self.stream.load_state_dict(state["data"])
+            self.objective.load_state_dict(state["objective"])
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            self._report_setup()
+
+    def _report_setup(self) -> None:
+        parts = [f"world size {self.world}"]
+        for name, engine in (("teacher", self.teacher), ("student", self.student)):
+            if engine is not None:
+                local, total = rank_param_counts(engine.module)
+                parts.append(f"{name} {total / 1e6:.2f}M params, {local / total:.0%} on rank 0")
+        if self.resume_tag:
+            parts.append(f"resumed from {self.ckpt_dir / self.resume_tag} at step {self.step}")
+        print("distill: " + "; ".join(parts), flush=True)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _forward(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return engine(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).logits
+
+    def _sync(self) -> float:
+        self.accelerator.synchronize()
+        return time.perf_counter()
+
+    def train(self) -> dict[str, float]:
+        t = self.cfg.training
+        monitor = Monitor(self.out, self.rank, t.max_steps, self.step, self.cfg.flat())
+        self.student.train()
+        window = _Window()
+        while self.step < t.max_steps:
+            for _ in range(t.gradient_accumulation_steps):
+                batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
+                t0 = self._sync()
+                teacher_logits = None
+                if self.objective.needs_teacher:
+                    with torch.no_grad():
+                        teacher_logits = self._forward(self.teacher, batch)
+                t1 = self._sync()
+                total, terms = self.objective(self._forward(self.student, batch), batch["labels"], teacher_logits)
+                self.student.backward(total)
+                self.student.step()
+                t2 = self._sync()
+                window.add(terms, total, batch, t1 - t0, t2 - t1)
+            self.step += 1
+            step_terms = reduce_mean(window.step_losses(), self.device)
+            self.objective.step_end(self.step, step_terms)
+            monitor.advance()
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                monitor.log(self.step, self._train_scalars(window))
+                window = _Window()
+            if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
+                monitor.log(self.step, self.evaluate())
+            if self.step % t.save_every == 0 or self.step == t.max_steps:
+                checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), t.keep_checkpoints)
+        final = self.evaluate()
+        monitor.log(self.step, final)
+        if t.export:
+            export_student(self.student.module, self.tokenizer, self.out / "final")
+        if self.rank == 0:
+            _write_json(self.out / "eval_results.json", {"step": self.step, **final})
+        monitor.close(final)
+        return final
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "data": self.stream.state_dict(), "objective": self.objective.state_dict()}
+
+    def _train_scalars(self, window: "_Window") -> dict[str, float]:
+        scalars = reduce_mean(window.means(), self.device)
+        counts = torch.tensor([window.tokens], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts)
+        scalars["perf/tokens_per_sec"] = counts.item() / max(window.elapsed(), 1e-9)
+        for name, w in self.objective.weights().items():
+            scalars[f"weight/{name}"] = w
+        for name, v in self.objective.schedule_values().items():
+            scalars[f"schedule/{name}"] = v
+        scalars["train/lr"] = self.scheduler.get_last_lr()[0]
+        norm = self.student.get_global_grad_norm()
+        if norm is not None:
+            scalars["train/grad_norm"] = float(norm)
+        scalars["train/epoch"] = self.stream.epoch + self.stream.position / self.stream.batches_per_epoch
+        return scalars
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Teacher-forced loss and token accuracy of the student on the evaluation split."""
+        if self.eval_data is None:
+            return {}
+        self.student.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        loader = eval_loader(self.eval_data, self.collate, self.cfg.training.micro_batch_size, self.rank, self.world)
+        for batch in loader:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            sums += teacher_forced_sums(self._forward(self.student, batch), batch["labels"], batch["weight"]).double()
+        dist.all_reduce(sums)
+        self.student.train()
+        nll, count, correct = sums.tolist()
+        return {"eval/ce": nll / max(count, 1.0), "eval/token_accuracy": correct / max(count, 1.0)}
+
+
+class _Window:
+    """Sums over the micro-batches since the last log line."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.sums: dict[str, float] = {}
+        self.step_sums: dict[str, float] = {}
+        self.n = self.step_n = self.steps = 0
+        self.tokens = 0
+        self.teacher_s = self.student_s = 0.0
+
+    def add(self, terms, total, batch, teacher_s: float, student_s: float) -> None:
+        values = {f"loss/{k}": v.item() for k, v in terms.items()}
+        values["loss/total"] = total.item()
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            if k.startswith("loss/"):
+                self.step_sums[k[5:]] = self.step_sums.get(k[5:], 0.0) + v
+        self.teacher_s += teacher_s
+        self.student_s += student_s
+        self.n += 1
+        self.step_n += 1
+        self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+
+    def step_losses(self) -> dict[str, float]:
+        """Mean loss terms of the micro-batches of the step that just ended."""
+        out = {k: v / self.step_n for k, v in self.step_sums.items()}
+        self.step_sums, self.step_n = {}, 0
+        self.steps += 1
+        return out
+
+    def means(self) -> dict[str, float]:
+        """Loss terms per micro-batch; teacher and student seconds per optimizer step."""
+        out = {k: v / self.n for k, v in self.sums.items()}
+        out["perf/teacher_sec_per_step"] = self.teacher_s / max(self.steps, 1)
+        out["perf/student_sec_per_step"] = self.student_s / max(self.steps, 1)
+        return out
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Launch with: deepspeed --num_gpus N launchers/run.py --config recipes/X.yaml [key=value ...]
+
+Also runs under torchrun, and on CPU with DS_ACCELERATOR=cpu.
+"""
+
+import sys
+
+from distill.launch import main
+
+if __name__ == "__main__":
+    sys.exit(main())
