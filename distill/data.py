@@ -50,6 +50,8 @@ def load_split(cfg: DataConfig, split: str, role: str):
     except DistillError:
         raise
     except Exception as exc:  # datasets raises many types; the first line says what went wrong
+        if "corresponds to no data" in str(exc):
+            raise DistillError(f"the {role} split '{split}' of dataset '{cfg.path}' is empty") from None
         raise DistillError(f"cannot load {role} split '{split}' of dataset '{cfg.path}': {_first_line(exc)}") from None
     for key in ("source_column", "target_column"):
         column = getattr(cfg, key)
@@ -159,7 +161,7 @@ class BatchStream:
             order = epoch_order(len(self.dataset), self.epoch, self.seed, self.rank, self.world_size,
                                 self.batch_size)[self.position:]
             loader = DataLoader(self.dataset, batch_sampler=order, collate_fn=self.collate,
-                                num_workers=self.num_workers)
+                                num_workers=self.num_workers, generator=_private_generator(self.seed))
             self._it = iter(loader)
         batch = next(self._it)
         self.position += 1
@@ -192,4 +194,10 @@ def eval_loader(dataset, collate, batch_size: int, rank: int, world_size: int) -
     indices = [p % n for p in positions]
     weights = [1.0 if p < n else 0.0 for p in positions]
     return DataLoader(_Weighted(dataset, indices, weights), batch_size=batch_size, shuffle=False,
-                      collate_fn=collate)
+                      collate_fn=collate, generator=_private_generator(0))
+
+
+def _private_generator(seed: int) -> torch.Generator:
+    """A loader's own generator: starting an iterator draws a seed from it, and drawing that from the
+    global RNG would shift the dropout masks of a resumed run away from the uninterrupted one."""
+    return torch.Generator().manual_seed(seed)

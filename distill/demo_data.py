@@ -479,26 +479,3 @@ def write_demo_data(
     paths = {s: str(final / f"{s}.jsonl") for s in SPLITS}
     paths.update(dir=str(final), tokenizer=str(final / "tokenizer"), meta=str(final / "meta.json"))
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(description="Write the offline demo corpus, tokenizer and teacher init.")
-    p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--n-validation", type=int, default=200)
-    p.add_argument("--n-test", type=int, default=200)
-    p.add_argument("--vocab-size", type=int, default=DEMO_VOCAB_SIZE)
-    p.add_argument("--teacher-init", default=None, help="also write a random-init teacher here")
-    a = p.parse_args(argv)
-    paths = write_demo_data(a.out_dir, a.seed, a.n_train, a.n_validation, a.n_test, a.vocab_size)
-    if a.teacher_init:
-        paths["teacher_init"] = str(build_teacher_init(a.teacher_init, paths["tokenizer"], seed=a.seed))
-    print(json.dumps(paths, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -31,6 +31,20 @@ def _limit_cpu_threads() -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def _quiet_libraries() -> None:
+    """Keep each rank's console to the run's own lines: no per-rank INFO logs or loading bars."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    from deepspeed.utils import logger as ds_logger
+    from transformers.utils import logging as hf_logging
+
+    ds_logger.setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.local_rank is not None:
@@ -41,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         from distill.trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
+        _quiet_libraries()
         _limit_cpu_threads()
         trainer = Trainer(cfg)
         trainer.setup()

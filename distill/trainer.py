@@ -116,17 +116,28 @@ class Trainer:
             self.step = state["step"]
             self.stream.load_state_dict(state["data"])
             self.objective.load_state_dict(state["objective"])
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-            self._report_setup()
+        self._report_setup()
 
     def _report_setup(self) -> None:
-        parts = [f"world size {self.world}"]
+        """Print and record how the models are partitioned: every rank's share of each."""
+        info: dict[str, Any] = {"world_size": self.world, "resumed_from": self.resume_tag, "step": self.step}
         for name, engine in (("teacher", self.teacher), ("student", self.student)):
-            if engine is not None:
-                local, total = rank_param_counts(engine.module)
-                parts.append(f"{name} {total / 1e6:.2f}M params, {local / total:.0%} on rank 0")
+            if engine is None:
+                continue
+            local, total = rank_param_counts(engine.module)
+            per_rank = [None] * self.world
+            dist.all_gather_object(per_rank, local)
+            info[name] = {"params": total, "params_per_rank": per_rank}
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        _write_json(self.out / "run_info.json", info)
+        parts = [f"world size {self.world}"]
+        for name in ("teacher", "student"):
+            if name in info:
+                total, mine = info[name]["params"], info[name]["params_per_rank"][0]
+                parts.append(f"{name} {total / 1e6:.2f}M params, {mine / total:.0%} of them on rank 0")
         if self.resume_tag:
             parts.append(f"resumed from {self.ckpt_dir / self.resume_tag} at step {self.step}")
         print("distill: " + "; ".join(parts), flush=True)
@@ -184,6 +195,8 @@ class Trainer:
 
     def _train_scalars(self, window: "_Window") -> dict[str, float]:
         scalars = reduce_mean(window.means(), self.device)
+        if not self.objective.needs_teacher:
+            scalars.pop("perf/teacher_sec_per_step")
         counts = torch.tensor([window.tokens], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         scalars["perf/tokens_per_sec"] = counts.item() / max(window.elapsed(), 1e-9)

@@ -1,0 +1,72 @@
+"""Bad input is refused before any rank starts or model loads: one line on stderr, exit code 2."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distill.launch import main
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture
+def args(demo_assets, tmp_path):
+    student = demo_assets["root"] / "student-bad-input"
+    if not student.exists():
+        from distill.students import make_student
+
+        make_student(str(demo_assets["teacher"]), str(student), decoder_layers=1)
+    return ["--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={demo_assets['teacher']}",
+            f"student.path={student}", f"data.path={demo_assets['data']}", f"training.output_dir={tmp_path / 'out'}"]
+
+
+def run(capsys, argv):
+    capsys.readouterr()  # drop what fixtures printed
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.fixture
+def other_vocab_teacher(tmp_path):
+    from distill.demo_data import build_teacher_init, train_tokenizer
+
+    tok = train_tokenizer(["completely different words about weather and rivers " * 3, "zebra yak quokka"],
+                          tmp_path / "tok", vocab_size=300)
+    assert tok is not None
+    return build_teacher_init(tmp_path / "other", tmp_path / "tok", layers=1, d_model=32, ffn=32, heads=2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.path=/nonexistent/model", "student.path /nonexistent/model not found"),
+    ("teacher.path=/nonexistent/teacher", "teacher.path /nonexistent/teacher not found"),
+    ("data.source_column=article", "data.source_column 'article' is not a column of the train split"),
+    ("data.path=/nonexistent/data.jsonl", "data.path not found: /nonexistent/data.jsonl"),
+    ("teacher.ds_config=ds_configs/student_zero2.json", "the teacher must use ZeRO stage 3"),
+    ("student.ds_config=/nonexistent.json", "student.ds_config not found"),
+    ("data.max_source_length=0", "data.max_source_length must be >= 1"),
+])
+def test_one_line_errors(capsys, args, override, message, tmp_path):
+    code, err = run(capsys, [*args, override])
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("distill: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing written, no checkpoint marked latest
+
+
+def test_empty_dataset(capsys, args, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text(json.dumps({"document": "x", "summary": "y"}) + "\n")
+    (empty / "validation.jsonl").write_text(json.dumps({"document": "x", "summary": "y"}) + "\n")
+    code, err = run(capsys, [*args, f"data.path={empty}", "data.max_train_samples=0"])
+    assert code == 2 and "data.max_train_samples must be >= 1" in err[0]
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("document,summary\n")
+    code, err = run(capsys, [*args, f"data.path={header_only}", "data.eval_split=null"])
+    assert code == 2 and len(err) == 1 and "the train split 'train' of dataset" in err[0] and "is empty" in err[0], err
+
+
+def test_different_vocabularies_are_refused(capsys, args, other_vocab_teacher):
+    code, err = run(capsys, [*args, f"teacher.path={other_vocab_teacher}"])
+    assert code == 2 and len(err) == 1 and "teacher and student tokenizers differ" in err[0], err

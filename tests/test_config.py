@@ -1,0 +1,78 @@
+"""Run config: YAML + overrides, typed, validated up front with errors that name the key."""
+
+import pytest
+
+from distill.config import RunConfig, load_config, merge_overrides
+from distill.errors import DistillError
+
+BASE = """
+student: {path: s, ds_config: ds_configs/student_zero3.json}
+data: {path: d}
+training: {output_dir: out}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(BASE)
+    return p
+
+
+def test_overrides_nested_and_typed(recipe):
+    cfg = load_config(recipe, ["training.learning_rate=1e-4", "training.max_steps=7", "loss.w_kd=0.5",
+                               "teacher.path=t", "teacher.ds_config=ds_configs/teacher_zero3.json",
+                               "data.eval_split=null", "data.truncation=false"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.training.learning_rate == 1e-4 and isinstance(cfg.training.learning_rate, float)
+    assert cfg.training.max_steps == 7
+    assert cfg.teacher.path == "t" and cfg.uses_teacher
+    assert cfg.data.eval_split is None and cfg.data.truncation is False
+    assert cfg.flat()["training.learning_rate"] == 1e-4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.lr=1", "unknown config key 'training.lr'"),
+    ("training.learning_rat=1", "(did you mean 'training.learning_rate'?)"),
+    ("bogus.x=1", "unknown config key 'bogus'"),
+    ("training.max_steps=ten", "config key 'training.max_steps' must be int"),
+    ("training.max_steps=1.5", "config key 'training.max_steps' must be int"),
+    ("training.export=3", "config key 'training.export' must be bool"),
+    ("training.precision=fp8", "config key 'training.precision' must be one of"),
+    ("training.max_steps=0", "training.max_steps must be >= 1"),
+    ("training.warmup_steps=2000", "training.warmup_steps must be in [0, training.max_steps)"),
+    ("loss.temperature=0", "loss.temperature must be > 0"),
+    ("loss.w_kd=0.5", "loss.w_kd > 0 needs a teacher"),
+    ("loss.w_ce=0", "loss.w_ce and loss.w_kd are both 0"),
+    ("teacher.path=x", "teacher.ds_config is required"),
+    ("teacher.bad=x", "unknown config key 'teacher.bad'"),
+    ("training=3", "config key 'training' must be a mapping"),
+    ("training.max_steps.x=3", "config key 'training.max_steps' must be int"),
+    ("nonsense", "is not of the form key=value"),
+])
+def test_bad_values_name_the_key(recipe, override, message):
+    with pytest.raises(DistillError) as err:
+        load_config(recipe, [override])
+    assert message in str(err.value)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(DistillError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: [unclosed")
+    with pytest.raises(DistillError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_merge_overrides_creates_sections():
+    assert merge_overrides({}, ["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_every_recipe_validates():
+    from pathlib import Path
+
+    recipes = sorted(Path(__file__).parents[1].glob("recipes/**/*.yaml"))
+    assert recipes
+    for r in recipes:
+        load_config(r)

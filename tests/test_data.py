@@ -1,0 +1,92 @@
+"""Data: resumable seeded order, collation, evaluation shards, and clear errors for bad datasets."""
+
+import json
+
+import pytest
+import torch
+
+from distill.config import DataConfig
+from distill.data import (IGNORE_INDEX, BatchStream, Seq2SeqCollator, epoch_order, eval_loader, load_split,
+                          shift_right)
+from distill.errors import DistillError
+
+
+def test_epoch_order_splits_evenly_and_deterministically():
+    orders = [epoch_order(103, 0, 7, r, 2, 4) for r in range(2)]
+    assert len(orders[0]) == len(orders[1]) == 103 // 8
+    flat = [i for o in orders for b in o for i in b]
+    assert len(flat) == len(set(flat))  # no example twice in an epoch
+    assert orders[0] == epoch_order(103, 0, 7, 0, 2, 4)
+    assert orders[0] != epoch_order(103, 1, 7, 0, 2, 4)  # reshuffled each epoch
+    assert orders[0] != epoch_order(103, 0, 8, 0, 2, 4)
+
+
+def test_batch_stream_resumes_exactly():
+    data = [{"i": i} for i in range(37)]
+    collate = lambda rows: [r["i"] for r in rows]  # noqa: E731
+    full = BatchStream(data, collate, 3, 1, 2, seed=5)
+    reference = [next(full) for _ in range(20)]  # crosses epoch boundaries (6 batches per epoch)
+    first = BatchStream(data, collate, 3, 1, 2, seed=5)
+    head = [next(first) for _ in range(9)]
+    resumed = BatchStream(data, collate, 3, 1, 2, seed=5)
+    resumed.load_state_dict(first.state_dict())
+    assert head + [next(resumed) for _ in range(11)] == reference
+
+
+def test_batch_stream_needs_one_global_batch():
+    with pytest.raises(DistillError, match="fewer than one global batch"):
+        BatchStream([{}] * 5, list, 4, 0, 2, seed=0)
+
+
+def test_shift_right():
+    labels = torch.tensor([[5, 6, 7, IGNORE_INDEX]])
+    assert shift_right(labels, 2, 1).tolist() == [[2, 5, 6, 7]]
+    assert shift_right(torch.tensor([[5, IGNORE_INDEX, IGNORE_INDEX]]), 2, 1).tolist() == [[2, 5, 1]]
+
+
+def test_collator_pads_dynamically(tokenizer):
+    cfg = DataConfig(path="x", source_prefix="", max_source_length=12, max_target_length=8)
+    rows = [{"document": "Anna Berg lives in Oslo. " * 5, "summary": "Anna Berg lives in Oslo."},
+            {"document": "Short.", "summary": "Oslo"}]
+    b = Seq2SeqCollator(tokenizer, cfg, decoder_start_token_id=2)(rows)
+    assert b["input_ids"].shape == (2, 12)  # truncated to the limit, padded to the longest
+    assert b["attention_mask"][1].sum() < 12
+    assert (b["labels"][1] == IGNORE_INDEX).any() and b["labels"].shape[1] == 8
+    assert (b["decoder_input_ids"][:, 0] == 2).all()
+    assert b["weight"].tolist() == [1.0, 1.0]
+
+
+def test_eval_shards_cover_every_row_once(tokenizer):
+    data = [{"document": f"Doc {i}.", "summary": f"S {i}."} for i in range(7)]
+    cfg = DataConfig(path="x")
+    collate = Seq2SeqCollator(tokenizer, cfg, 2)
+    seen = []
+    for rank in range(3):
+        loader = eval_loader(data, collate, 2, rank, 3)
+        assert len(loader) == 2  # ceil(7 / 3) = 3 rows per rank, in 2 batches, on every rank
+        for batch in loader:
+            seen += [w for w in batch["weight"].tolist()]
+    assert sum(seen) == 7 and len(seen) == 9
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps({"document": f"d{i}", "summary": f"s{i}"}) + "\n" for i in range(5)))
+    return p
+
+
+def test_load_split_from_file_and_errors(jsonl, tmp_path):
+    cfg = DataConfig(path=str(jsonl), max_train_samples=3)
+    assert len(load_split(cfg, "train", "train")) == 3
+    assert len(load_split(DataConfig(path=str(jsonl)), "train[-2:]", "eval")) == 2
+    with pytest.raises(DistillError, match="data.target_column 'highlights' is not a column"):
+        load_split(DataConfig(path=str(jsonl), target_column="highlights"), "train", "train")
+    with pytest.raises(DistillError, match="data.path not found"):
+        load_split(DataConfig(path=str(tmp_path / "missing.jsonl")), "train", "train")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DistillError, match="cannot load train split|is empty"):
+        load_split(DataConfig(path=str(empty)), "train", "train")
+    with pytest.raises(DistillError, match="cannot load eval split 'validation'"):
+        load_split(DataConfig(path=str(tmp_path)), "validation", "eval")
