@@ -271,6 +271,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (dict, list)):  # no setting takes a collection: "summarize: " is a string
+        value = raw
     return key.split("."), value
 
 

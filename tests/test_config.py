@@ -22,7 +22,9 @@ def recipe(tmp_path):
 def test_overrides_nested_and_typed(recipe):
     cfg = load_config(recipe, ["training.learning_rate=1e-4", "training.max_steps=7", "loss.w_kd=0.5",
                                "teacher.path=t", "teacher.ds_config=ds_configs/teacher_zero3.json",
-                               "data.eval_split=null", "data.truncation=false"])
+                               "data.eval_split=null", "data.truncation=false",
+                               "data.source_prefix=summarize: "])
+    assert cfg.data.source_prefix == "summarize: "
     assert isinstance(cfg, RunConfig)
     assert cfg.training.learning_rate == 1e-4 and isinstance(cfg.training.learning_rate, float)
     assert cfg.training.max_steps == 7

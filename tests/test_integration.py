@@ -121,3 +121,76 @@ def test_bad_input_is_one_line_through_the_launcher(pair, tmp_path):
                       "'train' (columns: id, document, summary)"]
     assert "Traceback" not in text
     assert not (out / "checkpoints").exists()
+
+
+def tiny(config_cls, out, **kw):
+    model_cls = {"T5Config": "T5ForConditionalGeneration", "PegasusConfig": "PegasusForConditionalGeneration",
+                 "MarianConfig": "MarianMTModel", "LlamaConfig": "LlamaForCausalLM"}[config_cls.__name__]
+    import transformers
+
+    torch_model = getattr(transformers, model_cls)(config_cls(**kw))
+    torch_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_family(demo_assets, tmp_path_factory):
+    """T5, Pegasus, Marian and LLaMA models with the demo tokenizer, sized so ZeRO-3 partitions them."""
+    from transformers import AutoTokenizer, LlamaConfig, MarianConfig, PegasusConfig, T5Config
+
+    root = tmp_path_factory.mktemp("family")
+    tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    vocab = 1336
+    common = dict(vocab_size=vocab, pad_token_id=1, eos_token_id=2)
+    seq2seq = dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=256, decoder_ffn_dim=256,
+                   encoder_attention_heads=4, decoder_attention_heads=4, decoder_start_token_id=2,
+                   max_position_embeddings=256, **common)
+    models = {
+        "t5": tiny(T5Config, root / "t5", d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2,
+                   decoder_start_token_id=1, **common),
+        "pegasus": tiny(PegasusConfig, root / "pegasus", **seq2seq),
+        "marian": tiny(MarianConfig, root / "marian", **seq2seq),
+        "llama": tiny(LlamaConfig, root / "llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, **common),
+    }
+    for path in models.values():
+        tok.save_pretrained(path)
+    return models
+
+
+def test_every_family_loads_partitioned(tiny_family):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests/scripts/load_zero3.py"), *(str(p) for k, p in tiny_family.items() if k != "pegasus")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # Pegasus is left out: transformers re-initialises its sinusoidal position table after loading
+    # and that fails on a ZeRO-3 partitioned weight (known gap, see README).
+    assert sorted(r["type"] for r in rows) == ["llama", "marian", "t5"]
+    for r in rows:
+        assert r["finite"] and 0.45 < r["share"] < 0.6, r
+
+
+def test_t5_distills(tiny_family, demo_assets, tmp_path):
+    from distill.students import make_student
+
+    student = tmp_path / "t5-student"
+    make_student(str(tiny_family["t5"]), str(student), decoder_layers=1)
+    out = tmp_path / "run"
+    proc = launch([f"teacher.path={tiny_family['t5']}", f"student.path={student}", f"data.path={demo_assets['data']}",
+                   "data.source_prefix=summarize: ", "training.micro_batch_size=4", "training.max_steps=3",
+                   "training.save_every=3", "training.log_every=1", "data.max_eval_samples=8", "training.warmup_steps=0",
+                   f"training.output_dir={out}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = metrics(out)
+    assert sorted(m) == [1, 2, 3] and all(r["loss/kd"] >= 0 for r in m.values())
+
+
+def test_decoder_only_training_is_refused_clearly(tiny_family, demo_assets, tmp_path, capsys):
+    from distill.launch import main
+
+    code = main(["--config", str(ROOT / "recipes/demo/baseline.yaml"), f"student.path={tiny_family['llama']}",
+                 f"data.path={demo_assets['data']}", f"training.output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("distill: error: decoder-only students load, but")
