@@ -6,6 +6,7 @@ so each rank only ever holds its own partition of the weights, from the moment t
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,36 @@ def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: st
     keep_alive = HfDeepSpeedConfig(ds_config)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     path = str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path
-    model = auto.from_pretrained(path, revision=mc.revision, dtype=DTYPES[precision],
-                                 attn_implementation=mc.attn_implementation)
+    with _gather_for_late_init():
+        model = auto.from_pretrained(path, revision=mc.revision, dtype=DTYPES[precision],
+                                     attn_implementation=mc.attn_implementation)
     return model, keep_alive
+
+
+@contextmanager
+def _gather_for_late_init():
+    """After loading, transformers runs ``_init_weights`` on modules it does not consider initialised,
+    even when their weights came from the checkpoint (Pegasus' sinusoidal position table). Under
+    ZeRO-3 those weights are empty partitions there, so gather them around that call."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+
+    def initialize(self, module, *args, **kwargs):
+        partitioned = [p for p in module.parameters(recurse=False)
+                       if getattr(p, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE]
+        if getattr(module, "_is_hf_initialized", False) or not partitioned:
+            return original(self, module, *args, **kwargs)
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+            return original(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = initialize
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
 
 
 def rank_param_counts(model: torch.nn.Module) -> tuple[int, int]:

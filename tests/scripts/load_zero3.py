@@ -9,6 +9,9 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
 from distill.config import ModelConfig, load_config
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.models import hidden_size, load_model, load_model_config, rank_param_counts
@@ -22,6 +25,7 @@ for path in [a for a in sys.argv[1:] if not a.startswith("--")]:  # the launcher
     ds = resolve_ds_config(read_ds_config(mc.ds_config, "teacher"), run, "teacher", dist.get_world_size(),
                            hidden_size(config), "cpu", mc.ds_config)
     model, keep = load_model(mc, config, ds, "fp32")
+    AutoModel = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 2, 1]])
@@ -29,6 +33,11 @@ for path in [a for a in sys.argv[1:] if not a.startswith("--")]:  # the launcher
     with torch.no_grad():
         logits = engine(input_ids=ids, attention_mask=(ids != 1).long(), **kwargs).logits
     local, total = rank_param_counts(engine.module)
+    # The same model loaded whole, without ZeRO: the partitioned one must compute the same logits.
+    unset_hf_deepspeed_config()
+    plain = AutoModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        reference = plain(input_ids=ids, attention_mask=(ids != 1).long(), **kwargs).logits
     if dist.get_rank() == 0:
         print(json.dumps({"path": path, "type": config.model_type, "share": local / total,
-                          "finite": bool(torch.isfinite(logits).all())}), flush=True)
+                          "max_diff": (logits - reference).abs().max().item()}), flush=True)
