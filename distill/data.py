@@ -16,16 +16,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distill.config import DataConfig
-from distill.errors import DistillError
+from distill.errors import DistillError, first_line
 
 IGNORE_INDEX = -100
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 WEIGHT_KEY = "__weight__"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def load_split(cfg: DataConfig, split: str, role: str):
@@ -52,7 +47,7 @@ def load_split(cfg: DataConfig, split: str, role: str):
     except Exception as exc:  # datasets raises many types; the first line says what went wrong
         if "corresponds to no data" in str(exc):
             raise DistillError(f"the {role} split '{split}' of dataset '{cfg.path}' is empty") from None
-        raise DistillError(f"cannot load {role} split '{split}' of dataset '{cfg.path}': {_first_line(exc)}") from None
+        raise DistillError(f"cannot load {role} split '{split}' of dataset '{cfg.path}': {first_line(exc)}") from None
     for key in ("source_column", "target_column"):
         column = getattr(cfg, key)
         if column not in ds.column_names:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from distill.config import ModelConfig
-from distill.errors import DistillError
+from distill.errors import DistillError, first_line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,8 +34,7 @@ def load_model_config(mc: ModelConfig, role: str):
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else mc.path, revision=mc.revision)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DistillError(f"cannot load {role} config from '{mc.path}': {first}") from None
+        raise DistillError(f"cannot load {role} config from '{mc.path}': {first_line(exc)}") from None
 
 
 def load_tokenizer(mc: ModelConfig, role: str):
@@ -45,8 +44,7 @@ def load_tokenizer(mc: ModelConfig, role: str):
         return AutoTokenizer.from_pretrained(str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path,
                                              revision=mc.revision)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DistillError(f"cannot load the {role} tokenizer from '{mc.path}': {first}") from None
+        raise DistillError(f"cannot load the {role} tokenizer from '{mc.path}': {first_line(exc)}") from None
 
 
 def hidden_size(config) -> int:

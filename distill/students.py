@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.errors import DistillError
+from distill.errors import DistillError, first_line
 
 __all__ = [
     "ArchSpec",
@@ -322,11 +322,6 @@ def _positive(name: str, value: Any) -> None:
         raise DistillError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _load_teacher(teacher_path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -338,12 +333,12 @@ def _load_teacher(teacher_path: str):
     except (OSError, ValueError) as exc:
         if not os.path.exists(teacher_path):
             raise DistillError(f"teacher not found: {teacher_path}") from None
-        raise DistillError(f"cannot read the teacher config at {teacher_path}: {_first_line(exc)}") from None
+        raise DistillError(f"cannot read the teacher config at {teacher_path}: {first_line(exc)}") from None
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(teacher_path, config=config, dtype="auto")
     except (OSError, ValueError) as exc:
-        raise DistillError(f"cannot load the teacher model at {teacher_path}: {_first_line(exc)}") from None
+        raise DistillError(f"cannot load the teacher model at {teacher_path}: {first_line(exc)}") from None
     return config, model, auto
 
 
@@ -512,7 +507,7 @@ def make_student(
     try:
         s_config = type(s_config).from_dict(s_config.to_dict())
     except (TypeError, ValueError) as exc:
-        raise DistillError(f"the student config is not valid: {_first_line(exc)}") from None
+        raise DistillError(f"the student config is not valid: {first_line(exc)}") from None
 
     target_dtype = torch_dtype or next(teacher.parameters()).dtype
     if width_mode:
@@ -535,7 +530,7 @@ def make_student(
             AutoTokenizer.from_pretrained(teacher_path).save_pretrained(out_dir)
         except (OSError, ValueError) as exc:
             raise DistillError(
-                f"cannot copy the teacher's tokenizer from {teacher_path}: {_first_line(exc)}"
+                f"cannot copy the teacher's tokenizer from {teacher_path}: {first_line(exc)}"
             ) from None
 
     return {

@@ -12,7 +12,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -277,6 +277,4 @@ def _seed_everything(seed: int) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    checkpoint.write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -149,7 +149,6 @@ def test_tokenizer_round_trip(demo_dir, tokenizer):
 
 
 def test_entity_words_are_single_tokens(tokenizer):
-    vocab = tokenizer.get_vocab()
     for words in (demo_data.FIRST_NAMES, demo_data.LAST_NAMES, demo_data.CITIES,
                   demo_data.ORGANISATIONS, demo_data.ROLES, demo_data.OBJECTS):
         for w in words:
