@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.export import replace_dir
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -323,17 +324,6 @@ def token_length_stats(tokenizer, records: Iterable[dict]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished ``tmp`` into place as ``final``, replacing an existing ``final``."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.rename(final, old / "d")
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _tmp_dir_for(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
@@ -405,7 +395,7 @@ def build_teacher_init(
         model.save_pretrained(str(tmp))
         gen.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -472,7 +462,7 @@ def write_demo_data(
         }
         # Not a split file name, so datasets.load_dataset(out_dir) ignores it.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

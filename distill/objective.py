@@ -44,6 +44,11 @@ class Objective:
         total = sum(weights[k] * terms[k] for k in terms)
         return total, terms
 
+    @property
+    def tracks_losses(self) -> bool:
+        """Whether ``step_end`` needs each step's losses (adaptive state such as TAID's λ)."""
+        return self.taid is not None
+
     def step_end(self, step: int, terms: dict[str, float]) -> None:
         """Advance per-step state (TAID's λ) with losses already reduced across ranks."""
         if self.taid is not None:

@@ -171,8 +171,9 @@ class Trainer:
                 t2 = self._sync()
                 window.add(terms, total, batch, t1 - t0, t2 - t1)
             self.step += 1
-            step_terms = reduce_mean(window.step_losses(), self.device)
-            self.objective.step_end(self.step, step_terms)
+            step_losses = window.step_losses()
+            if self.objective.tracks_losses:  # only then is a per-step collective worth its cost
+                self.objective.step_end(self.step, reduce_mean(step_losses, self.device))
             monitor.advance()
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 monitor.log(self.step, self._train_scalars(window))
