@@ -86,6 +86,10 @@ class TrainingConfig:
     keep_checkpoints: int = 2  # complete checkpoints kept on disk, newest first
     resume: str = "auto"  # "auto" (latest complete checkpoint if any), "never", or a checkpoint tag
     export: bool = True  # write a Hugging Face directory of the student at the end
+    # distilBART trained with frozen embeddings (and LM head, tied to them), and with a frozen
+    # encoder when only the decoder was shrunk.
+    freeze_embeddings: bool = False
+    freeze_encoder: bool = False
 
     def validate(self, prefix: str) -> None:
         if not self.output_dir:
@@ -106,12 +110,84 @@ class TrainingConfig:
             raise DistillError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
 
 
+Schedule = Literal["constant", "linear", "cosine"]
+Site = Literal["encoder_self", "decoder_self", "decoder_cross"]
+HiddenMap = Literal["copied", "supervise_forward", "last", "uniform", "uniform_consecutive", "uniform_last", "custom"]
+WEIGHTS = ("w_ce", "w_kd", "w_hid", "w_attn", "w_rel")
+
+
+@dataclass
+class HiddenLossConfig:
+    """Hidden-state matching (methods.md 1 and 3): which stacks, which layer pairs, which distance."""
+
+    map: HiddenMap = "copied"
+    teacher_layers: Optional[list[int]] = None  # map=custom: 0-based teacher layer per student layer
+    stacks: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["encoder", "decoder"])
+    metric: Literal["mse", "cosine"] = "mse"
+    normalize: bool = False  # layer-norm both hidden states (no affine) before the distance
+    projection: bool = False  # learned linear map student width -> teacher width (dropped at export)
+
+    def validate(self, prefix: str) -> None:
+        if (self.map == "custom") != (self.teacher_layers is not None):
+            raise DistillError(f"{prefix}.teacher_layers is set exactly when {prefix}.map is 'custom'")
+        _nonempty(self, prefix, "stacks")
+
+
+@dataclass
+class AttentionLossConfig:
+    """MiniLM / MiniEnD attention distributions: KL(teacher ‖ student) per head at one layer per site."""
+
+    sites: list[Site] = field(default_factory=lambda: ["encoder_self", "decoder_self", "decoder_cross"])
+    student_layer: int = -1  # 0-based, negative from the end
+    teacher_layer: int = -1
+
+    def validate(self, prefix: str) -> None:
+        _nonempty(self, prefix, "sites")
+
+
+@dataclass
+class RelationLossConfig:
+    """MiniLMv2 Q-Q/K-K/V-V self-attention relations (metric kl), or DirectMiniLM (metric mse)."""
+
+    sites: list[Literal["encoder_self", "decoder_self"]] = field(default_factory=lambda: ["encoder_self"])
+    kinds: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
+    heads: int = 32  # relation heads A_r; must divide both models' Q/K/V widths
+    student_layer: int = -1
+    teacher_layer: int = -2  # upper-middle works better than the last for large teachers
+    metric: Literal["kl", "mse"] = "kl"
+    projection: bool = False  # mse only: learned map of the student's Q/K/V to the teacher's width
+
+    def validate(self, prefix: str) -> None:
+        _nonempty(self, prefix, "sites", "kinds")
+        _positive(self, prefix, "heads")
+        if self.projection and self.metric != "mse":
+            raise DistillError(f"{prefix}.projection applies to {prefix}.metric=mse (DirectMiniLM) only")
+
+
 @dataclass
 class LossConfig:
-    """The distillation objective: L = w_ce * CE(gold) + w_kd * tau^2 * D(teacher || student)."""
+    """The interpolated objective (methods.md 4):
+    L = w_ce·CE + w_kd·τ²·D(teacher ‖ student) + w_hid·L_hid + w_attn·L_attn + w_rel·L_rel.
+
+    Each weight ``w_X`` is its value at step 0; with ``w_X_schedule`` linear or cosine it moves to
+    ``w_X_end`` by the last step.
+    """
 
     w_ce: float = 1.0
     w_kd: float = 0.0
+    w_hid: float = 0.0
+    w_attn: float = 0.0
+    w_rel: float = 0.0
+    w_ce_schedule: Schedule = "constant"
+    w_kd_schedule: Schedule = "constant"
+    w_hid_schedule: Schedule = "constant"
+    w_attn_schedule: Schedule = "constant"
+    w_rel_schedule: Schedule = "constant"
+    w_ce_end: Optional[float] = None
+    w_kd_end: Optional[float] = None
+    w_hid_end: Optional[float] = None
+    w_attn_end: Optional[float] = None
+    w_rel_end: Optional[float] = None
     temperature: float = 2.0
     divergence: Divergence = "forward_kl"
     jsd_beta: float = 0.5
@@ -120,13 +196,23 @@ class LossConfig:
     taid_lambda_end: float = 1.0
     taid_schedule: Literal["constant", "linear", "adaptive"] = "linear"
     label_smoothing: float = 0.0
+    # Run the teacher's decoder on the student's encoder output, skipping the teacher's encoder
+    # (distilBART's KD with an unshrunk, frozen encoder); needs equal hidden sizes.
+    teacher_uses_student_encoder: bool = False
+    hidden: HiddenLossConfig = field(default_factory=HiddenLossConfig)
+    attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
+    relation: RelationLossConfig = field(default_factory=RelationLossConfig)
 
     def validate(self, prefix: str) -> None:
-        for key in ("w_ce", "w_kd"):
-            if getattr(self, key) < 0:
-                raise DistillError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
-        if self.w_ce == 0 and self.w_kd == 0:
-            raise DistillError(f"{prefix}.w_ce and {prefix}.w_kd are both 0: nothing to train on")
+        for key in WEIGHTS:
+            kind, end = getattr(self, f"{key}_schedule"), getattr(self, f"{key}_end")
+            if getattr(self, key) < 0 or (end is not None and end < 0):
+                raise DistillError(f"{prefix}.{key} and {prefix}.{key}_end must be >= 0")
+            if (kind == "constant") != (end is None):
+                raise DistillError(f"{prefix}.{key}_end is set exactly when {prefix}.{key}_schedule is not "
+                                   f"'constant' (got schedule {kind!r}, end {end})")
+        if not any(self.active(key) for key in WEIGHTS):
+            raise DistillError(f"every loss weight of {prefix} is 0: nothing to train on")
         if self.temperature <= 0:
             raise DistillError(f"{prefix}.temperature must be > 0, got {self.temperature}")
         for key in ("jsd_beta", "skew_alpha", "taid_lambda_start", "taid_lambda_end"):
@@ -136,6 +222,18 @@ class LossConfig:
             raise DistillError(f"{prefix}.taid_lambda_start must not exceed {prefix}.taid_lambda_end")
         if not 0 <= self.label_smoothing < 1:
             raise DistillError(f"{prefix}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        self.hidden.validate(f"{prefix}.hidden")
+        self.attention.validate(f"{prefix}.attention")
+        self.relation.validate(f"{prefix}.relation")
+
+    def active(self, key: str) -> bool:
+        """Whether weight ``key`` is above 0 at some step."""
+        end = getattr(self, f"{key}_end")
+        return max(getattr(self, key), end or 0.0) > 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(self.active(key) for key in WEIGHTS if key != "w_ce")
 
 
 @dataclass
@@ -153,13 +251,14 @@ class RunConfig:
         self.data.validate("data")
         self.training.validate("training")
         self.loss.validate("loss")
-        if self.loss.w_kd > 0 and self.teacher is None:
-            raise DistillError("loss.w_kd > 0 needs a teacher: set teacher.path and teacher.ds_config")
+        if self.loss.uses_teacher and self.teacher is None:
+            active = [k for k in WEIGHTS if k != "w_ce" and self.loss.active(k)]
+            raise DistillError(f"loss.{active[0]} > 0 needs a teacher: set teacher.path and teacher.ds_config")
         return self
 
     @property
     def uses_teacher(self) -> bool:
-        return self.teacher is not None and self.loss.w_kd > 0
+        return self.teacher is not None and self.loss.uses_teacher
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +266,15 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """Dotted names to values, as used on the command line and in TensorBoard hparams."""
         return flatten(self.to_dict())
+
+
+def _nonempty(obj: Any, prefix: str, *keys: str) -> None:
+    for key in keys:
+        values = getattr(obj, key)
+        if not values:
+            raise DistillError(f"{prefix}.{key} must not be empty")
+        if len(set(values)) != len(values):
+            raise DistillError(f"{prefix}.{key} lists a value twice: {values}")
 
 
 def _positive(obj: Any, prefix: str, *keys: str, optional: bool = False) -> None:
@@ -199,6 +307,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0])
     return getattr(tp, "__name__", str(tp))
 
 
@@ -223,6 +333,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp):
             return value
         raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # command line: a,b,c
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        elif not isinstance(value, list):  # a single item
+            value = [value]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise DistillError(f"config key '{key}' must be a mapping, got {value!r}")

@@ -39,6 +39,17 @@ def crop_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, 
     return student_logits[..., :v], teacher_logits[..., :v]
 
 
+def _select_rows(a: Tensor, b: Tensor, mask: Tensor | None, what: str) -> tuple[Tensor, Tensor]:
+    """The (N, last-dim) rows of both where ``mask`` is True (all rows when None). Selecting before
+    any math means padding costs no compute and cannot leak into a result."""
+    if mask is None:
+        return a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    if mask.shape != a.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match {what} {tuple(a.shape[:-1])}")
+    mask = mask.to(device=a.device, dtype=torch.bool)
+    return a[mask], b[mask]
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     # at least float32 (bf16/fp16 softmax over a large vocabulary is too coarse); keep float64.
     return torch.promote_types(x.dtype, torch.float32)
@@ -180,15 +191,7 @@ def logit_divergence(
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
             "logits differ in their leading (token) dims"
         )
-    s, t = crop_vocab(student_logits, teacher_logits)
-    if mask is not None:
-        if mask.shape != s.shape[:-1]:
-            raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(s.shape[:-1])}")
-        # select before any math: padding costs no compute and cannot leak into the result
-        mask = mask.to(device=s.device, dtype=torch.bool)
-        s, t = s[mask], t[mask]
-    else:
-        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    s, t = _select_rows(*crop_vocab(student_logits, teacher_logits), mask, "logits")
     s = s.to(_compute_dtype(s)) / temperature
     t = t.to(_compute_dtype(t)) / temperature
     values = per_token_divergence(s, t, kind, beta=beta, alpha=alpha, lam=lam)
@@ -302,3 +305,165 @@ def _sigmoid(x: float) -> float:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
+
+
+# --------------------------------------------------------------------------------------------
+# feature losses
+
+HIDDEN_METRICS = ("mse", "cosine")
+
+
+def _common_dtype(*xs: Tensor) -> torch.dtype:
+    # the widest of the inputs, and at least float32 (a bf16 teacher next to an fp32 student)
+    dtype = _compute_dtype(xs[0])
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def hidden_distance(
+    student: Tensor, teacher: Tensor, mask: Tensor | None, metric: str = "mse", normalize: bool = False
+) -> Tensor:
+    """Distance between student and teacher hidden states, averaged over real tokens.
+
+    ``student``/``teacher``: (B, T, d), the student already projected to the teacher's width;
+    ``mask``: (B, T) True on real tokens (None = all). ``mse`` = Σ (s − t)² / (n_tokens · d);
+    ``cosine`` = mean of 1 − cos(s, t). ``normalize`` layer-norms both over d (no affine) first
+    (methods.md "normalize hidden"), so the loss ignores each layer's scale and offset, which
+    differ between teacher and student. Returns 0, still attached to the graph, when no token
+    is selected.
+    """
+    if metric not in HIDDEN_METRICS:
+        raise DistillError(f"unknown hidden metric {metric!r}; choose one of {', '.join(HIDDEN_METRICS)}")
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} hidden states differ; "
+            "project the student to the teacher's width first"
+        )
+    teacher = teacher.detach()  # a constant target
+    d = student.shape[-1]
+    s, t = _select_rows(student, teacher, mask, "hidden states")
+    dtype = _common_dtype(s, t)
+    s, t = s.to(dtype), t.to(dtype)
+    if normalize:
+        s = F.layer_norm(s, (d,), eps=1e-5)
+        t = F.layer_norm(t, (d,), eps=1e-5)
+    n = s.shape[0]
+    if metric == "mse":
+        return (s - t).pow(2).sum() / max(n * d, 1)
+    return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).sum() / max(n, 1)
+
+
+def _masked_log_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
+    """log-softmax over the last dim with disallowed entries set to finfo.min, never NaN.
+
+    finfo.min rather than -inf: a row with no allowed entry then comes out uniform and finite
+    instead of NaN (−inf − (−inf)), and the disallowed entries get probability exactly 0.
+    """
+    if keep is not None:
+        try:
+            shape = torch.broadcast_shapes(keep.shape, scores.shape)
+        except RuntimeError:
+            shape = None
+        if shape != scores.shape:
+            raise ValueError(f"keep {tuple(keep.shape)} does not broadcast to scores {tuple(scores.shape)}")
+        keep = keep.to(device=scores.device, dtype=torch.bool)
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    return F.log_softmax(scores, dim=-1)
+
+
+def attention_log_probs(
+    query: Tensor,
+    key: Tensor,
+    keep: Tensor | None,
+    scaling: float | None = None,
+    position_bias: Tensor | None = None,
+) -> Tensor:
+    """log softmax(Q·Kᵀ·scaling + bias) over keys: the attention map an eager HF model computes.
+
+    ``query`` (B, H, Tq, d), ``key`` (B, Hkv, Tk, d) with H a multiple of Hkv (grouped-query
+    attention: kv head j serves query heads j·g … j·g+g−1, as transformers' ``repeat_kv``);
+    ``scaling`` None = d^−½; ``position_bias`` additive, broadcastable to (B, H, Tq, Tk);
+    ``keep`` bool, broadcastable to (B, H, Tq, Tk), True where the query may attend the key
+    (None = all). Computed in float32 at least, so the maps of a bf16 teacher and student compare
+    without rounding noise. Disallowed entries are ≈ finfo.min, never NaN (see
+    ``_masked_log_softmax``). Returns (B, H, Tq, Tk). Nothing is detached: used for both sides.
+    """
+    if query.dim() != 4 or key.dim() != 4:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must both be (B, heads, T, d)")
+    b, h, _, d = query.shape
+    h_kv = key.shape[1]
+    if key.shape[0] != b or key.shape[-1] != d:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} differ in batch or head size")
+    if h_kv == 0 or h % h_kv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key-value heads ({h_kv})")
+    dtype = _common_dtype(query, key)
+    q, k = query.to(dtype), key.to(dtype)
+    if h_kv != h:
+        k = k.repeat_interleave(h // h_kv, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5 if scaling is None else scaling)
+    if position_bias is not None:
+        # clamp: a bias that already holds -inf or finfo.min (an HF additive mask) must not leave a
+        # row of -inf, which log_softmax turns into NaN
+        scores = (scores + position_bias.to(device=scores.device, dtype=dtype)).clamp_min(torch.finfo(dtype).min)
+    return _masked_log_softmax(scores, keep)
+
+
+def relation_log_probs(x: Tensor, heads: int, keep: Tensor | None) -> Tensor:
+    """MiniLMv2 self-attention relation: log softmax(x_a·x_aᵀ / √d_r) per relation head.
+
+    ``x`` (B, T, W): one layer's queries (or keys, or values) with all attention heads
+    concatenated. The width is re-split into ``heads`` relation heads of d_r = W / heads, so a
+    teacher and a student with different head counts and widths give maps of the same shape
+    (B, heads, T, T). ``keep`` bool, broadcastable to (B, heads, T, T); masking as in
+    ``attention_log_probs``. Nothing is detached: used for both sides.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"relation input {tuple(x.shape)} must be (B, T, W)")
+    b, t, w = x.shape
+    if heads <= 0 or w % heads:
+        raise DistillError(f"the relation heads ({heads}) must divide the width W={w}")
+    d_r = w // heads
+    xa = x.to(_compute_dtype(x)).reshape(b, t, heads, d_r).transpose(1, 2)
+    scores = torch.matmul(xa, xa.transpose(-1, -2)) / math.sqrt(d_r)
+    return _masked_log_softmax(scores, keep)
+
+
+def concat_heads(x: Tensor) -> Tensor:
+    """(B, H, T, d) -> (B, T, H·d), head-major along the width: the layout a model's q/k/v_proj emits."""
+    if x.dim() != 4:
+        raise ValueError(f"expected (B, heads, T, d), got {tuple(x.shape)}")
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def distribution_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: Tensor | None) -> Tensor:
+    """KL(teacher ‖ student) per query row, summed over heads and real rows / (A · n_rows).
+
+    Inputs (B, A, Tq, Tk) log-probabilities over the last dim (A heads); ``rows`` (B, Tq) True on
+    real query rows (None = all). The 1/(A·n) normalisation is MiniLM's/MiniLMv2's. Entries with
+    p_T = 0 count 0, so masked keys (-inf or finfo.min on both sides) give neither NaN nor inf.
+    Returns 0, still attached to the graph, when no row is selected.
+    """
+    if student_log_probs.shape != teacher_log_probs.shape:
+        raise ValueError(
+            f"student {tuple(student_log_probs.shape)} and teacher {tuple(teacher_log_probs.shape)} "
+            "attention distributions differ in shape"
+        )
+    if student_log_probs.dim() != 4:
+        raise ValueError(f"expected (B, heads, Tq, Tk) log-probabilities, got {tuple(student_log_probs.shape)}")
+    teacher_log_probs = teacher_log_probs.detach()  # a constant target
+    b, a, tq, tk = student_log_probs.shape
+    if rows is not None:
+        if rows.shape != (b, tq):
+            raise ValueError(f"rows {tuple(rows.shape)} does not match (B, Tq) = {(b, tq)}")
+        # (B, A, Tq, Tk) -> (B, Tq, A, Tk)[rows] -> (n, A, Tk): padding rows never enter the math
+        rows = rows.to(device=student_log_probs.device, dtype=torch.bool)
+        s = student_log_probs.transpose(1, 2)[rows]
+        t = teacher_log_probs.transpose(1, 2)[rows]
+    else:
+        s = student_log_probs.transpose(1, 2).reshape(b * tq, a, tk)
+        t = teacher_log_probs.transpose(1, 2).reshape(b * tq, a, tk)
+    dtype = _common_dtype(s, t)
+    values = _kl(t.to(dtype), s.to(dtype))  # (n, A)
+    return values.sum() / max(a * values.shape[0], 1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -81,8 +81,12 @@ def check_pair(teacher_cfg, student_cfg, teacher_tok, student_tok) -> Vocab:
     return Vocab(size=size)
 
 
-def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: str) -> tuple[torch.nn.Module, Any]:
+def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: str,
+               attn_implementation: Optional[str] = None) -> tuple[torch.nn.Module, Any]:
     """Build the model partitioned under ZeRO-3 (or whole, for a ZeRO-0/1/2 student).
+
+    ``attn_implementation`` replaces ``mc.attn_implementation`` (the trainer passes the capturing
+    SDPA when the loss needs attention from this model).
 
     Returns the model and the ``HfDeepSpeedConfig`` that must stay alive while it is in use:
     transformers consults it (through a weak reference) whenever it asks whether ZeRO-3 is on.
@@ -95,7 +99,7 @@ def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: st
     path = str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path
     with _gather_for_late_init():
         model = auto.from_pretrained(path, revision=mc.revision, dtype=DTYPES[precision],
-                                     attn_implementation=mc.attn_implementation)
+                                     attn_implementation=attn_implementation or mc.attn_implementation)
     return model, keep_alive
 
 

@@ -48,7 +48,8 @@ class Monitor:
             self.writer.add_scalar(name, value, step)
         self.metrics_file.write(json.dumps({"step": step, **scalars}) + "\n")
         self.metrics_file.flush()
-        shown = {k.split("/")[-1]: v for k, v in scalars.items() if k.startswith("loss/") or k.startswith("eval/")}
+        shown = {k.split("/")[-1]: v for k, v in scalars.items()  # groups only, not their parts
+                 if k.count("/") == 1 and (k.startswith("loss/") or k.startswith("eval/"))}
         if shown:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 

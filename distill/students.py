@@ -21,117 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.errors import DistillError, first_line
+from distill.layer_maps import layers_to_copy, layers_to_supervise  # noqa: F401  (re-exported)
 
 __all__ = [
     "ArchSpec",
     "arch_spec",
     "format_layer_map",
+    "attention_dims",
+    "find_module",
     "layer_stacks",
     "layers_to_copy",
     "layers_to_supervise",
     "make_student",
     "stack_depths",
 ]
-
-# --------------------------------------------------------------------------------------------
-# 1. Layer tables
-# --------------------------------------------------------------------------------------------
-
-# Published "layers to copy" (methods.md section 1), teacher depth -> student depth -> teacher layers.
-# The rule in ``_spread`` reproduces most entries; ``_COPY_EXCEPTIONS`` (derived below) holds the rest.
-_PUBLISHED_COPY: dict[int, dict[int, list[int]]] = {
-    12: {
-        1: [0],
-        2: [0, 6],
-        3: [0, 6, 11],
-        4: [0, 4, 8, 11],
-        6: [0, 2, 4, 7, 9, 11],
-        9: [0, 1, 2, 4, 5, 7, 9, 10, 11],
-        12: list(range(12)),
-    },
-    16: {
-        1: [0],
-        2: [0, 15],
-        3: [0, 8, 15],
-        4: [0, 5, 10, 15],
-        6: [0, 3, 6, 9, 12, 15],
-        8: [0, 2, 4, 6, 8, 10, 12, 15],
-        9: [0, 1, 3, 5, 7, 9, 11, 13, 15],
-        12: [0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 15],
-        16: list(range(16)),
-    },
-    6: {1: [0], 2: [0, 5], 3: [0, 2, 5], 4: [0, 1, 3, 5], 6: list(range(6))},
-}
-
-# "Supervise forward" table (methods.md section 1, KD layer matching alternative).
-_SUPERVISE: dict[int, dict[int, list[int]]] = {
-    12: {1: [11], 2: [5, 11], 3: [3, 7, 11], 6: [1, 3, 5, 8, 10, 11]},
-    16: {1: [15], 4: [4, 9, 12, 15], 8: [1, 3, 5, 7, 9, 11, 13, 15]},
-    6: {1: [5], 2: [3, 5], 3: [1, 4, 5], 4: [1, 2, 4, 5]},
-}
-
-
-def _check_depths(n_student: int, n_teacher: int) -> None:
-    for what, n in (("student", n_student), ("teacher", n_teacher)):
-        if isinstance(n, bool) or not isinstance(n, int):
-            raise DistillError(f"{what} layer count must be an integer, got {n!r}")
-        if n < 1:
-            raise DistillError(f"{what} layer count must be at least 1, got {n}")
-    if n_student > n_teacher:
-        raise DistillError(
-            f"a student cannot have more layers than its teacher ({n_student} > {n_teacher})"
-        )
-
-
-def _spread(n_student: int, n_teacher: int) -> list[int]:
-    """The rule: first and last layer kept, the gaps between kept layers as equal as possible
-    (each ``floor`` or ``ceil`` of (n_teacher-1)/(n_student-1)), the shorter gaps nearer the
-    embeddings. Of the published entries it misses only 12->{2,3,4,6,9} and 16->3 (those come
-    from ``_COPY_EXCEPTIONS``); plain rounding of i*(T-1)/(S-1) misses 7 or more."""
-    if n_student == 1:
-        return [0]
-    if n_student == n_teacher:
-        return list(range(n_teacher))
-    gaps = n_student - 1
-    short = (n_teacher - 1) // gaps
-    return [max(i * short, n_teacher - 1 - (gaps - i) * (short + 1)) for i in range(n_student)]
-
-
-# The published entries the rule does not give (computed once, so table and rule cannot drift).
-_COPY_EXCEPTIONS: dict[tuple[int, int], list[int]] = {
-    (t, s): layers
-    for t, row in _PUBLISHED_COPY.items()
-    for s, layers in row.items()
-    if _spread(s, t) != layers
-}
-
-
-def layers_to_copy(n_student: int, n_teacher: int) -> list[int]:
-    """Teacher layer (0-based) that initialises each student layer: the published table where it
-    has the pair, else the even-spread rule (first and last kept)."""
-    _check_depths(n_student, n_teacher)
-    exception = _COPY_EXCEPTIONS.get((n_teacher, n_student))
-    return list(exception) if exception is not None else _spread(n_student, n_teacher)
-
-
-def layers_to_supervise(n_student: int, n_teacher: int) -> list[int]:
-    """Teacher layer each student layer is matched with under the "supervise forward" scheme.
-
-    Published pairs come from the table; equal depths give the identity and a one-layer student
-    the teacher's last layer (both consistent with the table). Anything else is refused."""
-    _check_depths(n_student, n_teacher)
-    row = _SUPERVISE.get(n_teacher, {})
-    if n_student in row:
-        return list(row[n_student])
-    if n_student == n_teacher:
-        return list(range(n_teacher))
-    if n_student == 1:
-        return [n_teacher - 1]
-    raise DistillError(
-        f"no supervise-forward layer table for a {n_teacher}-layer teacher and a "
-        f"{n_student}-layer student; use the copied-from layer matching instead"
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # 2. Architecture introspection
@@ -156,6 +59,10 @@ class ArchSpec:
     head_dim: str | None = None
     # Per-layer config lists (length == depth of the named stack) that must follow the layer map.
     per_layer: dict[str, str] = field(default_factory=dict)
+    # Attention site -> (stack, module path inside one layer); feature capture hooks these.
+    attention: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # Stack -> final norm applied after its last layer (some members of a family have none, e.g. BART).
+    final_norm: dict[str, str] = field(default_factory=dict)
 
 
 _FAMILIES: dict[str, ArchSpec] = {
@@ -168,6 +75,9 @@ _FAMILIES: dict[str, ArchSpec] = {
         hidden="d_model",
         heads=("encoder_attention_heads", "decoder_attention_heads"),
         ffn=("encoder_ffn_dim", "decoder_ffn_dim"),
+        attention={"encoder_self": ("encoder", "self_attn"), "decoder_self": ("decoder", "self_attn"),
+                   "decoder_cross": ("decoder", "encoder_attn")},
+        final_norm={"encoder": "model.encoder.layer_norm", "decoder": "model.decoder.layer_norm"},
     ),
     "t5": ArchSpec(
         family="t5",
@@ -179,6 +89,10 @@ _FAMILIES: dict[str, ArchSpec] = {
         heads=("num_heads",),
         ffn=("d_ff",),
         head_dim="d_kv",
+        attention={"encoder_self": ("encoder", "layer.0.SelfAttention"),
+                   "decoder_self": ("decoder", "layer.0.SelfAttention"),
+                   "decoder_cross": ("decoder", "layer.1.EncDecAttention")},
+        final_norm={"encoder": "encoder.final_layer_norm", "decoder": "decoder.final_layer_norm"},
     ),
     "llama": ArchSpec(
         family="llama",
@@ -189,6 +103,8 @@ _FAMILIES: dict[str, ArchSpec] = {
         kv_heads="num_key_value_heads",
         head_dim="head_dim",
         per_layer={"layer_types": "decoder"},
+        attention={"decoder_self": ("decoder", "self_attn")},
+        final_norm={"decoder": "model.norm"},
     ),
     "gpt2": ArchSpec(
         family="gpt2",
@@ -196,6 +112,8 @@ _FAMILIES: dict[str, ArchSpec] = {
         hidden="n_embd",
         heads=("n_head",),
         ffn=("n_inner",),
+        attention={"decoder_self": ("decoder", "attn")},
+        final_norm={"decoder": "transformer.ln_f"},
     ),
 }
 
@@ -264,6 +182,19 @@ def _get_path(root: Any, path: str) -> Any:
     return obj
 
 
+def find_module(model: Any, path: str) -> tuple[str, Any] | None:
+    """(dotted name, module) at ``path`` inside ``model``, also trying the path with leading parts
+    dropped (so task-model paths work on bare base models and through DeepSpeed/DDP wrappers)."""
+    inner, wrap_prefix = _unwrap(model)
+    parts = path.split(".")
+    for start in range(len(parts)):
+        candidate = ".".join(parts[start:])
+        found = _get_path(inner, candidate)
+        if found is not None:
+            return wrap_prefix + candidate, found
+    return None
+
+
 def layer_stacks(model: Any) -> dict[str, tuple[str, Any]]:
     """The transformer-layer stacks of a HF model: {"encoder": (prefix, ModuleList),
     "decoder": (prefix, ModuleList)}; decoder-only models have "decoder" only.
@@ -274,23 +205,25 @@ def layer_stacks(model: Any) -> dict[str, tuple[str, Any]]:
     and DeepSpeed/DDP wrappers around either."""
     import torch.nn as nn
 
-    inner, wrap_prefix = _unwrap(model)
-    spec = arch_spec(inner)
-    found: dict[str, tuple[str, Any]] = {}
+    spec = arch_spec(_unwrap(model)[0])
+    stacks: dict[str, tuple[str, Any]] = {}
     for name, (path, _) in spec.stacks.items():
-        parts = path.split(".")
-        # The full path, then the same path with leading components dropped (base models).
-        for start in range(len(parts)):
-            candidate = ".".join(parts[start:])
-            stack = _get_path(inner, candidate)
-            if isinstance(stack, nn.ModuleList):
-                found[name] = (wrap_prefix + candidate, stack)
-                break
-        else:
-            raise DistillError(
-                f"cannot find the {name} layers of {type(inner).__name__} (looked for {path})"
-            )
-    return found
+        found = find_module(model, path)
+        if found is None or not isinstance(found[1], nn.ModuleList):
+            raise DistillError(f"cannot find the {name} layers of {type(_unwrap(model)[0]).__name__} "
+                               f"(looked for {path})")
+        stacks[name] = found
+    return stacks
+
+
+def attention_dims(config: Any, stack: str) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head dim) of the attention in ``stack``, from the config."""
+    spec = arch_spec(config)
+    names = list(spec.stacks)
+    heads = int(getattr(config, spec.heads[names.index(stack)] if len(spec.heads) > 1 else spec.heads[0]))
+    kv_heads = int(getattr(config, spec.kv_heads, None) or heads) if spec.kv_heads else heads
+    head_dim = getattr(config, spec.head_dim, None) if spec.head_dim else None
+    return heads, kv_heads, int(head_dim or getattr(config, spec.hidden) // heads)
 
 
 # --------------------------------------------------------------------------------------------

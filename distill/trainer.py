@@ -17,16 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers.modeling_outputs import BaseModelOutput
 
 from distill import checkpoint
+from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
 from distill.config import RunConfig, save_config
 from distill.data import BatchStream, Seq2SeqCollator, drop_overlong, eval_loader, load_split
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
 from distill.export import export_student
-from distill.models import check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
+from distill.models import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
 from distill.monitor import Monitor, reduce_mean
-from distill.objective import Objective, teacher_forced_sums
+from distill.objective import Objective, Output, teacher_forced_sums
 from distill.schedules import lr_multiplier
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
@@ -55,12 +57,22 @@ class Trainer:
                                "for now")
         self.tokenizer = load_tokenizer(cfg.student, "student")
         self.raw_ds = {"student": read_ds_config(cfg.student.ds_config, "student")}
-        self.vocab = None
+        self.vocab = self.teacher_config = None
         if cfg.uses_teacher:
             self.teacher_config = load_model_config(cfg.teacher, "teacher")
             self.vocab = check_pair(self.teacher_config, self.student_config,
                                     load_tokenizer(cfg.teacher, "teacher"), self.tokenizer)
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
+        if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
+            raise DistillError("training.freeze_encoder needs an encoder-decoder student")
+        # Every layer map, head count and width is checked here, from the configs alone.
+        zero3 = self.raw_ds["student"].get("zero_optimization", {}).get("stage") == 3
+        self.objective = Objective(cfg.loss, cfg.training.max_steps, self.student_config, self.teacher_config,
+                                   partitioned_student=zero3)
+        for role, request in (("student", self.objective.student_request), ("teacher", self.objective.teacher_request)):
+            if request.attention and getattr(cfg, role).attn_implementation != "sdpa":
+                raise DistillError(f"attention capture runs on SDPA: set {role}.attn_implementation=sdpa "
+                                   f"(got {getattr(cfg, role).attn_implementation!r})")
         self.train_data = load_split(cfg.data, cfg.data.train_split, "train")
         self.eval_data = load_split(cfg.data, cfg.data.eval_split, "eval") if cfg.data.eval_split else None
         if not cfg.data.truncation:
@@ -91,16 +103,23 @@ class Trainer:
         self.device = torch.device(self.accelerator.current_device_name())
         _seed_everything(t.seed + self.rank)
 
-        self.objective = Objective(cfg.loss, t.max_steps, has_teacher=cfg.teacher is not None)
-        if self.objective.needs_teacher:
-            teacher, self._teacher_ds_alive = load_model(cfg.teacher, self.teacher_config, self.ds["teacher"],
-                                                         t.precision)
+        objective = self.objective
+        if objective.captures_attention:
+            register_attention()
+        if objective.needs_teacher:
+            teacher, self._teacher_ds_alive = load_model(
+                cfg.teacher, self.teacher_config, self.ds["teacher"], t.precision,
+                CAPTURE_ATTENTION if objective.teacher_request.attention else None)
             teacher.requires_grad_(False)
-            teacher.eval()
+            teacher = FeatureModel(teacher, objective.teacher_request, "teacher").eval()
             self.teacher, *_ = deepspeed.initialize(model=teacher, config=self.ds["teacher"])
             self.teacher.eval()
-        student, self._student_ds_alive = load_model(cfg.student, self.student_config, self.ds["student"],
-                                                     t.precision)
+        model, self._student_ds_alive = load_model(
+            cfg.student, self.student_config, self.ds["student"], t.precision,
+            CAPTURE_ATTENTION if objective.student_request.attention else None)
+        _freeze(model, t.freeze_embeddings, t.freeze_encoder)
+        student = FeatureModel(model, objective.student_request, "student",
+                               objective.build_projections(DTYPES[t.precision]), objective.project)
         # Keep the schedule in the run config: one name for it everywhere, no DeepSpeed scheduler section.
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
             opt, lambda s: lr_multiplier(t.lr_schedule, s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
@@ -144,8 +163,9 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def _forward(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return engine(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).logits
+    def _forward(self, engine, batch: dict[str, torch.Tensor], features: bool = False, **extra) -> tuple[Output, Any]:
+        outputs, captured = engine(features=features, **{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, **extra)
+        return Output(outputs.logits, captured), outputs
 
     def _sync(self) -> float:
         self.accelerator.synchronize()
@@ -156,24 +176,29 @@ class Trainer:
         monitor = Monitor(self.out, self.rank, t.max_steps, self.step, self.cfg.flat())
         self.student.train()
         window = _Window()
+        needs_teacher = self.objective.needs_teacher
+        teacher_first = needs_teacher and not self.cfg.loss.teacher_uses_student_encoder
         while self.step < t.max_steps:
             for _ in range(t.gradient_accumulation_steps):
                 batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
                 t0 = self._sync()
-                teacher_logits = None
-                if self.objective.needs_teacher:
-                    with torch.no_grad():
-                        teacher_logits = self._forward(self.teacher, batch)
+                teacher = self._teacher_forward(batch) if teacher_first else None
                 t1 = self._sync()
-                total, terms = self.objective(self._forward(self.student, batch), batch["labels"], teacher_logits)
+                student, student_outputs = self._forward(self.student, batch, features=True)
+                t2 = self._sync()
+                if needs_teacher and not teacher_first:  # on the student's encoder output
+                    encoded = BaseModelOutput(last_hidden_state=student_outputs.encoder_last_hidden_state.detach())
+                    teacher = self._teacher_forward(batch, encoder_outputs=encoded)
+                t3 = self._sync()
+                total, terms = self.objective(batch, student, teacher)
                 self.student.backward(total)
                 self.student.step()
-                t2 = self._sync()
-                window.add(terms, total, batch, t1 - t0, t2 - t1)
+                t4 = self._sync()
+                window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3))
             self.step += 1
             step_losses = window.step_losses()
-            if self.objective.tracks_losses:  # only then is a per-step collective worth its cost
-                self.objective.step_end(self.step, reduce_mean(step_losses, self.device))
+            # The per-step collective only when some state needs the step's losses (TAID's λ).
+            self.objective.step_end(self.step, reduce_mean(step_losses, self.device) if self.objective.tracks_losses else None)
             monitor.advance()
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 monitor.log(self.step, self._train_scalars(window))
@@ -185,11 +210,15 @@ class Trainer:
         final = self.evaluate()
         monitor.log(self.step, final)
         if t.export:
-            export_student(self.student.module, self.tokenizer, self.out / "final")
+            export_student(self.student.module.model, self.tokenizer, self.out / "final")
         if self.rank == 0:
             _write_json(self.out / "eval_results.json", {"step": self.step, **final})
         monitor.close(final)
         return final
+
+    @torch.no_grad()
+    def _teacher_forward(self, batch: dict[str, torch.Tensor], **extra) -> Output:
+        return self._forward(self.teacher, batch, features=True, **extra)[0]
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "data": self.stream.state_dict(), "objective": self.objective.state_dict()}
@@ -222,7 +251,8 @@ class Trainer:
         loader = eval_loader(self.eval_data, self.collate, self.cfg.training.micro_batch_size, self.rank, self.world)
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            sums += teacher_forced_sums(self._forward(self.student, batch), batch["labels"], batch["weight"]).double()
+            sums += teacher_forced_sums(self._forward(self.student, batch)[0].logits, batch["labels"],
+                                        batch["weight"]).double()
         dist.all_reduce(sums)
         self.student.train()
         nll, count, correct = sums.tolist()
@@ -269,6 +299,17 @@ class _Window:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+
+def _freeze(model: torch.nn.Module, embeddings: bool, encoder: bool) -> None:
+    """Freeze what distilBART froze: token and position embeddings (and a tied LM head), the encoder."""
+    if embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in ("embed_tokens", "embed_positions", "shared", "wpe"):
+                module.requires_grad_(False)
+    if encoder:
+        model.get_encoder().requires_grad_(False)
 
 
 def _seed_everything(seed: int) -> None:

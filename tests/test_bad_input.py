@@ -70,3 +70,37 @@ def test_empty_dataset(capsys, args, tmp_path):
 def test_different_vocabularies_are_refused(capsys, args, other_vocab_teacher):
     code, err = run(capsys, [*args, f"teacher.path={other_vocab_teacher}"])
     assert code == 2 and len(err) == 1 and "teacher and student tokenizers differ" in err[0], err
+
+
+@pytest.fixture
+def narrow_student(demo_assets):
+    student = demo_assets["root"] / "student-narrow"
+    if not student.exists():
+        from distill.students import make_student
+
+        make_student(str(demo_assets["teacher"]), str(student), encoder_layers=1, decoder_layers=1,
+                     hidden_size=64, num_heads=4, ffn_size=64)
+    return student
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.w_attn=1", "loss.attention.teacher_layer=5"],
+     "loss.attention.teacher_layer = 5 indexes past the model's 2 layers"),
+    (["loss.w_hid=1", "loss.hidden.stacks=decoder", "loss.hidden.map=custom", "loss.hidden.teacher_layers=7"],
+     "layer map [7] indexes past the teacher's 2 layers"),
+    (["loss.w_rel=1", "loss.relation.heads=3"], "loss.relation.heads = 3 does not divide the student's encoder_self q width 128"),
+    (["loss.w_attn=1", "student.attn_implementation=eager"], "attention capture runs on SDPA"),
+    (["loss.w_attn=1", "loss.attention.sites=encoder_self,cross"], "config key 'loss.attention.sites[1]' must be one of"),
+])
+def test_feature_settings_refused_before_loading(capsys, args, overrides, message, tmp_path):
+    code, err = run(capsys, [*args, *overrides])
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_width_change_without_projection_is_refused(capsys, args, narrow_student, tmp_path):
+    code, err = run(capsys, [*args, f"student.path={narrow_student}", "loss.w_hid=1", "loss.hidden.map=last"])
+    assert code == 2 and len(err) == 1, err
+    assert "student's hidden size (64) differs from the teacher's (128)" in err[0]
+    assert "loss.hidden.projection=true" in err[0]

@@ -82,7 +82,7 @@ def test_layers_to_copy_matches_published_table():
 
 
 def test_rule_reproduces_most_of_the_table():
-    from distill.students import _COPY_EXCEPTIONS, _spread
+    from distill.layer_maps import _COPY_EXCEPTIONS, _spread
 
     total = sum(len(row) for row in PUBLISHED_COPY.values())
     matched = sum(

@@ -1,0 +1,156 @@
+"""Every recipe in recipes/ validates as shipped, and runs a few steps with 2 ranks under ZeRO-3 on tiny
+local models through command-line overrides (BART recipes on a tiny BART pair, T5 recipes on a tiny
+T5 teacher and a narrower random-init student)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import load_config
+from distill.demo import free_port
+
+ROOT = Path(__file__).parents[1]
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+# What each recipe must log, beyond loss/total: its method, term by term.
+TERMS = {
+    "distilbart_cnn_sft.yaml": {"ce"}, "distilbart_xsum_sft.yaml": {"ce"},
+    "distilbart_cnn_pl.yaml": {"ce"}, "distilbart_xsum_pl.yaml": {"ce"},
+    "distilbart_cnn_kd.yaml": {"ce", "kd"},
+    "distilbart_xsum_kd.yaml": {"ce", "kd", "hid", "hid/decoder"},
+    "miniend_d.yaml": {"kd", "attn", "attn/decoder_self", "attn/decoder_cross"},
+    "miniend_e.yaml": {"kd", "attn", "attn/encoder_self", "attn/decoder_self"},
+    "udagawa_od.yaml": {"kd"},
+    "udagawa_hs.yaml": {"hid", "hid/encoder", "hid/decoder"},
+    "udagawa_mha.yaml": {"rel", "rel/encoder_self", "rel/decoder_self"},
+    "taid_t5_3b.yaml": {"ce", "kd", "rel", "rel/encoder_self"},
+}
+
+
+def test_every_recipe_is_covered():
+    assert sorted(TERMS) == RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_validates_as_shipped(recipe):
+    cfg = load_config(ROOT / "recipes" / recipe)
+    assert cfg.student.path and cfg.data.path
+    for term in TERMS[recipe]:
+        weight = "w_" + {"ce": "ce", "kd": "kd", "hid": "hid", "attn": "attn", "rel": "rel"}[term.split("/")[0]]
+        assert cfg.loss.active(weight), (recipe, weight)
+
+
+@pytest.fixture(scope="module")
+def t5_pair(demo_assets):
+    """A 2-2 T5 teacher on the demo tokenizer and a 1-1 student at half its width."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    from distill.students import make_student
+
+    root = demo_assets["root"]
+    teacher, student = root / "t5-teacher", root / "t5-student"
+    if not student.exists():
+        tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+        config = T5Config(vocab_size=len(tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                          num_heads=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          decoder_start_token_id=tok.pad_token_id)
+        T5ForConditionalGeneration(config).save_pretrained(teacher)
+        tok.save_pretrained(teacher)
+        make_student(str(teacher), str(student), encoder_layers=1, decoder_layers=1, hidden_size=32,
+                     num_heads=4, ffn_size=64)
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(demo_assets, t5_pair, tmp_path_factory):
+    from distill.students import make_student
+
+    out = tmp_path_factory.mktemp("recipes")
+    bart_student = out / "bart-student"
+    make_student(str(demo_assets["teacher"]), str(bart_student), decoder_layers=1)
+    common = [f"data.path={demo_assets['data']}", "data.name=null", "data.source_column=document",
+              "data.target_column=summary", "data.max_source_length=64", "data.max_target_length=24",
+              "training.precision=fp32", "training.micro_batch_size=4", "training.gradient_accumulation_steps=1",
+              "training.max_steps=3", "training.warmup_steps=0", "training.log_every=1", "training.save_every=3",
+              "training.eval_every=0", "data.max_eval_samples=8", "data.max_train_samples=32"]
+    jobs = []
+    for recipe in RECIPES:
+        t5 = not recipe.startswith("distilbart")
+        teacher, student = t5_pair if t5 else (demo_assets["teacher"], bart_student)
+        models = [f"student.path={student}"]
+        if load_config(ROOT / "recipes" / recipe).teacher is not None:
+            models.append(f"teacher.path={teacher}")
+        jobs.append([str(ROOT / "recipes" / recipe), [*common, *models, f"training.output_dir={out / recipe}"]])
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests/scripts/run_recipes.py"), str(out / "jobs.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_runs_a_few_steps(recipe, recipe_runs):
+    run = recipe_runs / recipe
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for row in steps:
+        for term in TERMS[recipe]:
+            assert math.isfinite(row[f"loss/{term}"]), (recipe, term, row)
+        for term in ("ce", "kd", "hid", "attn", "rel"):
+            assert (f"loss/{term}" in row) == (term in TERMS[recipe]), (recipe, term)
+    assert (run / "final" / "model.safetensors").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+
+
+@pytest.mark.integration
+def test_weights_and_schedules_are_logged(recipe_runs):
+    rows = [json.loads(line) for line in (recipe_runs / "taid_t5_3b.yaml" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/total" in r]
+    assert all(r["weight/ce"] == 0.1 and r["weight/kd"] == 1.0 for r in steps)
+    rel = [r["weight/rel"] for r in steps]  # cosine from 1 to 0 over the 3 steps
+    assert rel[0] > rel[1] > rel[2] >= 0.0 and rel[0] <= 1.0
+    lam = [r["schedule/taid_lambda"] for r in steps]
+    assert 0.1 <= lam[0] < lam[1] < lam[2] <= 1.0
+
+
+@pytest.mark.integration
+def test_frozen_parts_stay_as_initialised(recipe_runs):
+    """distilBART recipes freeze embeddings and encoder: the export keeps them bit for bit."""
+    from safetensors.torch import load_file
+
+    init = load_file(recipe_runs / "bart-student" / "model.safetensors")
+    final = load_file(recipe_runs / "distilbart_cnn_sft.yaml" / "final" / "model.safetensors")
+    frozen = [k for k in init if k.startswith("model.encoder.") or "embed_tokens" in k or "embed_positions" in k
+              or k == "model.shared.weight"]
+    trained = [k for k in init if k.startswith("model.decoder.layers.")]
+    assert frozen and trained
+    for key in frozen:
+        assert torch.equal(init[key], final[key]), key
+    assert any(not torch.equal(init[k], final[k]) for k in trained)
+
+
+@pytest.mark.integration
+def test_projections_are_trained_but_not_exported(recipe_runs):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    run = recipe_runs / "udagawa_hs.yaml"
+    exported = load_file(run / "final" / "model.safetensors")
+    assert not any("projection" in k for k in exported)
+    model = AutoModelForSeq2SeqLM.from_pretrained(run / "final")
+    assert model.config.d_model == 32 and model.config.to_dict().get("_attn_implementation") in (None, "sdpa")
+    # the checkpoint keeps them, beside the model, as trainable parameters of the student's optimizer
+    state = torch.load(run / "checkpoints" / "step-00000003" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)
+    shapes = state["param_shapes"][0]
+    assert tuple(shapes["projections.hidden_encoder.weight"]) == (64, 32)
+    assert "projections.hidden_decoder.weight" in shapes
