@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import DistillError
+from distill.models import model_class
 from distill.students import arch_spec, find_module, layer_stacks
 
 CAPTURE_ATTENTION = "distill_sdpa"
@@ -101,20 +102,10 @@ def check_capturable(config: Any, request: Request, role: str) -> None:
         if site not in spec.attention:
             raise DistillError(f"the {role} ({config.model_type}) has no {site} attention to capture "
                                f"(it has: {', '.join(spec.attention) or 'none'})")
-        model_class = _model_class(config)
-        if model_class is not None and not getattr(model_class, "_supports_sdpa", False):
-            raise DistillError(f"the {role}'s attention modules ({model_class.__name__}) cannot be hooked: "
+        cls = model_class(config)
+        if cls is not None and not getattr(cls, "_supports_sdpa", False):
+            raise DistillError(f"the {role}'s attention modules ({cls.__name__}) cannot be hooked: "
                                "attention capture needs a model that runs transformers' SDPA attention")
-
-
-def _model_class(config: Any):
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
-
-    mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if config.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
-    try:
-        return mapping[type(config)]
-    except KeyError:
-        return None
 
 
 def _first(output: Any) -> Tensor:

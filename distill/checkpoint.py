@@ -17,7 +17,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -63,12 +63,17 @@ def read_latest(ckpt_dir: Path) -> Optional[str]:
     return marker.read_text().strip() if marker.is_file() else None
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int) -> str:
-    """Write a complete checkpoint on every rank, then mark it latest and prune older ones."""
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int,
+         write_model_files: Optional[Callable[[Path], None]] = None) -> str:
+    """Write a complete checkpoint on every rank, then mark it latest and prune older ones.
+
+    ``write_model_files(tag_dir)`` (rank 0) adds what an offline export needs besides the weights."""
     tag = tag_for(step)
     rank, world = dist.get_rank(), dist.get_world_size()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
     torch.save({**trainer_state, "rng": rng_state(), "world_size": world}, _state_file(ckpt_dir, tag, rank))
+    if rank == 0 and write_model_files is not None:
+        write_model_files(ckpt_dir / tag)
     dist.barrier()  # every rank's files are on disk before the tag becomes "latest"
     if rank == 0:
         write_atomic(ckpt_dir / LATEST, tag)

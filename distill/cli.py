@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from distill.errors import DistillError
 
@@ -42,9 +43,146 @@ def _demo(a: argparse.Namespace) -> None:
     run_demo(a.workdir, nproc=a.nproc)
 
 
+def _export(a: argparse.Namespace) -> None:
+    from distill.export import export_checkpoint
+    from distill.inference import DTYPES
+
+    info = export_checkpoint(a.checkpoint, a.out, DTYPES[a.dtype] if a.dtype else None, a.model, a.max_shard_size)
+    print(f"exported {info['checkpoint']} (written by {info['world_size']} ranks, {info['tensors']} tensors) "
+          f"to {info['out_dir']}")
+
+
+def _settings(a: argparse.Namespace):
+    from distill.inference import GENERATION_KEYS, GenerateSettings
+
+    for key in ("batch_size", "max_source_length", "max_new_tokens", "num_beams", "top_k", "max_samples"):
+        value = getattr(a, key, None)
+        if value is not None and value < 1:
+            raise DistillError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    return GenerateSettings(batch_size=a.batch_size, max_source_length=a.max_source_length,
+                            source_prefix=a.source_prefix, dtype=a.dtype, static_cache=a.static_cache,
+                            compile=a.compile, generation={k: getattr(a, k) for k in GENERATION_KEYS})
+
+
+def _load(a: argparse.Namespace, path: str):
+    from distill.inference import device_for_rank, init_ranks, load_for_generation
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # one line per problem, not per batch
+    init_ranks()
+    device = device_for_rank()
+    model, tokenizer, _ = load_for_generation(path, _settings(a), device, a.ds_config)
+    return model, tokenizer, device
+
+
+def _examples(a: argparse.Namespace):
+    from distill.inference import read_examples
+
+    return read_examples(a.data, a.split, a.source_column, a.target_column, a.name, a.max_samples)
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from distill.inference import run_generation
+
+    examples = _examples(a)  # before the model: a bad path or column fails fast
+    model, tokenizer, device = _load(a, a.model)
+    records = run_generation(model, tokenizer, examples, _settings(a), Path(a.out), device, synced=a.ds_config is not None)
+    _say(f"{len(records)} generations in {a.out}")
+
+
+def _evaluate(a: argparse.Namespace) -> None:
+    from distill.evaluation import evaluate_models
+
+    examples = _examples(a)
+    if any(e.target is None for e in examples):
+        raise DistillError(f"evaluation needs references: the data has no column '{a.target_column}'")
+    results = evaluate_models(a.model, examples, lambda path: _load(a, path), _settings(a), Path(a.out),
+                              synced=a.ds_config is not None, samples=a.bootstrap_samples)
+    _say(results["table"])
+
+
+def _pseudo_label(a: argparse.Namespace) -> None:
+    from distill.pseudo_label import pseudo_label
+
+    model, tokenizer, device = _load(a, a.model)
+    summary = pseudo_label(model, tokenizer, _settings(a), device, a.data, Path(a.out), a.split, a.source_column,
+                           a.target_column, a.name, a.eval_split or None, a.max_samples, a.min_rouge2, a.below,
+                           synced=a.ds_config is not None)
+    _say(json.dumps(summary, indent=2))
+
+
+def _say(text: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, flush=True)
+
+
+def _generation_parent() -> argparse.ArgumentParser:
+    """Flags shared by generate, evaluate and pseudo-label."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--data", required=True, help="hub dataset, local directory, json/jsonl/csv/parquet file, or .txt")
+    p.add_argument("--name", help="dataset configuration, e.g. 3.0.0")
+    p.add_argument("--split", default="test")
+    p.add_argument("--source-column", default="document")
+    p.add_argument("--target-column", default="summary")
+    p.add_argument("--source-prefix", default="", help='e.g. "summarize: " for T5')
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-source-length", type=int, default=1024)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--ds-config", help="ZeRO-3 config: partition the model over the ranks (synchronized generation)")
+    p.add_argument("--static-cache", action="store_true", help="static KV cache (pairs with --compile on GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    g = p.add_argument_group("generation (default: the model's generation config)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--num-beams", type=int)
+    g.add_argument("--do-sample", action="store_const", const=True)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--length-penalty", type=float)
+    g.add_argument("--no-repeat-ngram-size", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--early-stopping", action="store_const", const=True)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
     sub = parser.add_subparsers(dest="command", required=True)
+    gen = _generation_parent()
+
+    p = sub.add_parser("export", help="rebuild the student of a ZeRO checkpoint as a Hugging Face directory (CPU)")
+    p.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoint tag directory")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32")
+    p.add_argument("--model", help="student directory (config, tokenizer) when the checkpoint holds none")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("generate", parents=[gen], help="batched generation to JSONL, resumable, sharded over ranks")
+    p.add_argument("--model", required=True, help="exported student, teacher directory or hub id")
+    p.add_argument("--out", required=True, help="JSONL file: one record per input, in input order")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("evaluate", parents=[gen], help="ROUGE, latency and tokens/s of models side by side")
+    p.add_argument("--model", required=True, action="append", help="repeat for each model to compare")
+    p.add_argument("--out", required=True, help="directory for predictions, results.json and results.md")
+    p.add_argument("--bootstrap-samples", type=int, default=1000)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("pseudo-label", parents=[gen], help="the teacher's generations as a training dataset (PL)")
+    p.add_argument("--model", required=True, help="the teacher")
+    p.add_argument("--out", required=True, help="dataset directory for the PL recipe")
+    p.add_argument("--eval-split", default="validation", help="copied with gold targets ('' for none)")
+    p.add_argument("--min-rouge2", type=float, help="keep a pseudo-label only when its ROUGE-2 against gold reaches this")
+    p.add_argument("--below", choices=["gold", "drop"], default="gold",
+                   help="what an example under --min-rouge2 becomes")
+    p.set_defaults(func=_pseudo_label, split="train")
 
     p = sub.add_parser("make-student", help="shrink a teacher by layer copy, or make a narrower random-init student")
     p.add_argument("teacher", help="teacher directory or hub id")

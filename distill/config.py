@@ -237,12 +237,42 @@ class LossConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What each evaluation (``training.eval_every`` and the end) measures besides the teacher-forced loss."""
+
+    generate: bool = False  # the student generates for part of the eval split; ROUGE and samples are logged
+    max_samples: int = 64  # examples generated per evaluation
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    text_samples: int = 3  # generated examples shown in TensorBoard
+    # The student at the best value so far is exported to <output_dir>/best: eval/ce, eval/token_accuracy,
+    # or with generate, eval/rouge1, eval/rouge2, eval/rougeL, eval/rougeLsum.
+    best_metric: Optional[str] = None
+
+    def validate(self, prefix: str) -> None:
+        _positive(self, prefix, "max_samples", "num_beams", "max_new_tokens")
+        if self.text_samples < 0:
+            raise DistillError(f"{prefix}.text_samples must be >= 0, got {self.text_samples}")
+        choices = ["eval/ce", "eval/token_accuracy"]
+        if self.generate:
+            choices += [f"eval/{r}" for r in ("rouge1", "rouge2", "rougeL", "rougeLsum")]
+        if self.best_metric is not None and self.best_metric not in choices:
+            raise DistillError(f"{prefix}.best_metric must be one of {', '.join(choices)}, got {self.best_metric!r}"
+                               + ("" if self.generate else f" (ROUGE needs {prefix}.generate: true)"))
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.best_metric == "eval/ce"
+
+
+@dataclass
 class RunConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
     teacher: Optional[ModelConfig] = None  # None: plain fine-tuning (SFT), no teacher is loaded
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "RunConfig":
         self.student.validate("student")
@@ -251,6 +281,9 @@ class RunConfig:
         self.data.validate("data")
         self.training.validate("training")
         self.loss.validate("loss")
+        self.eval.validate("eval")
+        if (self.eval.generate or self.eval.best_metric) and not self.data.eval_split:
+            raise DistillError("eval.generate and eval.best_metric need an evaluation split (data.eval_split)")
         if self.loss.uses_teacher and self.teacher is None:
             active = [k for k in WEIGHTS if k != "w_ce" and self.loss.active(k)]
             raise DistillError(f"loss.{active[0]} > 0 needs a teacher: set teacher.path and teacher.ds_config")

@@ -23,8 +23,9 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 WEIGHT_KEY = "__weight__"
 
 
-def load_split(cfg: DataConfig, split: str, role: str):
-    """One split of ``cfg.path`` as a ``datasets.Dataset``, checked for the configured columns."""
+def load_split(cfg: DataConfig, split: str, role: str, need_target: bool = True):
+    """One split of ``cfg.path`` as a ``datasets.Dataset``, checked for the configured columns
+    (the target column only when ``need_target``: generation inputs may have none)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -48,7 +49,7 @@ def load_split(cfg: DataConfig, split: str, role: str):
         if "corresponds to no data" in str(exc):
             raise DistillError(f"the {role} split '{split}' of dataset '{cfg.path}' is empty") from None
         raise DistillError(f"cannot load {role} split '{split}' of dataset '{cfg.path}': {first_line(exc)}") from None
-    for key in ("source_column", "target_column"):
+    for key in ("source_column", "target_column") if need_target else ("source_column",):
         column = getattr(cfg, key)
         if column not in ds.column_names:
             raise DistillError(f"data.{key} '{column}' is not a column of the {role} split '{split}' "

@@ -1,18 +1,32 @@
 """Export: turn the partitioned student back into a plain Hugging Face directory.
 
-Parameters are gathered one at a time, so no rank ever needs room for more than one full tensor
-beyond its own shard; rank 0 keeps CPU copies and writes the directory.
+Two ways in, one way out (``write_model_dir``):
+
+* at the end of training, from the live ZeRO-3 engine: parameters are gathered one at a time, so no
+  rank needs room for more than one full tensor beyond its own shard;
+* offline, from a checkpoint on disk (``export_checkpoint``), on CPU, whatever world size wrote it,
+  through DeepSpeed's own fp32 consolidation of the partitioned optimizer state.
+
+The directory is built from a fresh model skeleton on the meta device filled with the consolidated
+tensors, re-tied (BART, T5 share embeddings and LM head, which DeepSpeed's own safetensors
+conversion cannot write), cast, saved as sharded safetensors, then moved into place only when complete.
+Training-only parts (the learned projections) are left out.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from distill.errors import DistillError, first_line
+
+MODEL_FILES = "student"  # inside a checkpoint tag: config, generation config, tokenizer, run config
 
 
 def gathered_state_dict(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Optional[dict]:
@@ -47,19 +61,204 @@ def replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export_student(module: torch.nn.Module, tokenizer, out_dir: Path, dtype: Optional[torch.dtype] = None) -> None:
-    """Write ``out_dir`` as a Hugging Face directory (safetensors, config, tokenizer, generation config).
+def model_card(config, run_config: Optional[dict] = None, results: Optional[dict] = None) -> str:
+    """README.md of an exported student: where it came from, the recipe, and its evaluation figures."""
+    teacher = getattr(config, "distill_teacher", None)
+    layer_map = getattr(config, "distill_layer_map", None)
+    lines = ["---", "library_name: transformers", "tags: [distillation, distill]"]
+    if teacher:
+        lines.append(f"base_model: {teacher}")
+    lines += ["---", "", f"# {config.model_type} student distilled with distill", ""]
+    if teacher:
+        lines.append(f"Teacher: `{teacher}`.")
+    if layer_map:
+        for stack, layers in layer_map.items():
+            lines.append(f"- {stack}: student layers initialised from teacher layers {layers}")
+    if results:
+        lines += ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()]
+    if run_config:
+        import yaml
 
-    All ranks must call this (the gathers are collective); rank 0 writes into a temporary directory
-    that replaces ``out_dir`` only once it is complete.
-    """
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(run_config, sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_dir(config, state: dict[str, torch.Tensor], tokenizer, out_dir: Path, dtype: Optional[torch.dtype] = None,
+                    card: Optional[str] = None, max_shard_size: str = "5GB", generation_config=None) -> None:
+    """Write a Hugging Face directory from a full state dict (keys as in the bare HF model)."""
+    model = _skeleton(config)
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(state) - _tied_keys(model))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise DistillError(f"the weights do not fit a {config.model_type} model of this config: "
+                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        if name in params and tuple(params[name].shape) != tuple(tensor.shape):
+            raise DistillError(f"weight {name} has shape {tuple(tensor.shape)}, the config expects "
+                               f"{tuple(params[name].shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if card:
+        (tmp / "README.md").write_text(card)
+    replace_dir(tmp, out_dir)
+
+
+def _skeleton(config):
+    """An empty (meta-device) model of ``config``, outside any ZeRO-3 context the run may have on."""
+    from distill.models import model_class
+
+    cls = model_class(config)
+    if cls is None:
+        raise DistillError(f"no generation model class for model type {config.model_type!r}")
+    with torch.device("meta"):
+        return cls(config)
+
+
+def _tied_keys(model) -> set[str]:
+    """State-dict keys that are tied to another parameter (written once, re-tied on load)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        else:
+            seen[id(param)] = name
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    tied.update(keys if isinstance(keys, (list, set, tuple)) else keys.keys())
+    return tied
+
+
+def export_student(module: torch.nn.Module, tokenizer, out_dir: Path, dtype: Optional[torch.dtype] = None,
+                   card: Optional[str] = None) -> None:
+    """Write ``out_dir`` from the live (possibly partitioned) model. All ranks must call this (the
+    gathers are collective); rank 0 writes."""
     state = gathered_state_dict(module, dtype)
     if state is not None:
-        out_dir = Path(out_dir)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state)
-        tokenizer.save_pretrained(tmp)
-        replace_dir(tmp, out_dir)
+        write_model_dir(module.config, state, tokenizer, out_dir, dtype, card, generation_config=module.generation_config)
     if dist.is_initialized():
         dist.barrier()
+
+
+def save_model_files(model, tokenizer, run_config: dict, directory: Path) -> None:
+    """What an offline export needs besides the weights, stored inside each checkpoint."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "run_config.json").write_text(json.dumps(run_config, indent=2))
+
+
+# ---- offline export --------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
+    """(checkpoints directory, tag) from a run directory, a checkpoints directory or a tag directory."""
+    from distill.checkpoint import read_latest
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DistillError(f"checkpoint not found: {path}")
+    for root in (path / "checkpoints", path):
+        latest = read_latest(root)
+        if latest is not None:
+            return root, latest
+    if any(path.glob("zero_pp_rank_*_model_states.pt")) or any(path.glob("trainer_state_rank*.pt")):
+        return path.parent, path.name
+    raise DistillError(f"{path} is not a checkpoint: no 'latest' marker and no DeepSpeed checkpoint files")
+
+
+def check_complete(root: Path, tag: str) -> int:
+    """World size of a complete checkpoint; refuses one that misses any rank's files."""
+    from distill.checkpoint import read_latest
+
+    tag_dir = root / tag
+    latest = read_latest(root)
+    if latest is not None and tag > latest:
+        raise DistillError(f"checkpoint {tag_dir} is newer than the last complete one ({latest}): "
+                           "its save never finished")
+    states = sorted(tag_dir.glob("trainer_state_rank*.pt"))
+    if not states:
+        raise DistillError(f"checkpoint {tag_dir} is incomplete: no trainer state")
+    world = int(torch.load(states[0], map_location="cpu", weights_only=False)["world_size"])
+    missing = [name for r in range(world) for name in (f"trainer_state_rank{r}.pt",
+                                                       f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+               if not (tag_dir / name).is_file()]
+    if not any(tag_dir.glob("*optim_states.pt")):
+        missing.append("optimizer states")
+    if missing:
+        raise DistillError(f"checkpoint {tag_dir} is incomplete: missing {', '.join(missing[:4])}")
+    return world
+
+
+def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
+                      model_dir: Optional[str] = None, max_shard_size: str = "5GB") -> dict[str, Any]:
+    """Rebuild the student of a ZeRO checkpoint on CPU and write it as a Hugging Face directory.
+
+    ``model_dir`` supplies config and tokenizer when the checkpoint does not hold them (or to check
+    against another model: a checkpoint of a different shape is refused)."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    root, tag = resolve_checkpoint(path)
+    world = check_complete(root, tag)
+    files = Path(model_dir) if model_dir else root / tag / MODEL_FILES
+    if not (files / "config.json").is_file():
+        raise DistillError(f"no model config for checkpoint {root / tag}: pass --model with the student's directory")
+    try:
+        config = AutoConfig.from_pretrained(files)
+        tokenizer = AutoTokenizer.from_pretrained(files)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"cannot read the model files in {files}: {first_line(exc)}") from None
+    generation_config = None
+    if (files / "generation_config.json").is_file():
+        generation_config = GenerationConfig.from_pretrained(files)
+    _check_shapes(root / tag, config, files)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    except Exception as exc:  # a torn or foreign file: DeepSpeed raises many types
+        raise DistillError(f"cannot consolidate checkpoint {root / tag}: {first_line(exc)}") from None
+    state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    run_config = None
+    results = None
+    if (files / "run_config.json").is_file():
+        run_config = json.loads((files / "run_config.json").read_text())
+    for candidate in (root.parent / "eval_results.json",):
+        if candidate.is_file():
+            results = json.loads(candidate.read_text())
+    write_model_dir(config, state, tokenizer, Path(out_dir), dtype, model_card(config, run_config, results),
+                    max_shard_size, generation_config)
+    return {"checkpoint": str(root / tag), "world_size": world, "tensors": len(state), "out_dir": str(out_dir)}
+
+
+def _check_shapes(tag_dir: Path, config, files: Path) -> None:
+    """The checkpoint's parameter shapes must be this model's (a checkpoint of another model is refused)."""
+    state = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shapes: dict[str, Any] = {}
+    for group in state.get("param_shapes") or []:
+        shapes.update(group)
+    shapes.update(state.get("frozen_param_shapes") or {})
+    model = _skeleton(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    saved = {k[len("model."):]: tuple(v) for k, v in shapes.items() if k.startswith("model.")}
+    if not saved:
+        raise DistillError(f"checkpoint {tag_dir} holds no student weights (no 'model.' parameters)")
+    for name, shape in saved.items():
+        if expected.get(name) != shape:
+            raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: {name} has shape "
+                               f"{shape} there, {expected.get(name)} in the model")
+    absent = sorted(set(expected) - set(saved) - _tied_keys(model))
+    if absent:
+        raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: it lacks {absent[0]}")

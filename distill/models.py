@@ -140,3 +140,17 @@ def rank_param_counts(model: torch.nn.Module) -> tuple[int, int]:
             local += p.numel()
             total += p.numel()
     return local, total
+
+
+def model_class(config):
+    """The task class (*ForConditionalGeneration, *ForCausalLM) of a config, or None if unknown.
+
+    Instantiating it directly (not through ``from_config``) stays outside ZeRO-3's ``zero.Init``
+    even while a run has ZeRO-3 on: export builds plain skeletons from it."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+    mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if config.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        return mapping[type(config)]
+    except KeyError:
+        return None

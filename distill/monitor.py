@@ -53,6 +53,10 @@ class Monitor:
         if shown:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        if self.rank == 0:
+            self.writer.add_text(tag, markdown, step)
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)

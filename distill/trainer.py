@@ -25,7 +25,7 @@ from distill.config import RunConfig, save_config
 from distill.data import BatchStream, Seq2SeqCollator, drop_overlong, eval_loader, load_split
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
-from distill.export import export_student
+from distill.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.models import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
 from distill.monitor import Monitor, reduce_mean
 from distill.objective import Objective, Output, teacher_forced_sums
@@ -45,6 +45,7 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.teacher = None
         self.step = 0
+        self.best: dict[str, Any] | None = None  # best evaluation so far (eval.best_metric)
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -135,6 +136,7 @@ class Trainer:
             self.step = state["step"]
             self.stream.load_state_dict(state["data"])
             self.objective.load_state_dict(state["objective"])
+            self.best = state.get("best")
         self._report_setup()
 
     def _report_setup(self) -> None:
@@ -204,15 +206,18 @@ class Trainer:
                 monitor.log(self.step, self._train_scalars(window))
                 window = _Window()
             if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
-                monitor.log(self.step, self.evaluate())
+                self._evaluation(monitor)
             if self.step % t.save_every == 0 or self.step == t.max_steps:
-                checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), t.keep_checkpoints)
-        final = self.evaluate()
-        monitor.log(self.step, final)
-        if t.export:
-            export_student(self.student.module.model, self.tokenizer, self.out / "final")
+                checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), t.keep_checkpoints,
+                                lambda d: save_model_files(self.student.module.model, self.tokenizer,
+                                                           self.cfg.to_dict(), d / MODEL_FILES))
+        final = self._evaluation(monitor)
         if self.rank == 0:
             _write_json(self.out / "eval_results.json", {"step": self.step, **final})
+        if t.export:
+            model = self.student.module.model
+            export_student(model, self.tokenizer, self.out / "final",
+                           card=model_card(model.config, self.cfg.to_dict(), {"step": self.step, **final}))
         monitor.close(final)
         return final
 
@@ -221,7 +226,27 @@ class Trainer:
         return self._forward(self.teacher, batch, features=True, **extra)[0]
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.stream.state_dict(), "objective": self.objective.state_dict()}
+        return {"step": self.step, "data": self.stream.state_dict(), "objective": self.objective.state_dict(),
+                "best": self.best}
+
+    def _evaluation(self, monitor: Monitor) -> dict[str, float]:
+        """Evaluate, log scalars and samples, and export the student when it is the best so far."""
+        metrics, samples = self.evaluate()
+        monitor.log(self.step, metrics)
+        if samples:
+            monitor.text("eval/samples", samples, self.step)
+        name = self.cfg.eval.best_metric
+        if name and name in metrics:
+            value = metrics[name]
+            lower = self.cfg.eval.lower_is_better
+            if self.best is None or (value < self.best["value"] if lower else value > self.best["value"]):
+                self.best = {"step": self.step, "metric": name, "value": value}
+                model = self.student.module.model
+                export_student(model, self.tokenizer, self.out / "best",
+                               card=model_card(model.config, self.cfg.to_dict(), {"step": self.step, **metrics}))
+                if self.rank == 0:
+                    _write_json(self.out / "best.json", self.best)
+        return metrics
 
     def _train_scalars(self, window: "_Window") -> dict[str, float]:
         scalars = reduce_mean(window.means(), self.device)
@@ -242,10 +267,11 @@ class Trainer:
         return scalars
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Teacher-forced loss and token accuracy of the student on the evaluation split."""
+    def evaluate(self) -> tuple[dict[str, float], str]:
+        """Teacher-forced loss and token accuracy of the student on the evaluation split; with
+        ``eval.generate``, ROUGE of its generations too, and a few of them as markdown."""
         if self.eval_data is None:
-            return {}
+            return {}, ""
         self.student.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         loader = eval_loader(self.eval_data, self.collate, self.cfg.training.micro_batch_size, self.rank, self.world)
@@ -254,9 +280,51 @@ class Trainer:
             sums += teacher_forced_sums(self._forward(self.student, batch)[0].logits, batch["labels"],
                                         batch["weight"]).double()
         dist.all_reduce(sums)
-        self.student.train()
         nll, count, correct = sums.tolist()
-        return {"eval/ce": nll / max(count, 1.0), "eval/token_accuracy": correct / max(count, 1.0)}
+        metrics = {"eval/ce": nll / max(count, 1.0), "eval/token_accuracy": correct / max(count, 1.0)}
+        samples = ""
+        if self.cfg.eval.generate:
+            scores, samples = self._generation_eval()
+            metrics.update(scores)
+        self.student.train()
+        return metrics, samples
+
+    def _generation_eval(self) -> tuple[dict[str, float], str]:
+        """The student generates for the first ``eval.max_samples`` eval examples, each rank a shard.
+
+        Under ZeRO-3 every forward pass gathers weights from all ranks, so generation is synchronized
+        (``synced_gpus``: a rank that finished keeps stepping until all have) and every rank runs the
+        same number of batches (short shards repeat their last example), so none can leave early and
+        deadlock the next collective."""
+        from distill.evaluation import rouge
+        from distill.inference import GenerateSettings, generate_batch, generation_config_for
+
+        cfg, e = self.cfg, self.cfg.eval
+        data = self.eval_data.select(range(min(e.max_samples, len(self.eval_data))))
+        sources, references = list(data[cfg.data.source_column]), list(data[cfg.data.target_column])
+        per_rank = -(-len(data) // self.world)
+        mine = list(range(self.rank * per_rank, min(len(data), (self.rank + 1) * per_rank)))
+        padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+        model = self.student.module.model
+        settings = GenerateSettings(max_source_length=cfg.data.max_source_length, source_prefix=cfg.data.source_prefix,
+                                    progress=False)
+        generation = generation_config_for(model, {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens})
+        synced = self.ds["student"]["zero_optimization"].get("stage") == 3 and self.world > 1
+        predictions: list[str] = []
+        step = cfg.training.micro_batch_size
+        for i in range(0, per_rank, step):
+            texts, _ = generate_batch(model, self.tokenizer, [sources[j] for j in padded[i:i + step]], settings,
+                                      generation, self.device, synced)
+            predictions += texts
+        shards: list = [None] * self.world
+        dist.all_gather_object(shards, list(zip(mine, predictions[:len(mine)])))
+        pairs = sorted(p for shard in shards for p in shard)
+        texts = [text for _, text in pairs]
+        scores = rouge(texts, references, samples=200)
+        metrics = {f"eval/{k}": v for k, v in scores.items() if k.startswith("rouge") and "_" not in k}
+        shown = "\n\n".join(f"**source** {sources[i][:400]}\n\n**reference** {references[i]}\n\n"
+                              f"**student** {texts[i]}" for i in range(min(e.text_samples, len(texts))))
+        return metrics, shown
 
 
 class _Window:

@@ -20,3 +20,32 @@ def tokenizer(demo_assets):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(demo_assets):
+    """The tiny teacher after a short plain-torch training on the demo data, so that what it generates
+    depends on its input (a random-init model says the same thing for every document)."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    out = demo_assets["root"] / "trained-teacher"
+    if out.exists():
+        return out
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(demo_assets["teacher"])
+    model = AutoModelForSeq2SeqLM.from_pretrained(demo_assets["teacher"]).train()
+    train = datasets.load_dataset(str(demo_assets["data"]), split="train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(120):
+        rows = train.select([(step * 16 + i) % len(train) for i in range(16)])
+        enc = tok(list(rows["document"]), text_target=list(rows["summary"]), return_tensors="pt", padding=True, truncation=True,
+                  max_length=128)
+        enc["labels"][enc["labels"] == tok.pad_token_id] = -100
+        model(**enc).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from distill.demo import free_port
 
@@ -39,7 +40,8 @@ def pair(demo_assets):
 
 TRAIN = ["training.micro_batch_size=4", "training.max_steps=8", "training.save_every=4", "training.log_every=1",
          "training.learning_rate=3e-3", "training.warmup_steps=0", "data.max_train_samples=null",
-         "data.max_eval_samples=16", "training.eval_every=4"]
+         "data.max_eval_samples=16", "training.eval_every=4", "eval.generate=true", "eval.max_samples=6",
+         "eval.max_new_tokens=8", "eval.best_metric=eval/rougeL"]
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +194,63 @@ def test_decoder_only_training_is_refused_clearly(tiny_family, demo_assets, tmp_
                  f"data.path={demo_assets['data']}", f"training.output_dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("distill: error: decoder-only students load, but")
+
+
+def test_generation_during_training_and_best_checkpoint(kd_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(kd_run[0] / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    for tag in ("eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeLsum"):
+        assert [e.step for e in acc.Scalars(tag)] == [4, 8], tag
+    assert "eval/samples/text_summary" in acc.Tags()["tensors"]
+    best = json.loads((kd_run[0] / "best.json").read_text())
+    assert best["metric"] == "eval/rougeL" and best["step"] in (4, 8)
+    assert best["value"] == max(e.value for e in acc.Scalars("eval/rougeL"))
+    assert (kd_run[0] / "best" / "model.safetensors").exists() and (kd_run[0] / "best" / "README.md").exists()
+
+
+def test_offline_export_matches_deepspeed_consolidation(kd_run, tmp_path, capsys):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    from distill.cli import main
+
+    run = kd_run[0]
+    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step-00000008")
+    assert not any(k.startswith("projections") for k in ours)
+    for key, value in ours.items():
+        assert (value - reference["model." + key]).abs().max() <= 1e-6, key
+    in_training = load_file(run / "final" / "model.safetensors")  # gathered from the live engine at step 8
+    assert set(in_training) == set(ours)
+    for key in ours:
+        assert torch.allclose(ours[key], in_training[key], atol=1e-6), key
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.shared.weight.data_ptr()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Recipe" in card and "eval/ce" in card
+
+    # an older checkpoint by its tag directory, and in bfloat16
+    assert main(["export", str(run / "checkpoints" / "step-00000004"), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_export_refuses_incomplete_or_foreign_checkpoints(kd_run, tmp_path, capsys, demo_assets):
+    from distill.cli import main
+    from distill.students import make_student
+
+    torn = tmp_path / "torn"
+    shutil.copytree(kd_run[0] / "checkpoints" / "step-00000008", torn / "step-00000008")
+    (torn / "step-00000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    capsys.readouterr()
+    assert main(["export", str(torn / "step-00000008"), str(tmp_path / "x")]) == 2
+    assert "is incomplete: missing zero_pp_rank_1_mp_rank_00_model_states.pt" in capsys.readouterr().err
+    other = tmp_path / "other"
+    make_student(str(demo_assets["teacher"]), str(other), encoder_layers=1, decoder_layers=1)
+    assert main(["export", str(kd_run[0]), str(tmp_path / "y"), "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint of the model in" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

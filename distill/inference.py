@@ -1,0 +1,305 @@
+"""Generation: batched, length-sorted, sharded over ranks, written as resumable JSONL.
+
+``run_generation`` is what ``distill generate``, ``distill evaluate`` and ``distill pseudo-label`` share:
+
+* examples are sorted by source length (longest first, so an out-of-memory shows up at once) and cut
+  into batches, which pads little and keeps the KV cache small;
+* under a launcher, rank r takes every world-th batch; each rank appends its records to its own part
+  file, flushed per batch, and rank 0 merges the parts in input order once every rank is done;
+* a rerun skips every example already in any part file (whatever world size wrote it), so an
+  interrupted job loses at most one batch per rank;
+* a model too large for one device runs partitioned under ZeRO-3 (``ds_config``); then every rank
+  must take part in every forward pass, so generation is synchronized (``synced_gpus``) and ranks
+  with fewer batches run a repeat of their last one and drop its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from distill.errors import DistillError, first_line
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# generation-config fields a flag may override
+GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k",
+                   "length_penalty", "no_repeat_ngram_size", "early_stopping", "repetition_penalty")
+
+
+@dataclass
+class Example:
+    id: int
+    source: str
+    target: Optional[str] = None
+
+
+@dataclass
+class GenerateSettings:
+    batch_size: int = 16
+    max_source_length: int = 1024
+    source_prefix: str = ""
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
+    static_cache: bool = False  # fixed-shape KV cache, so torch.compile need not recompile per length
+    compile: bool = False
+    generation: dict[str, Any] = field(default_factory=dict)  # overrides of the model's generation config
+    progress: bool = True
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+def read_examples(path: str, split: str = "train", source_column: str = "document",
+                  target_column: Optional[str] = "summary", name: Optional[str] = None,
+                  max_samples: Optional[int] = None) -> list[Example]:
+    """Examples from a dataset (hub name, directory, json/jsonl/csv/parquet file) or a .txt file of
+    one source per line. The target column is optional: present, it is kept as the reference."""
+    p = Path(path).expanduser()
+    if p.suffix == ".txt":
+        if not p.is_file():
+            raise DistillError(f"input file not found: {path}")
+        lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        examples = [Example(i, line) for i, line in enumerate(lines)]
+    else:
+        from distill.config import DataConfig
+        from distill.data import load_split
+
+        cfg = DataConfig(path=path, name=name, source_column=source_column, target_column=target_column or "")
+        ds = load_split(cfg, split, "input", need_target=False)
+        targets = list(ds[target_column]) if target_column and target_column in ds.column_names else None
+        examples = [Example(i, s, None if targets is None else targets[i]) for i, s in enumerate(list(ds[source_column]))]
+    if max_samples is not None:
+        examples = examples[:max_samples]
+    if not examples:
+        raise DistillError(f"no examples in {path}")
+    return examples
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def device_for_rank() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise DistillError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_for_generation(path: str, settings: GenerateSettings, device: torch.device,
+                        ds_config: Optional[str] = None):
+    """(model, tokenizer, engine-or-None): whole on ``device``, or partitioned under ZeRO-3 with ``ds_config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise DistillError(f"cannot load a model and tokenizer from {path}: {first_line(exc)}") from None
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    dtype = resolve_dtype(settings.dtype, device)
+    if not config.is_encoder_decoder:
+        tokenizer.padding_side = "left"  # prompts end where generation starts
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if ds_config is None:
+        model = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        engine = None
+    else:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from distill.dsconfig import read_ds_config
+        from distill.models import _gather_for_late_init
+
+        ds = read_ds_config(ds_config, "generation model")
+        ds = _inference_ds_config(ds, dtype, config)
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841  (transformers reads it while loading)
+        with _gather_for_late_init():
+            model = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model.eval(), config=ds)
+        model = engine.module.eval()
+        model._distill_ds_keep = keep
+    if settings.static_cache:
+        model.generation_config.cache_implementation = "static"
+    if settings.compile:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
+    return model, tokenizer, engine
+
+
+def _inference_ds_config(ds: dict, dtype: torch.dtype, config) -> dict:
+    """A ZeRO-3 config for a frozen model: no optimizer, batch sizes that DeepSpeed accepts."""
+    from distill.models import hidden_size
+
+    ds = json.loads(json.dumps(ds))
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise DistillError("generation with a ds_config partitions the model: it must be ZeRO stage 3")
+    for key in ("optimizer", "scheduler"):
+        ds.pop(key, None)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        ds[key] = 1
+    ds["train_batch_size"] = world
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds["fp16"] = {"enabled": dtype == torch.float16}
+    h = hidden_size(config)
+    for key, value in (("reduce_bucket_size", h * h), ("stage3_prefetch_bucket_size", int(0.9 * h * h)),
+                       ("stage3_param_persistence_threshold", 10 * h)):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for key in [k for k, v in ds.items() if v == "auto"]:
+        ds.pop(key)
+    return ds
+
+
+def generation_config_for(model, overrides: dict[str, Any]):
+    import copy
+
+    gc = copy.deepcopy(model.generation_config)
+    for key, value in overrides.items():
+        if key not in GENERATION_KEYS:
+            raise DistillError(f"unknown generation setting {key!r}; choose from {', '.join(GENERATION_KEYS)}")
+        if value is not None:
+            setattr(gc, key, value)
+    if gc.max_new_tokens is None and gc.max_length is None:
+        gc.max_new_tokens = 128
+    return gc
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, sources: list[str], settings: GenerateSettings, generation_config,
+                   device: torch.device, synced: bool = False) -> tuple[list[str], list[int]]:
+    """Texts and number of new tokens for one batch of sources."""
+    enc = tokenizer([settings.source_prefix + s for s in sources], return_tensors="pt", padding=True,
+                    truncation=True, max_length=settings.max_source_length).to(device)
+    out = model.generate(**enc, generation_config=generation_config, synced_gpus=synced)
+    if not model.config.is_encoder_decoder:
+        out = out[:, enc["input_ids"].shape[1]:]  # the prompt is part of a decoder-only output
+    special = set(tokenizer.all_special_ids)
+    counts = [sum(1 for t in row.tolist() if t not in special) for row in out]
+    return tokenizer.batch_decode(out, skip_special_tokens=True), counts
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".parts")
+
+
+def _read_records(path: Path) -> dict[int, dict]:
+    """Complete records of a JSONL file; a line cut by a kill at write time is ignored."""
+    records: dict[int, dict] = {}
+    if not path.is_file():
+        return records
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[int(record["id"])] = record
+    return records
+
+
+def done_records(out: Path) -> dict[int, dict]:
+    """Every record already written for ``out``: the merged file and all part files."""
+    records = _read_records(out)
+    parts = _parts_dir(out)
+    if parts.is_dir():
+        for part in sorted(parts.glob("*.jsonl")):
+            records.update(_read_records(part))
+    return records
+
+
+def run_generation(model, tokenizer, examples: list[Example], settings: GenerateSettings, out: Path,
+                   device: torch.device, synced: bool = False, desc: str = "generate") -> list[dict]:
+    """Generate for every example not yet in ``out`` and merge; returns all records in input order
+    (on every rank). Records: id, prediction, new_tokens, ms (this example's share of its batch)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    out = Path(out)
+    done = done_records(out)
+    if len(done) == len(examples) and out.is_file():
+        return [done[e.id] for e in examples]
+    todo = [e for e in examples if e.id not in done]
+    lengths = [len(ids) for ids in tokenizer([settings.source_prefix + e.source for e in todo],
+                                             truncation=True, max_length=settings.max_source_length)["input_ids"]
+               ] if todo else []
+    batches = length_sorted_batches(lengths, settings.batch_size)
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world) if synced else len(mine)  # synced: everyone runs the same count
+    generation_config = generation_config_for(model, settings.generation)
+    parts = _parts_dir(out)
+    parts.mkdir(parents=True, exist_ok=True)
+    part = parts / f"rank{rank}-of{world}-{os.getpid()}.jsonl"
+    bar = None
+    if settings.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples), initial=len(done), desc=desc, dynamic_ncols=True)
+    with open(part, "a") as f:
+        for r in range(rounds):
+            batch = mine[min(r, len(mine) - 1)] if mine else batches[0]
+            _sync(device)
+            start = time.perf_counter()
+            texts, counts = generate_batch(model, tokenizer, [todo[i].source for i in batch], settings,
+                                           generation_config, device, synced)
+            _sync(device)
+            if r >= len(mine):
+                continue  # a synchronized repeat; its output is not this rank's
+            ms = 1000 * (time.perf_counter() - start) / len(batch)
+            for i, text, n in zip(batch, texts, counts):
+                f.write(json.dumps({"id": todo[i].id, "prediction": text, "new_tokens": n, "ms": ms}) + "\n")
+            f.flush()
+            if bar is not None:
+                bar.update(len(batch) * world)
+    if bar is not None:
+        bar.close()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        merged = done_records(out)
+        missing = [e.id for e in examples if e.id not in merged]
+        if missing:
+            raise DistillError(f"generation left {len(missing)} examples without output (first id {missing[0]})")
+        from distill.checkpoint import write_atomic
+
+        write_atomic(out, "".join(json.dumps(merged[e.id]) + "\n" for e in examples))
+        for p in parts.glob("*.jsonl"):
+            p.unlink()
+        parts.rmdir()
+    if dist.is_initialized():
+        dist.barrier()
+    merged = _read_records(out)
+    return [merged[e.id] for e in examples]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def init_ranks() -> None:
+    """Join the launcher's process group when there is one (deepspeed, torchrun); a lone process has none."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
