@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distill.cluster import adopt_slurm_env
+
+    adopt_slurm_env()  # srun with one task per rank
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

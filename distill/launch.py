@@ -47,6 +47,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from distill.cluster import adopt_slurm_env
+
+    adopt_slurm_env()  # srun with one task per rank: SLURM_* -> RANK, WORLD_SIZE, MASTER_ADDR, ...
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = int(os.environ.get("RANK", 0))
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"distill: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if trainer.stopped:
+        if rank == 0:
+            print(f"distill: stopped at step {trainer.step} on request; checkpoint {trainer.ckpt_dir / 'latest'} "
+                  "resumes it", flush=True)
+        return 0
     if rank == 0:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
         print(f"distill: done at step {trainer.step}" + (f"; {shown}" if shown else "")

@@ -22,6 +22,46 @@ def reduce_mean(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
+def reduce_max(values: dict[str, float], device) -> dict[str, float]:
+    """Maximum over ranks (peak memory: the rank closest to running out is the one that matters)."""
+    if not values or not dist.is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(keys, t.tolist()))
+
+
+@torch.no_grad()
+def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(top-1 agreements, teacher entropy sum, student entropy sum, tokens) over the masked tokens,
+    float64 so sums over ranks and steps stay exact; the vocabularies are cropped to the shared size."""
+    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    s, t = student_logits[..., :v][mask].float(), teacher_logits[..., :v][mask].float()
+    if s.shape[0] == 0:
+        return torch.zeros(4, dtype=torch.float64, device=s.device)
+
+    def entropy(logits: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1)
+        return -(logp.exp() * logp).sum(-1).sum()
+
+    agree = (s.argmax(-1) == t.argmax(-1)).sum()
+    return torch.stack([agree.double(), entropy(t).double(), entropy(s).double(),
+                        torch.tensor(float(s.shape[0]), dtype=torch.float64, device=s.device)])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this rank since the last call: allocated GPU memory, or the process' peak
+    resident set on CPU (which cannot be reset, so it is the peak since the start)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 class Monitor:
     def __init__(self, out_dir: Path, rank: int, total_steps: int, start_step: int, flat_config: dict[str, Any]):
         self.rank = rank

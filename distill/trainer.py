@@ -21,13 +21,14 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from distill import checkpoint
 from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
+from distill.cluster import StopRequest
 from distill.config import RunConfig, save_config
-from distill.data import BatchStream, Seq2SeqCollator, drop_overlong, eval_loader, load_split
+from distill.data import IGNORE_INDEX, BatchStream, Seq2SeqCollator, drop_overlong, eval_loader, load_split
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
 from distill.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.models import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
-from distill.monitor import Monitor, reduce_mean
+from distill.monitor import Monitor, agreement_sums, peak_memory_gb, reduce_max, reduce_mean
 from distill.objective import Objective, Output, teacher_forced_sums
 from distill.schedules import lr_multiplier
 
@@ -46,6 +47,8 @@ class Trainer:
         self.teacher = None
         self.step = 0
         self.best: dict[str, Any] | None = None  # best evaluation so far (eval.best_metric)
+        self.stop: StopRequest | None = None  # armed while the loop runs
+        self.stopped = False
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -174,6 +177,14 @@ class Trainer:
         return time.perf_counter()
 
     def train(self) -> dict[str, float]:
+        stop_file = os.environ.get("DISTILL_STOP_FILE")  # touched by the sbatch script's signal trap
+        self.stop = StopRequest(Path(stop_file) if stop_file else None)
+        try:
+            return self._train()
+        finally:
+            self.stop.close()
+
+    def _train(self) -> dict[str, float]:
         t = self.cfg.training
         monitor = Monitor(self.out, self.rank, t.max_steps, self.step, self.cfg.flat())
         self.student.train()
@@ -197,6 +208,9 @@ class Trainer:
                 self.student.step()
                 t4 = self._sync()
                 window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3))
+                if teacher is not None and self._logs_next_step():
+                    window.agreement += agreement_sums(student.logits, teacher.logits,
+                                                       batch["labels"] != IGNORE_INDEX).cpu()
             self.step += 1
             step_losses = window.step_losses()
             # The per-step collective only when some state needs the step's losses (TAID's λ).
@@ -207,10 +221,13 @@ class Trainer:
                 window = _Window()
             if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
                 self._evaluation(monitor)
-            if self.step % t.save_every == 0 or self.step == t.max_steps:
-                checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), t.keep_checkpoints,
-                                lambda d: save_model_files(self.student.module.model, self.tokenizer,
-                                                           self.cfg.to_dict(), d / MODEL_FILES))
+            stop = self._stop_agreed()
+            if self.step % t.save_every == 0 or self.step == t.max_steps or stop:
+                self._save()
+            if stop:  # Slurm's warning before a time limit or preemption: the job requeues and resumes here
+                monitor.close({})
+                self.stopped = True
+                return {}
         final = self._evaluation(monitor)
         if self.rank == 0:
             _write_json(self.out / "eval_results.json", {"step": self.step, **final})
@@ -220,6 +237,17 @@ class Trainer:
                            card=model_card(model.config, self.cfg.to_dict(), {"step": self.step, **final}))
         monitor.close(final)
         return final
+
+    def _save(self) -> None:
+        checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.training.keep_checkpoints,
+                        lambda d: save_model_files(self.student.module.model, self.tokenizer, self.cfg.to_dict(),
+                                                   d / MODEL_FILES))
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop; every rank gets the same answer at the same step."""
+        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     @torch.no_grad()
     def _teacher_forward(self, batch: dict[str, torch.Tensor], **extra) -> Output:
@@ -264,7 +292,20 @@ class Trainer:
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         scalars["train/epoch"] = self.stream.epoch + self.stream.position / self.stream.batches_per_epoch
+        scalars.update(reduce_max({"perf/peak_memory_gb": peak_memory_gb(self.device)}, self.device))
+        if self.objective.needs_teacher:
+            sums = window.agreement.to(self.device)
+            dist.all_reduce(sums)
+            agree, h_teacher, h_student, n = sums.tolist()
+            if n > 0:
+                scalars.update({"agreement/top1": agree / n, "agreement/teacher_entropy": h_teacher / n,
+                                "agreement/student_entropy": h_student / n})
         return scalars
+
+    def _logs_next_step(self) -> bool:
+        """Whether the step in progress ends with a log line (agreement is measured on those only)."""
+        t = self.cfg.training
+        return (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
 
     @torch.no_grad()
     def evaluate(self) -> tuple[dict[str, float], str]:
@@ -337,6 +378,7 @@ class _Window:
         self.n = self.step_n = self.steps = 0
         self.tokens = 0
         self.teacher_s = self.student_s = 0.0
+        self.agreement = torch.zeros(4, dtype=torch.float64)  # see monitor.agreement_sums
 
     def add(self, terms, total, batch, teacher_s: float, student_s: float) -> None:
         values = {f"loss/{k}": v.item() for k, v in terms.items()}

@@ -70,17 +70,35 @@ def test_loss_falls(kd_run):
     assert last < 0.9 * first, (first, last)
 
 
-def test_tensorboard_holds_the_scalars(kd_run):
+def test_tensorboard_holds_every_family(kd_run):
+    """Read with tensorboard's own reader: every family present, every value finite, one directory."""
+    import math
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(kd_run[0] / "tensorboard"))
+    assert [p.name for p in (kd_run[0] / "tensorboard").iterdir() if p.is_dir()] == []  # rank 0 only, one run
+    acc = EventAccumulator(str(kd_run[0] / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss/total", "loss/ce", "loss/kd", "weight/ce", "weight/kd", "train/lr", "train/grad_norm",
-                "perf/tokens_per_sec", "perf/teacher_sec_per_step", "perf/student_sec_per_step", "eval/ce"):
-        assert tag in tags, tag
+    families = {
+        "loss": ["loss/total", "loss/ce", "loss/kd"], "weight": ["weight/ce", "weight/kd"],
+        "optimizer": ["train/lr", "train/grad_norm", "train/epoch"],
+        "speed": ["perf/tokens_per_sec", "perf/teacher_sec_per_step", "perf/student_sec_per_step"],
+        "memory": ["perf/peak_memory_gb"],
+        "agreement": ["agreement/top1", "agreement/teacher_entropy", "agreement/student_entropy"],
+        "evaluation": ["eval/ce", "eval/token_accuracy", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeLsum"],
+    }
+    for family, names in families.items():
+        for tag in names:
+            assert tag in tags, (family, tag)
+            values = [e.value for e in acc.Scalars(tag)]
+            assert values and all(math.isfinite(v) for v in values), (tag, values)
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(1, 9))
     assert all(e.value > 0 for e in acc.Scalars("perf/tokens_per_sec"))
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("agreement/top1"))
+    assert all(e.value > 0 for e in acc.Scalars("agreement/teacher_entropy"))
+    assert {"config/text_summary", "eval/samples/text_summary"} <= set(acc.Tags()["tensors"])
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
 
 
 def test_checkpoints_and_export(kd_run):

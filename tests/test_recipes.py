@@ -154,3 +154,15 @@ def test_projections_are_trained_but_not_exported(recipe_runs):
     shapes = state["param_shapes"][0]
     assert tuple(shapes["projections.hidden_encoder.weight"]) == (64, 32)
     assert "projections.hidden_decoder.weight" in shapes
+
+
+@pytest.mark.integration
+def test_schedules_reach_tensorboard(recipe_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(recipe_runs / "taid_t5_3b.yaml" / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("schedule/taid_lambda", "weight/rel", "weight/kd", "weight/ce", "loss/rel", "loss/rel/encoder_self",
+                "agreement/top1"):
+        assert tag in tags and len(acc.Scalars(tag)) == 3, tag

@@ -1,0 +1,85 @@
+"""Where a rank learns who it is, under any launcher, and how a run is asked to stop.
+
+* ``deepspeed`` and ``torchrun`` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+  ``srun`` with one task per rank sets SLURM_* instead; ``adopt_slurm_env`` maps those to the torch
+  names (only when the torch ones are absent), the master being the first host of the job's node list.
+* Slurm warns a job before its time limit or a preemption with a signal (``--signal=USR1@120``) or
+  SIGTERM. ``StopRequest`` records it, on whichever rank it arrives, or notices a stop file written
+  by the batch script's trap; the trainer agrees on it across ranks once per step, saves a complete
+  checkpoint and exits cleanly, and the job requeues itself and resumes from there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+from typing import Mapping, Optional
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Slurm's compressed host list ("gpu[01-03,07],login1") as host names, in order."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
+        match = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            if not hi:
+                hosts.append(f"{prefix}{lo}{suffix}")
+                continue
+            width = len(lo)
+            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+    return hosts
+
+
+def slurm_torch_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables an ``srun`` task lacks, derived from SLURM_* (empty when the
+    launcher already set them, or outside Slurm)."""
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "localhost"
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    out = {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "LOCAL_WORLD_SIZE": env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0],
+        "NODE_RANK": env.get("SLURM_NODEID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or expand_hostlist(nodelist)[0],
+        # one port per job, so two jobs sharing a node do not collide
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000),
+    }
+    return out
+
+
+def adopt_slurm_env() -> None:
+    os.environ.update(slurm_torch_env(os.environ))
+
+
+class StopRequest:
+    """A request to stop at the end of the current step: a signal to this process, or a stop file."""
+
+    def __init__(self, stop_file: Optional[Path] = None):
+        self.stop_file = stop_file
+        self.signal: Optional[int] = None
+        self._previous = {}
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None or (self.stop_file is not None and self.stop_file.exists())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,47 @@
+"""Launcher environments and stop requests, without a cluster."""
+
+import os
+import signal
+
+import pytest
+
+from distill.cluster import StopRequest, expand_hostlist, slurm_torch_env
+
+
+@pytest.mark.parametrize("text, hosts", [
+    ("vm", ["vm"]),
+    ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+    ("a[8-11]-ib,b2", ["a8-ib", "a9-ib", "a10-ib", "a11-ib", "b2"]),
+    ("node[001-002]", ["node001", "node002"]),
+])
+def test_expand_hostlist(text, hosts):
+    assert expand_hostlist(text) == hosts
+
+
+def test_srun_task_gets_torch_variables():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NODEID": "2",
+           "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_ID": "123456"}
+    out = slurm_torch_env(env)
+    assert out == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "2",
+                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 123456 % 20000)}
+    # torchrun / deepspeed already set them: nothing is replaced
+    assert slurm_torch_env({**env, "RANK": "0"}) == {}
+    assert slurm_torch_env({}) == {}
+
+
+def test_stop_request_by_signal_or_file(tmp_path):
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopRequest(tmp_path / "stop")
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.signal == signal.SIGUSR1
+    finally:
+        stop.close()
+    stop = StopRequest(tmp_path / "stop")
+    try:
+        (tmp_path / "stop").touch()
+        assert stop.requested and stop.signal is None
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) == before
