@@ -257,8 +257,9 @@ def _check_shapes(tag_dir: Path, config, files: Path) -> None:
         raise DistillError(f"checkpoint {tag_dir} holds no student weights (no 'model.' parameters)")
     for name, shape in saved.items():
         if expected.get(name) != shape:
-            raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: {name} has shape "
-                               f"{shape} there, {expected.get(name)} in the model")
+            what = (f"{name} has shape {shape} there, {expected[name]} in the model" if name in expected
+                    else f"it holds {name}, which the model does not have")
+            raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: {what}")
     absent = sorted(set(expected) - set(saved) - _tied_keys(model))
     if absent:
         raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: it lacks {absent[0]}")

@@ -166,6 +166,10 @@ def per_token_divergence(
 # masked losses
 
 
+# Elements of one chunk's (rows × vocabulary) block: each float32 intermediate of a chunk is 4 MB.
+CHUNK_ELEMENTS = 1 << 20
+
+
 def logit_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -175,6 +179,7 @@ def logit_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     lam: float = 0.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
     """τ² · mean over masked tokens of the per-token divergence between softmax(z/τ) distributions.
 
@@ -182,6 +187,9 @@ def logit_divergence(
     differ by padding rows); ``mask``: (...) True on real tokens (None = all). The τ² factor keeps
     gradient magnitudes comparable across temperatures (Hinton et al.). Returns 0, still attached
     to the student's graph, when no token is selected.
+
+    Computed over chunks of tokens (``_ChunkedDivergence``): the float32 probabilities of the two
+    models exist for one chunk at a time, in the forward and the backward.
     """
     _check_params(kind, beta, alpha, lam)  # fail before any tensor work
     if not temperature > 0:
@@ -191,12 +199,57 @@ def logit_divergence(
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
             "logits differ in their leading (token) dims"
         )
-    s, t = _select_rows(*crop_vocab(student_logits, teacher_logits), mask, "logits")
-    s = s.to(_compute_dtype(s)) / temperature
-    t = t.to(_compute_dtype(t)) / temperature
-    values = per_token_divergence(s, t, kind, beta=beta, alpha=alpha, lam=lam)
+    if mask is not None and mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(student_logits.shape[:-1])}")
+    s = student_logits.reshape(-1, student_logits.shape[-1])  # views: nothing vocabulary-sized is copied
+    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    rows = (mask.reshape(-1).to(s.device).nonzero().squeeze(1) if mask is not None
+            else torch.arange(s.shape[0], device=s.device))
+    vocab = min(s.shape[-1], t.shape[-1])  # padding rows of an embedding matrix are no tokens
+
+    def per_token(s_rows: Tensor, t_rows: Tensor) -> Tensor:
+        return per_token_divergence(s_rows / temperature, t_rows / temperature, kind, beta=beta, alpha=alpha, lam=lam)
+
+    chunk = max(1, chunk_elements // vocab)
+    total = _ChunkedDivergence.apply(s, t, rows, vocab, chunk, per_token)
     # sum/max(n,1) rather than mean(): an empty selection gives 0 (not NaN) with the graph intact
-    return (temperature**2) * values.sum() / max(values.shape[0], 1)
+    return (temperature**2) * total / max(rows.numel(), 1)
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Sum over ``rows`` of ``per_token(student[rows, :vocab], teacher[rows, :vocab])``, a chunk of
+    rows at a time. Each chunk's gradient is taken right after its forward (one forward and one
+    backward per chunk, as an unchunked loss would do) and written into one gradient buffer of the
+    logits' shape and dtype; the backward only scales that buffer. So no float32 tensor larger than a
+    chunk's block ever exists, and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, rows: Tensor, vocab: int, chunk: int, per_token) -> Tensor:
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student) if needs_grad else None
+        total = torch.zeros((), dtype=_compute_dtype(student), device=student.device)
+        for start in range(0, rows.numel(), chunk):
+            r = rows[start:start + chunk]
+            s = student.index_select(0, r)[:, :vocab]
+            s = s.to(_compute_dtype(s)).requires_grad_(needs_grad)
+            t = teacher.index_select(0, r)[:, :vocab]
+            with torch.enable_grad():
+                value = per_token(s, t.to(_compute_dtype(t))).sum()
+            if needs_grad:
+                (g,) = torch.autograd.grad(value, s)
+                grad[r, :vocab] = g.to(grad.dtype)
+            total += value.detach()
+        # Kept as an attribute, not saved: the backward hands the buffer itself to autograd, which can then
+        # adopt it as the logits' gradient instead of copying a vocabulary-sized tensor.
+        ctx.grad = grad
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grad, ctx.grad = ctx.grad, None  # once only: no retain_graph reuse
+        if grad is None:
+            return (None,) * 6
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
 
 
 def cross_entropy(

@@ -235,8 +235,22 @@ class Trainer:
             model = self.student.module.model
             export_student(model, self.tokenizer, self.out / "final",
                            card=model_card(model.config, self.cfg.to_dict(), {"step": self.step, **final}))
+        self._memory_report()
         monitor.close(final)
         return final
+
+    def _memory_report(self) -> None:
+        """Bytes each rank holds for the teacher, the student and its optimizer (``memory.json``): what
+        ZeRO-3 partitioned, to check the per-rank arithmetic of BENCHMARKS.md against a real run."""
+        mine = {"teacher_param_bytes": _param_bytes(self.teacher.module) if self.teacher is not None else 0,
+                "student_param_bytes": _param_bytes(self.student.module),
+                "optimizer_bytes": _tensor_bytes(self.student.optimizer.state_dict()),
+                "peak_memory_gb": peak_memory_gb(self.device)}
+        ranks: list = [None] * self.world
+        dist.all_gather_object(ranks, mine)
+        if self.rank == 0:
+            _write_json(self.out / "memory.json", {"world_size": self.world, "precision": self.cfg.training.precision,
+                                                   "per_rank": ranks})
 
     def _save(self) -> None:
         checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.training.keep_checkpoints,
@@ -420,6 +434,28 @@ def _freeze(model: torch.nn.Module, embeddings: bool, encoder: bool) -> None:
                 module.requires_grad_(False)
     if encoder:
         model.get_encoder().requires_grad_(False)
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its ZeRO-3 partitions, or whole tensors."""
+    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes for p in module.parameters())
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of every distinct tensor in a nested state dict."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[x.data_ptr() if x.numel() else id(x)] = x.nbytes
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(tree)
+    return sum(seen.values())
 
 
 def _seed_everything(seed: int) -> None:

@@ -268,6 +268,7 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(kd_run, tmp_path, caps
     assert "is incomplete: missing zero_pp_rank_1_mp_rank_00_model_states.pt" in capsys.readouterr().err
     other = tmp_path / "other"
     make_student(str(demo_assets["teacher"]), str(other), encoder_layers=1, decoder_layers=1)
+    capsys.readouterr()
     assert main(["export", str(kd_run[0]), str(tmp_path / "y"), "--model", str(other)]) == 2
     err = capsys.readouterr().err
     assert "is not a checkpoint of the model in" in err and len(err.strip().splitlines()) == 1

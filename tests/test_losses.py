@@ -382,3 +382,70 @@ def test_lr_multiplier_warmup_then_decay():
     assert lr_multiplier("linear", 54, 4, 104, 0.1) == pytest.approx(0.55)
     assert lr_multiplier("cosine", 104, 4, 104, 0.1) == pytest.approx(0.1)
     assert lr_multiplier("constant", 90, 0, 104, 0.1) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"])
+def test_chunked_divergence_equals_unchunked_with_gradients(kind):
+    """Chunks of 1 and 3 tokens against the whole-tensor computation: loss and gradient, float64,
+    with padding and a teacher vocabulary padded by 3 rows."""
+    from distill.losses import logit_divergence, per_token_divergence
+
+    torch.manual_seed(0)
+    student = torch.randn(2, 5, 11, dtype=torch.float64) * 3
+    teacher = torch.randn(2, 5, 14, dtype=torch.float64) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    tau, params = 1.7, dict(beta=0.3, alpha=0.2, lam=0.4)
+
+    ref_in = student.clone().requires_grad_()
+    values = per_token_divergence(ref_in[mask] / tau, teacher[mask][:, :11] / tau, kind, **params)
+    reference = tau**2 * values.mean()
+    reference.backward()
+    for chunk_elements in (11, 33, 10_000):  # 1 row, 3 rows, everything at once
+        x = student.clone().requires_grad_()
+        loss = logit_divergence(x, teacher, mask, kind, tau, chunk_elements=chunk_elements, **params)
+        loss.backward()
+        torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-10, atol=1e-12)
+        assert torch.all(x.grad[~mask] == 0)
+
+
+def test_chunked_divergence_holds_no_full_vocabulary_float32_copy():
+    """bf16 logits: the gradient buffer stays bf16; nothing of (tokens x vocab) in float32 survives."""
+    from distill.losses import logit_divergence
+
+    torch.manual_seed(0)
+    student = torch.randn(64, 1000, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(64, 1000, dtype=torch.bfloat16)
+    loss = logit_divergence(student, teacher, None, "forward_kl", 2.0, chunk_elements=8000)
+    assert loss.dtype == torch.float32
+    saved = [t for node in [loss.grad_fn] for t in _saved_tensors(node)]
+    assert all(t.numel() < 64 * 1000 for t in saved)  # the graph holds nothing vocabulary-sized in float32
+    buffer = _chunk_node(loss.grad_fn).grad
+    assert buffer.dtype == torch.bfloat16 and buffer.shape == (64, 1000)
+    loss.backward()
+    assert student.grad.data_ptr() == buffer.data_ptr()  # adopted as the gradient, not copied
+    assert torch.isfinite(student.grad.float()).all()
+
+
+def _chunk_node(node):
+    while node is not None and not hasattr(node, "grad"):
+        node = node.next_functions[0][0]
+    return node
+
+
+def _saved_tensors(node, seen=None):
+    """Tensors the autograd graph keeps from ``node`` down."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:
+        return []
+    seen.add(id(node))
+    out = [getattr(node, "saved_tensors", ())] if hasattr(node, "saved_tensors") else []
+    found = [t for group in out for t in group if isinstance(t, torch.Tensor)]
+    for attr in dir(node):
+        if attr.startswith("_saved_"):
+            value = getattr(node, attr)
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+    for child, _ in node.next_functions:
+        found += _saved_tensors(child, seen)
+    return found
