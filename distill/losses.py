@@ -462,14 +462,15 @@ def attention_log_probs(
     return _masked_log_softmax(scores, keep)
 
 
-def relation_log_probs(x: Tensor, heads: int, keep: Tensor | None) -> Tensor:
+def relation_log_probs(x: Tensor, heads: int, keep: Tensor | None, rows: slice | None = None) -> Tensor:
     """MiniLMv2 self-attention relation: log softmax(x_a·x_aᵀ / √d_r) per relation head.
 
     ``x`` (B, T, W): one layer's queries (or keys, or values) with all attention heads
     concatenated. The width is re-split into ``heads`` relation heads of d_r = W / heads, so a
     teacher and a student with different head counts and widths give maps of the same shape
     (B, heads, T, T). ``keep`` bool, broadcastable to (B, heads, T, T); masking as in
-    ``attention_log_probs``. Nothing is detached: used for both sides.
+    ``attention_log_probs``. ``rows`` limits the query positions (the map's third dim) to a slice,
+    for chunking; ``keep`` then covers all rows. Nothing is detached: used for both sides.
     """
     if x.dim() != 3:
         raise ValueError(f"relation input {tuple(x.shape)} must be (B, T, W)")
@@ -478,8 +479,14 @@ def relation_log_probs(x: Tensor, heads: int, keep: Tensor | None) -> Tensor:
         raise DistillError(f"the relation heads ({heads}) must divide the width W={w}")
     d_r = w // heads
     xa = x.to(_compute_dtype(x)).reshape(b, t, heads, d_r).transpose(1, 2)
-    scores = torch.matmul(xa, xa.transpose(-1, -2)) / math.sqrt(d_r)
-    return _masked_log_softmax(scores, keep)
+    queries = xa if rows is None else xa[:, :, rows]
+    scores = torch.matmul(queries, xa.transpose(-1, -2)) / math.sqrt(d_r)
+    return _masked_log_softmax(scores, row_slice(keep, rows))
+
+
+def row_slice(x: Tensor | None, rows: slice | None) -> Tensor | None:
+    """The query rows ``rows`` of a mask or bias broadcastable to (..., Tq, Tk); a broadcast row stays."""
+    return x if x is None or rows is None or x.shape[-2] == 1 else x[..., rows, :]
 
 
 def concat_heads(x: Tensor) -> Tensor:
@@ -505,11 +512,22 @@ def distribution_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: 
         )
     if student_log_probs.dim() != 4:
         raise ValueError(f"expected (B, heads, Tq, Tk) log-probabilities, got {tuple(student_log_probs.shape)}")
+    b, a, tq, _ = student_log_probs.shape
+    if rows is not None and rows.shape != (b, tq):
+        raise ValueError(f"rows {tuple(rows.shape)} does not match (B, Tq) = {(b, tq)}")
+    total = _map_kl_sum(student_log_probs, teacher_log_probs, rows)
+    return total / max(a * _count_rows(rows, b, tq), 1)
+
+
+def _count_rows(rows: Tensor | None, b: int, tq: int) -> int:
+    return b * tq if rows is None else int(rows.sum())
+
+
+def _map_kl_sum(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: Tensor | None) -> Tensor:
+    """Sum of KL(teacher ‖ student) over heads and the selected rows of (B, A, Tq, Tk) maps."""
     teacher_log_probs = teacher_log_probs.detach()  # a constant target
     b, a, tq, tk = student_log_probs.shape
     if rows is not None:
-        if rows.shape != (b, tq):
-            raise ValueError(f"rows {tuple(rows.shape)} does not match (B, Tq) = {(b, tq)}")
         # (B, A, Tq, Tk) -> (B, Tq, A, Tk)[rows] -> (n, A, Tk): padding rows never enter the math
         rows = rows.to(device=student_log_probs.device, dtype=torch.bool)
         s = student_log_probs.transpose(1, 2)[rows]
@@ -518,5 +536,57 @@ def distribution_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: 
         s = student_log_probs.transpose(1, 2).reshape(b * tq, a, tk)
         t = teacher_log_probs.transpose(1, 2).reshape(b * tq, a, tk)
     dtype = _common_dtype(s, t)
-    values = _kl(t.to(dtype), s.to(dtype))  # (n, A)
-    return values.sum() / max(a * values.shape[0], 1)
+    return _kl(t.to(dtype), s.to(dtype)).sum()
+
+
+def map_kl(student_maps, teacher_maps, student_inputs: tuple[Tensor, ...], rows: Tensor | None,
+           n_query: int, heads: int, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """``distribution_kl`` of two families of (B, A, Tq, Tk) maps, built and compared a slice of
+    query rows at a time, so only one slice of each map exists at once, in the forward and the
+    backward (attention maps and MiniLMv2 relations are Tq × Tk per head).
+
+    ``student_maps(inputs, rows_slice)`` builds the student's log-probabilities for those rows from
+    ``student_inputs`` (the tensors the gradient flows to); ``teacher_maps(rows_slice)`` the
+    teacher's. ``rows`` (B, Tq) True on real query rows (None = all).
+    """
+    probe = teacher_maps(slice(0, 1))
+    b, a, _, tk = probe.shape
+    if rows is not None and rows.shape != (b, n_query):
+        raise ValueError(f"rows {tuple(rows.shape)} does not match (B, Tq) = {(b, n_query)}")
+    chunk = max(1, chunk_elements // max(b * a * tk, 1))
+    total = _ChunkedMapKL.apply(student_maps, teacher_maps, rows, n_query, chunk, *student_inputs)
+    return total / max(a * _count_rows(rows, b, n_query), 1)
+
+
+class _ChunkedMapKL(torch.autograd.Function):
+    """Sum of ``_map_kl_sum`` over query-row chunks; like ``_ChunkedDivergence``, each chunk's
+    gradient (towards every student input: a row of a map depends on all keys) is taken right after
+    its forward and summed into buffers the backward only scales."""
+
+    @staticmethod
+    def forward(ctx, student_maps, teacher_maps, rows, n_query: int, chunk: int, *inputs: Tensor) -> Tensor:
+        wanted = [x.requires_grad for x in inputs]
+        leaves = tuple(x.detach().requires_grad_(w) for x, w in zip(inputs, wanted))
+        grads = [torch.zeros_like(x) if w else None for x, w in zip(inputs, wanted)]
+        total = None
+        for start in range(0, n_query, chunk):
+            sl = slice(start, min(start + chunk, n_query))
+            with torch.no_grad():
+                teacher = teacher_maps(sl)
+            with torch.enable_grad():
+                value = _map_kl_sum(student_maps(leaves, sl), teacher, None if rows is None else rows[:, sl])
+            if any(wanted):
+                found = torch.autograd.grad(value, [x for x, w in zip(leaves, wanted) if w], allow_unused=True)
+                it = iter(found)
+                for i, w in enumerate(wanted):
+                    g = next(it) if w else None
+                    if g is not None:
+                        grads[i] += g
+            total = value.detach() if total is None else total + value.detach()
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        grads, ctx.grads = ctx.grads, None
+        return (None,) * 5 + tuple(None if g is None else g.mul_(grad_output.to(g.dtype)) for g in grads)

@@ -21,8 +21,8 @@ from distill.config import WEIGHTS, LossConfig
 from distill.data import IGNORE_INDEX
 from distill.errors import DistillError
 from distill.layer_maps import hidden_pairs, resolve_layer
-from distill.losses import (TaidLambda, attention_log_probs, concat_heads, cross_entropy, distribution_kl,
-                            hidden_distance, logit_divergence, relation_log_probs)
+from distill.losses import (TaidLambda, attention_log_probs, concat_heads, cross_entropy, hidden_distance,
+                            logit_divergence, map_kl, relation_log_probs, row_slice)
 from distill.models import hidden_size
 from distill.schedules import schedule_value
 from distill.students import attention_dims, stack_depths
@@ -198,10 +198,9 @@ class Objective:
                     for i, j in pairs)
         for site, i, j in self.attention:
             a_s, a_t = s.attention[(site, i)], t.attention[(site, j)]
-            terms[f"attn/{site}"] = distribution_kl(
-                attention_log_probs(a_s.query, a_s.key, a_s.keep, a_s.scaling, a_s.position_bias),
-                attention_log_probs(a_t.query, a_t.key, a_t.keep, a_t.scaling, a_t.position_bias),
-                rows[SITE_STACK[site]])
+            (s_maps, s_inputs), (t_maps, t_inputs) = _attention_maps(a_s), _attention_maps(a_t)
+            terms[f"attn/{site}"] = map_kl(s_maps, lambda sl: t_maps(t_inputs, sl), s_inputs, rows[SITE_STACK[site]],
+                                           a_s.query.shape[2], a_s.query.shape[1])
         for site, i, j in self.relation:
             terms[f"rel/{site}"] = sum(self._relation(s, t, site, i, j, kind, rows[SITE_STACK[site]])
                                        for kind in cfg.relation.kinds)
@@ -227,8 +226,9 @@ class Objective:
             x_s = concat_heads(getattr(a_s, QKV[kind])) if x_s is None else x_s
             return hidden_distance(x_s, x_t, rows, "mse")
         x_s = concat_heads(getattr(a_s, QKV[kind]))
-        return distribution_kl(relation_log_probs(x_s, r.heads, a_s.keep),
-                               relation_log_probs(x_t, r.heads, a_t.keep), rows)
+        return map_kl(lambda ins, sl: relation_log_probs(ins[0], r.heads, a_s.keep, rows=sl),
+                      lambda sl: relation_log_probs(x_t, r.heads, a_t.keep, rows=sl), (x_s,), rows,
+                      x_s.shape[1], r.heads)
 
     # ---- state across steps --------------------------------------------------------------------
 
@@ -253,6 +253,17 @@ class Objective:
         self.step = int(state.get("step", 0))
         if self.taid is not None and "taid" in state:
             self.taid.load_state_dict(state["taid"])
+
+
+def _attention_maps(a) -> tuple[Any, tuple[Tensor, ...]]:
+    """(maps(inputs, rows_slice), inputs) of one captured attention call, for ``map_kl``: the
+    tensors a gradient may flow to are inputs (T5's learned position bias among them)."""
+    inputs = (a.query, a.key) + (() if a.position_bias is None else (a.position_bias,))
+
+    def maps(ins: tuple[Tensor, ...], rows: slice) -> Tensor:
+        bias = row_slice(ins[2], rows) if len(ins) > 2 else None
+        return attention_log_probs(ins[0][:, :, rows], ins[1], row_slice(a.keep, rows), a.scaling, bias)
+    return maps, inputs
 
 
 def _qkv_width(config: Any, stack: str, kind: str) -> int:

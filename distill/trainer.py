@@ -204,10 +204,11 @@ class Trainer:
                     teacher = self._teacher_forward(batch, encoder_outputs=encoded)
                 t3 = self._sync()
                 total, terms = self.objective(batch, student, teacher)
+                t4 = self._sync()
                 self.student.backward(total)
                 self.student.step()
-                t4 = self._sync()
-                window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t4 - t3))
+                t5 = self._sync()
+                window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t5 - t4), t4 - t3)
                 if teacher is not None and self._logs_next_step():
                     window.agreement += agreement_sums(student.logits, teacher.logits,
                                                        batch["labels"] != IGNORE_INDEX).cpu()
@@ -391,10 +392,10 @@ class _Window:
         self.step_sums: dict[str, float] = {}
         self.n = self.step_n = self.steps = 0
         self.tokens = 0
-        self.teacher_s = self.student_s = 0.0
+        self.teacher_s = self.student_s = self.loss_s = 0.0
         self.agreement = torch.zeros(4, dtype=torch.float64)  # see monitor.agreement_sums
 
-    def add(self, terms, total, batch, teacher_s: float, student_s: float) -> None:
+    def add(self, terms, total, batch, teacher_s: float, student_s: float, loss_s: float) -> None:
         values = {f"loss/{k}": v.item() for k, v in terms.items()}
         values["loss/total"] = total.item()
         for k, v in values.items():
@@ -403,6 +404,7 @@ class _Window:
                 self.step_sums[k[5:]] = self.step_sums.get(k[5:], 0.0) + v
         self.teacher_s += teacher_s
         self.student_s += student_s
+        self.loss_s += loss_s
         self.n += 1
         self.step_n += 1
         self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
@@ -415,10 +417,12 @@ class _Window:
         return out
 
     def means(self) -> dict[str, float]:
-        """Loss terms per micro-batch; teacher and student seconds per optimizer step."""
+        """Loss terms per micro-batch; seconds per optimizer step of the teacher (forward), the student
+        (forward, backward, optimizer step) and the loss (features and logits into the objective)."""
         out = {k: v / self.n for k, v in self.sums.items()}
         out["perf/teacher_sec_per_step"] = self.teacher_s / max(self.steps, 1)
         out["perf/student_sec_per_step"] = self.student_s / max(self.steps, 1)
+        out["perf/loss_sec_per_step"] = self.loss_s / max(self.steps, 1)
         return out
 
     def elapsed(self) -> float:

@@ -495,3 +495,39 @@ def test_attention_log_probs_reproduces_llama_gqa_attention():
     keep = mask[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool).tril()
     ours = attention_log_probs(q, k, keep, scaling=d**-0.5)
     _assert_real_rows(ours, out.attentions[0], mask)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 40, 10_000])  # one row, a few rows, all rows at once
+def test_map_kl_in_row_chunks_equals_the_whole_maps(chunk_elements):
+    """Attention maps (GQA, a learned bias that takes gradient, causal+padding mask) and MiniLMv2
+    relations: value and every input's gradient equal the unchunked distribution_kl, float64."""
+    from distill.losses import map_kl, row_slice
+
+    torch.manual_seed(0)
+    b, h, h_kv, t, d = 2, 4, 2, 5, 3
+    q = torch.randn(b, h, t, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, h_kv, t, d, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, h, t, t, dtype=torch.float64, requires_grad=True)
+    qt, kt = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, h_kv, t, d, dtype=torch.float64)
+    pad = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+
+    whole = distribution_kl(attention_log_probs(q, k, keep, 0.7, bias), attention_log_probs(qt, kt, keep, 0.7), pad)
+    expected = torch.autograd.grad(whole, (q, k, bias))
+    chunked = map_kl(lambda ins, sl: attention_log_probs(ins[0][:, :, sl], ins[1], row_slice(keep, sl), 0.7,
+                                                         row_slice(ins[2], sl)),
+                     lambda sl: attention_log_probs(qt[:, :, sl], kt, row_slice(keep, sl), 0.7),
+                     (q, k, bias), pad, t, h, chunk_elements=chunk_elements)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(chunked, (q, k, bias)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+    x = torch.randn(b, t, 12, dtype=torch.float64, requires_grad=True)
+    xt = torch.randn(b, t, 8, dtype=torch.float64)
+    whole = distribution_kl(relation_log_probs(x, 4, keep), relation_log_probs(xt, 4, keep), pad)
+    (want,) = torch.autograd.grad(whole, x)
+    chunked = map_kl(lambda ins, sl: relation_log_probs(ins[0], 4, keep, rows=sl),
+                     lambda sl: relation_log_probs(xt, 4, keep, rows=sl), (x,), pad, t, 4,
+                     chunk_elements=chunk_elements)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(chunked, x)[0], want, rtol=1e-10, atol=1e-12)

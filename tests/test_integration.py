@@ -83,7 +83,8 @@ def test_tensorboard_holds_every_family(kd_run):
     families = {
         "loss": ["loss/total", "loss/ce", "loss/kd"], "weight": ["weight/ce", "weight/kd"],
         "optimizer": ["train/lr", "train/grad_norm", "train/epoch"],
-        "speed": ["perf/tokens_per_sec", "perf/teacher_sec_per_step", "perf/student_sec_per_step"],
+        "speed": ["perf/tokens_per_sec", "perf/teacher_sec_per_step", "perf/student_sec_per_step",
+                  "perf/loss_sec_per_step"],
         "memory": ["perf/peak_memory_gb"],
         "agreement": ["agreement/top1", "agreement/teacher_entropy", "agreement/student_entropy"],
         "evaluation": ["eval/ce", "eval/token_accuracy", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeLsum"],
