@@ -47,8 +47,9 @@ class DataConfig:
     name: Optional[str] = None  # dataset configuration, e.g. "3.0.0" for cnn_dailymail
     train_split: str = "train"
     eval_split: Optional[str] = "validation"
-    source_column: str = "document"
-    target_column: str = "summary"
+    source_column: str = "document"  # the prompt, for decoder-only models
+    # The response; None: plain text (task-agnostic distillation of a decoder-only model, every token a target).
+    target_column: Optional[str] = "summary"
     source_prefix: str = ""  # e.g. "summarize: " for T5
     max_source_length: int = 512
     max_target_length: int = 128
@@ -56,10 +57,18 @@ class DataConfig:
     truncation: bool = True
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    # Decoder-only models only (CausalCollator):
+    chat_template: bool = True  # format prompt/response with the tokenizer's chat template when it has one
+    loss_on_prompt: bool = False  # labels and distillation masks cover the prompt tokens too
+    packing: bool = False  # pack short examples into full rows (no padding between them)
 
     def validate(self, prefix: str) -> None:
         if not self.path:
             raise DistillError(f"{prefix}.path is required")
+        if not self.source_column:
+            raise DistillError(f"{prefix}.source_column is required")
+        if self.target_column == "":
+            raise DistillError(f"{prefix}.target_column is empty (use null for plain text)")
         _positive(self, prefix, "max_source_length", "max_target_length")
         _positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
         if self.source_column == self.target_column:
@@ -199,6 +208,11 @@ class LossConfig:
     # Run the teacher's decoder on the student's encoder output, skipping the teacher's encoder
     # (distilBART's KD with an unshrunk, frozen encoder); needs equal hidden sizes.
     teacher_uses_student_encoder: bool = False
+    # On-policy distillation (GKD): this share of micro-batches trains on responses the student samples
+    # itself from the batch's prompts, scored by the teacher (the CE term skips them: no gold there).
+    on_policy_fraction: float = 0.0
+    on_policy_max_new_tokens: int = 64
+    on_policy_temperature: float = 1.0
     hidden: HiddenLossConfig = field(default_factory=HiddenLossConfig)
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
     relation: RelationLossConfig = field(default_factory=RelationLossConfig)
@@ -222,6 +236,11 @@ class LossConfig:
             raise DistillError(f"{prefix}.taid_lambda_start must not exceed {prefix}.taid_lambda_end")
         if not 0 <= self.label_smoothing < 1:
             raise DistillError(f"{prefix}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.on_policy_fraction <= 1:
+            raise DistillError(f"{prefix}.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        _positive(self, prefix, "on_policy_max_new_tokens")
+        if self.on_policy_temperature <= 0:
+            raise DistillError(f"{prefix}.on_policy_temperature must be > 0, got {self.on_policy_temperature}")
         self.hidden.validate(f"{prefix}.hidden")
         self.attention.validate(f"{prefix}.attention")
         self.relation.validate(f"{prefix}.relation")
@@ -284,6 +303,14 @@ class RunConfig:
         self.eval.validate("eval")
         if (self.eval.generate or self.eval.best_metric) and not self.data.eval_split:
             raise DistillError("eval.generate and eval.best_metric need an evaluation split (data.eval_split)")
+        if self.loss.on_policy_fraction > 0 and (self.data.packing or self.data.target_column is None
+                                                 or not self.loss.uses_teacher):
+            raise DistillError("loss.on_policy_fraction needs prompts to sample from and a teacher to score: "
+                               "prompt/response data (data.target_column set), data.packing false, a logit or "
+                               "feature term")
+        if self.eval.generate and self.data.target_column is None:
+            raise DistillError("eval.generate scores generations against references: plain text (data.target_column: "
+                               "null) has none")
         if self.loss.uses_teacher and self.teacher is None:
             active = [k for k in WEIGHTS if k != "w_ce" and self.loss.active(k)]
             raise DistillError(f"loss.{active[0]} > 0 needs a teacher: set teacher.path and teacher.ds_config")

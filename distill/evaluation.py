@@ -203,6 +203,27 @@ def model_name(path: str, taken: set[str]) -> str:
     return name
 
 
+def perplexity(model, tokenizer, texts: list[str], batch_size: int, max_length: int, device) -> float:
+    """exp(mean negative log-likelihood per token) of a causal LM over ``texts``, every token after the
+    first of each text counted once (held-out text for a decoder-only student)."""
+    import math
+
+    import torch
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="right",
+                            truncation=True, max_length=max_length).to(device)
+            logits = model(**enc).logits[:, :-1].float()
+            target = enc["input_ids"][:, 1:]
+            real = enc["attention_mask"][:, 1:].bool()
+            losses = torch.nn.functional.cross_entropy(logits[real], target[real], reduction="sum")
+            nll += float(losses)
+            count += int(real.sum())
+    return math.exp(nll / max(count, 1))
+
+
 def evaluate_models(paths: list[str], examples, load, settings, out_dir, synced: bool = False,
                     samples: int = 1000) -> dict:
     """Every model generates for the same examples; ROUGE, latency and throughput side by side.
@@ -234,12 +255,17 @@ def evaluate_models(paths: list[str], examples, load, settings, out_dir, synced:
         rows[name] = {**rouge([r["prediction"] for r in records], references, samples=samples),
                       "ms_per_example": 1000 * seconds / len(records), "tokens_per_sec": tokens / max(seconds, 1e-9),
                       "params_m": rank_param_counts(model)[1] / 1e6, "path": path}
+        if not model.config.is_encoder_decoder:  # held-out text: each example's source and reference
+            rows[name]["perplexity"] = perplexity(model, tokenizer, [e.source + " " + e.target for e in examples],
+                                                  settings.batch_size, settings.max_source_length, device)
         del model
         gc.collect()
     first = next(iter(rows.values()))
     for row in rows.values():
         row["speedup"] = first["ms_per_example"] / max(row["ms_per_example"], 1e-9)
     columns = [*ROUGE_TYPES, "ms_per_example", "tokens_per_sec", "speedup", "params_m", "n"]
+    if any("perplexity" in row for row in rows.values()):
+        columns.append("perplexity")
     table = markdown_table(rows, columns)
     if not dist.is_initialized() or dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ class GenerateSettings:
     compile: bool = False
     generation: dict[str, Any] = field(default_factory=dict)  # overrides of the model's generation config
     progress: bool = True
+    chat_template: bool = True  # decoder-only: wrap each source as a user turn when the tokenizer has a template
 
 
 # ---- inputs ------------------------------------------------------------------------------------
@@ -192,14 +193,34 @@ def generation_config_for(model, overrides: dict[str, Any]):
 def generate_batch(model, tokenizer, sources: list[str], settings: GenerateSettings, generation_config,
                    device: torch.device, synced: bool = False) -> tuple[list[str], list[int]]:
     """Texts and number of new tokens for one batch of sources."""
-    enc = tokenizer([settings.source_prefix + s for s in sources], return_tensors="pt", padding=True,
-                    truncation=True, max_length=settings.max_source_length).to(device)
+    enc = encode_prompts(tokenizer, sources, settings, model.config.is_encoder_decoder).to(device)
     out = model.generate(**enc, generation_config=generation_config, synced_gpus=synced)
     if not model.config.is_encoder_decoder:
         out = out[:, enc["input_ids"].shape[1]:]  # the prompt is part of a decoder-only output
     special = set(tokenizer.all_special_ids)
     counts = [sum(1 for t in row.tolist() if t not in special) for row in out]
     return tokenizer.batch_decode(out, skip_special_tokens=True), counts
+
+
+def encode_prompts(tokenizer, sources: list[str], settings: GenerateSettings, encoder_decoder: bool):
+    """Model inputs for a batch of sources. A decoder-only model continues its prompt, so prompts are
+    padded on the left, truncated from the left (the end of a prompt leads into the answer), and
+    wrapped in the chat template as a user turn when the tokenizer has one (as in training)."""
+    texts = [settings.source_prefix + s for s in sources]
+    if encoder_decoder:
+        return tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                         max_length=settings.max_source_length)
+    chat = settings.chat_template and getattr(tokenizer, "chat_template", None)
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", truncation=True,
+                         max_length=settings.max_source_length, add_special_tokens=not chat)
+    finally:
+        tokenizer.truncation_side = side
 
 
 def _parts_dir(out: Path) -> Path:

@@ -176,10 +176,13 @@ class Objective:
         """Scheduled quantities other than the weights, for logging."""
         return {"taid_lambda": self.taid.value} if self.taid is not None else {}
 
-    def __call__(self, batch: dict[str, Tensor], student: Output,
-                 teacher: Optional[Output] = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """(weighted total, every term and sub-term); sub-terms are named ``group/part``."""
+    def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output] = None,
+                 gold: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """(weighted total, every term and sub-term); sub-terms are named ``group/part``. ``gold``
+        False: the targets are the student's own samples (on-policy), so there is no CE term."""
         cfg, weights = self.cfg, self.weights()
+        if not gold:
+            weights.pop("ce", None)
         labels = batch["labels"]
         rows = {"encoder": batch["attention_mask"].bool(), "decoder": labels != IGNORE_INDEX}
         terms: dict[str, Tensor] = {}

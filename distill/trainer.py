@@ -23,7 +23,8 @@ from distill import checkpoint
 from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
 from distill.cluster import StopRequest
 from distill.config import RunConfig, save_config
-from distill.data import IGNORE_INDEX, BatchStream, Seq2SeqCollator, drop_overlong, eval_loader, load_split
+from distill.data import (IGNORE_INDEX, BatchStream, CausalCollator, Seq2SeqCollator, causal_model_inputs, drop_overlong,
+                          eval_loader, load_split, on_policy_batch, prompts_of)
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
 from distill.export import MODEL_FILES, export_student, model_card, save_model_files
@@ -32,7 +33,7 @@ from distill.monitor import Monitor, agreement_sums, peak_memory_gb, reduce_max,
 from distill.objective import Objective, Output, teacher_forced_sums
 from distill.schedules import lr_multiplier
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
 
 def _world() -> tuple[int, int, int]:
@@ -56,9 +57,6 @@ class Trainer:
         """Everything that can be refused without loading a model or starting ranks."""
         cfg = self.cfg
         self.student_config = load_model_config(cfg.student, "student")
-        if not self.student_config.is_encoder_decoder:
-            raise DistillError("decoder-only students load, but the trainer handles encoder-decoder models only "
-                               "for now")
         self.tokenizer = load_tokenizer(cfg.student, "student")
         self.raw_ds = {"student": read_ds_config(cfg.student.ds_config, "student")}
         self.vocab = self.teacher_config = None
@@ -67,6 +65,10 @@ class Trainer:
             self.vocab = check_pair(self.teacher_config, self.student_config,
                                     load_tokenizer(cfg.teacher, "teacher"), self.tokenizer)
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
+            if self.teacher_config.is_encoder_decoder != self.student_config.is_encoder_decoder:
+                kinds = {True: "an encoder-decoder", False: "a decoder-only"}
+                raise DistillError(f"the teacher is {kinds[self.teacher_config.is_encoder_decoder]} model and the "
+                                   f"student {kinds[self.student_config.is_encoder_decoder]} one: distill pairs of one kind")
         if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
             raise DistillError("training.freeze_encoder needs an encoder-decoder student")
         # Every layer map, head count and width is checked here, from the configs alone.
@@ -131,7 +133,8 @@ class Trainer:
             model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
             config=self.ds["student"], lr_scheduler=schedule)
 
-        collate = Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
+        collate = (Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
+                   if self.student_config.is_encoder_decoder else CausalCollator(self.tokenizer, cfg.data))
         self.collate = collate
         self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed)
         if self.resume_tag is not None:
@@ -141,6 +144,10 @@ class Trainer:
             self.objective.load_state_dict(state["objective"])
             self.best = state.get("best")
         self._report_setup()
+
+    @property
+    def _partitioned_student(self) -> bool:
+        return self.ds["student"]["zero_optimization"].get("stage") == 3
 
     def _report_setup(self) -> None:
         """Print and record how the models are partitioned: every rank's share of each."""
@@ -169,7 +176,11 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
 
     def _forward(self, engine, batch: dict[str, torch.Tensor], features: bool = False, **extra) -> tuple[Output, Any]:
-        outputs, captured = engine(features=features, **{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, **extra)
+        if self.student_config.is_encoder_decoder:
+            inputs = {**{k: batch[k] for k in SEQ2SEQ_INPUTS}, "use_cache": False}
+        else:
+            inputs = causal_model_inputs(batch)  # packed rows: position ids mark the example boundaries
+        outputs, captured = engine(features=features, **inputs, **extra)
         return Output(outputs.logits, captured), outputs
 
     def _sync(self) -> float:
@@ -192,8 +203,11 @@ class Trainer:
         needs_teacher = self.objective.needs_teacher
         teacher_first = needs_teacher and not self.cfg.loss.teacher_uses_student_encoder
         while self.step < t.max_steps:
-            for _ in range(t.gradient_accumulation_steps):
+            for micro in range(t.gradient_accumulation_steps):
                 batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
+                gold = not self._on_policy(micro)
+                if not gold:
+                    batch = self._sample_responses(batch)
                 t0 = self._sync()
                 teacher = self._teacher_forward(batch) if teacher_first else None
                 t1 = self._sync()
@@ -203,12 +217,12 @@ class Trainer:
                     encoded = BaseModelOutput(last_hidden_state=student_outputs.encoder_last_hidden_state.detach())
                     teacher = self._teacher_forward(batch, encoder_outputs=encoded)
                 t3 = self._sync()
-                total, terms = self.objective(batch, student, teacher)
+                total, terms = self.objective(batch, student, teacher, gold=gold)
                 t4 = self._sync()
                 self.student.backward(total)
                 self.student.step()
                 t5 = self._sync()
-                window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t5 - t4), t4 - t3)
+                window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t5 - t4), t4 - t3, gold)
                 if teacher is not None and self._logs_next_step():
                     window.agreement += agreement_sums(student.logits, teacher.logits,
                                                        batch["labels"] != IGNORE_INDEX).cpu()
@@ -253,6 +267,38 @@ class Trainer:
             _write_json(self.out / "memory.json", {"world_size": self.world, "precision": self.cfg.training.precision,
                                                    "per_rank": ranks})
 
+    def _on_policy(self, micro: int) -> bool:
+        """Whether this micro-batch is on-policy: drawn from (seed, step, micro-batch), so every rank
+        draws the same and a resumed run draws as the uninterrupted one did."""
+        fraction = self.cfg.loss.on_policy_fraction
+        if fraction <= 0:
+            return False
+        draw = random.Random(self.cfg.training.seed * 1_000_003 + self.step * 1_009 + micro).random()
+        return draw < fraction
+
+    @torch.no_grad()
+    def _sample_responses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch's prompts with responses the student samples itself (GKD). Under ZeRO-3 every
+        rank samples at once, in step (``synced_gpus``), since each forward gathers from all."""
+        cfg = self.cfg.loss
+        model = self.student.module.model
+        prompts = prompts_of(batch)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        self.student.eval()
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.on_policy_temperature,
+                             max_new_tokens=cfg.on_policy_max_new_tokens, pad_token_id=pad,
+                             synced_gpus=self._partitioned_student and self.world > 1)
+        self.student.train()
+        eos = self.tokenizer.eos_token_id
+        responses = []
+        for row in out[:, width:].tolist():
+            end = row.index(eos) + 1 if eos in row else len(row)  # keep the EOS: ending is part of the answer
+            responses.append(row[:end] or [eos])
+        return {k: v.to(self.device) for k, v in on_policy_batch(prompts, responses, pad).items()}
+
     def _save(self) -> None:
         checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.training.keep_checkpoints,
                         lambda d: save_model_files(self.student.module.model, self.tokenizer, self.cfg.to_dict(),
@@ -295,6 +341,8 @@ class Trainer:
         scalars = reduce_mean(window.means(), self.device)
         if not self.objective.needs_teacher:
             scalars.pop("perf/teacher_sec_per_step")
+        if self.cfg.loss.on_policy_fraction == 0:
+            scalars.pop("train/on_policy_share")
         counts = torch.tensor([window.tokens], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         scalars["perf/tokens_per_sec"] = counts.item() / max(window.elapsed(), 1e-9)
@@ -363,9 +411,9 @@ class Trainer:
         padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
         model = self.student.module.model
         settings = GenerateSettings(max_source_length=cfg.data.max_source_length, source_prefix=cfg.data.source_prefix,
-                                    progress=False)
+                                    progress=False, chat_template=cfg.data.chat_template)
         generation = generation_config_for(model, {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens})
-        synced = self.ds["student"]["zero_optimization"].get("stage") == 3 and self.world > 1
+        synced = self._partitioned_student and self.world > 1
         predictions: list[str] = []
         step = cfg.training.micro_batch_size
         for i in range(0, per_rank, step):
@@ -389,37 +437,40 @@ class _Window:
     def __init__(self):
         self.start = time.perf_counter()
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # per term: on-policy micro-batches have no CE
         self.step_sums: dict[str, float] = {}
-        self.n = self.step_n = self.steps = 0
+        self.step_counts: dict[str, int] = {}
+        self.n = self.steps = self.on_policy = 0
         self.tokens = 0
         self.teacher_s = self.student_s = self.loss_s = 0.0
         self.agreement = torch.zeros(4, dtype=torch.float64)  # see monitor.agreement_sums
 
-    def add(self, terms, total, batch, teacher_s: float, student_s: float, loss_s: float) -> None:
-        values = {f"loss/{k}": v.item() for k, v in terms.items()}
-        values["loss/total"] = total.item()
+    def add(self, terms, total, batch, teacher_s: float, student_s: float, loss_s: float, gold: bool = True) -> None:
+        values = {k: v.item() for k, v in terms.items()}
+        values["total"] = total.item()
         for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-            if k.startswith("loss/"):
-                self.step_sums[k[5:]] = self.step_sums.get(k[5:], 0.0) + v
+            for sums, counts in ((self.sums, self.counts), (self.step_sums, self.step_counts)):
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
         self.teacher_s += teacher_s
         self.student_s += student_s
         self.loss_s += loss_s
         self.n += 1
-        self.step_n += 1
+        self.on_policy += not gold
         self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
 
     def step_losses(self) -> dict[str, float]:
         """Mean loss terms of the micro-batches of the step that just ended."""
-        out = {k: v / self.step_n for k, v in self.step_sums.items()}
-        self.step_sums, self.step_n = {}, 0
+        out = {k: v / self.step_counts[k] for k, v in self.step_sums.items()}
+        self.step_sums, self.step_counts = {}, {}
         self.steps += 1
         return out
 
     def means(self) -> dict[str, float]:
         """Loss terms per micro-batch; seconds per optimizer step of the teacher (forward), the student
         (forward, backward, optimizer step) and the loss (features and logits into the objective)."""
-        out = {k: v / self.n for k, v in self.sums.items()}
+        out = {f"loss/{k}": v / self.counts[k] for k, v in self.sums.items()}
+        out["train/on_policy_share"] = self.on_policy / max(self.n, 1)
         out["perf/teacher_sec_per_step"] = self.teacher_s / max(self.steps, 1)
         out["perf/student_sec_per_step"] = self.student_s / max(self.steps, 1)
         out["perf/loss_sec_per_step"] = self.loss_s / max(self.steps, 1)
