@@ -224,3 +224,46 @@ def test_direct_minilm_projects_student_qkv_to_the_teacher_width(tmp_path):
     torch.testing.assert_close(terms["rel"], expected)
     total.backward()
     assert all(p.grad is not None for p in s_model.projections.parameters())
+
+
+def test_relations_use_the_keys_the_model_attends_with(tmp_path):
+    """LLaMA with grouped-query attention: the captured keys are k_proj's output after the rotary
+    embedding, with 2 key-value heads (not repeated to 4), so K-K relations see the real keys."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from distill.losses import concat_heads, relation_log_probs
+
+    cls, make_config, _, _ = CASES["llama-gqa"]
+    _, model = _models(cls, make_config(), tmp_path)
+    batch = _batch(False)
+    seen = {}
+    layer = model.model.layers[1].self_attn
+    hooks = [layer.k_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("k", o)),
+             layer.q_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("q", o)),
+             layer.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("rope", kw["position_embeddings"]),
+                                             with_kwargs=True)]
+    wrapped = FeatureModel(model, Request({}, {"decoder_self": (1,)}), "student")
+    with torch.no_grad():
+        _, features = wrapped(features=True, **batch)
+    for h in hooks:
+        h.remove()
+    b, t, _ = seen["k"].shape
+    cos, sin = seen["rope"]
+    q = seen["q"].view(b, t, 4, 8).transpose(1, 2)
+    k = seen["k"].view(b, t, 2, 8).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    captured = features.attention[("decoder_self", 1)]
+    assert captured.key.shape == (2, 2, 6, 8)
+    torch.testing.assert_close(captured.key, k)
+    torch.testing.assert_close(captured.query, q)
+    # the K-K relation over 4 relation heads of the 16-wide key (2 heads x 8), written the plain way
+    keep = captured.keep
+    rel = relation_log_probs(concat_heads(captured.key), 4, keep).exp()
+    x = k.transpose(1, 2).reshape(b, t, 16)
+    for bi in range(b):
+        for a in range(4):
+            xa = x[bi, :, 4 * a:4 * a + 4]
+            scores = xa @ xa.T / 2.0
+            scores = scores.masked_fill(~keep[bi if keep.shape[0] > 1 else 0, 0], float("-inf"))
+            torch.testing.assert_close(rel[bi, a][keep[bi if keep.shape[0] > 1 else 0, 0].any(-1)],
+                                       torch.softmax(scores, -1)[keep[bi if keep.shape[0] > 1 else 0, 0].any(-1)])

@@ -189,3 +189,29 @@ def test_pseudo_labels_interrupted_resumed_and_trained_on(trained_teacher, demo_
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (run / "final" / "model.safetensors").exists()
+
+
+def test_decoder_only_generation_pads_prompts_on_the_left(demo_assets, tmp_path):
+    """A batch of prompts of different lengths gives what each prompt gives alone."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, initializer_range=0.2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    out = tmp_path / "gen.jsonl"
+    assert main(["generate", "--model", str(tmp_path / "llama"), "--data", str(demo_assets["data"]), "--split", "test",
+                 "--out", str(out), "--max-new-tokens", "5", "--min-new-tokens", "5", "--batch-size", "4"]) == 0
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    import datasets
+
+    sources = datasets.load_dataset(str(demo_assets["data"]), split="test")["document"]
+    records = read(out)
+    for record, source in zip(records, sources):
+        enc = tok(source, return_tensors="pt")
+        ids = model.generate(**enc, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        assert record["prediction"] == tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert len({r["prediction"] for r in records}) > 1

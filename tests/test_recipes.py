@@ -29,7 +29,11 @@ TERMS = {
     "udagawa_hs.yaml": {"hid", "hid/encoder", "hid/decoder"},
     "udagawa_mha.yaml": {"rel", "rel/encoder_self", "rel/decoder_self"},
     "taid_t5_3b.yaml": {"ce", "kd", "rel", "rel/encoder_self"},
+    "llama_kd.yaml": {"ce", "kd"},
+    "llama_minilmv2.yaml": {"rel", "rel/decoder_self"},
+    "qwen_gkd.yaml": {"kd"},
 }
+DECODER_ONLY = ("llama", "qwen")
 
 
 def test_every_recipe_is_covered():
@@ -67,25 +71,62 @@ def t5_pair(demo_assets):
 
 
 @pytest.fixture(scope="module")
-def recipe_runs(demo_assets, t5_pair, tmp_path_factory):
+def decoder_pairs(demo_assets):
+    """4-layer LLaMA-style and Qwen2-style teachers (grouped-query attention) on the demo tokenizer, and
+    2-layer students made from them by layer copy."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from distill.students import make_student
+
+    root = demo_assets["root"]
+    pairs = {}
+    tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    common = dict(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    for name, config, cls in (("llama", LlamaConfig(**common), LlamaForCausalLM),
+                              ("qwen", Qwen2Config(**common), Qwen2ForCausalLM)):
+        teacher, student = root / f"{name}-teacher", root / f"{name}-student"
+        if not student.exists():
+            cls(config).save_pretrained(teacher)
+            tok.save_pretrained(teacher)
+            make_student(str(teacher), str(student), decoder_layers=2)
+        pairs[name] = (teacher, student)
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(demo_assets, t5_pair, decoder_pairs, tmp_path_factory):
     from distill.students import make_student
 
     out = tmp_path_factory.mktemp("recipes")
     bart_student = out / "bart-student"
     make_student(str(demo_assets["teacher"]), str(bart_student), decoder_layers=1)
     common = [f"data.path={demo_assets['data']}", "data.name=null", "data.source_column=document",
-              "data.target_column=summary", "data.max_source_length=64", "data.max_target_length=24",
+              "data.max_source_length=64", "data.max_target_length=24", "data.train_split=train",
+              "data.eval_split=validation", "loss.on_policy_max_new_tokens=6",
               "training.precision=fp32", "training.micro_batch_size=4", "training.gradient_accumulation_steps=1",
               "training.max_steps=3", "training.warmup_steps=0", "training.log_every=1", "training.save_every=3",
               "training.eval_every=0", "data.max_eval_samples=8", "data.max_train_samples=32"]
     jobs = []
     for recipe in RECIPES:
-        t5 = not recipe.startswith("distilbart")
-        teacher, student = t5_pair if t5 else (demo_assets["teacher"], bart_student)
+        family = recipe.split("_")[0]
+        teacher, student = (decoder_pairs[family] if family in DECODER_ONLY else
+                            (demo_assets["teacher"], bart_student) if family == "distilbart" else t5_pair)
+        shipped = load_config(ROOT / "recipes" / recipe)
         models = [f"student.path={student}"]
-        if load_config(ROOT / "recipes" / recipe).teacher is not None:
+        if shipped.teacher is not None:
             models.append(f"teacher.path={teacher}")
+        if shipped.data.target_column is not None:  # plain-text recipes stay plain text
+            models.append("data.target_column=summary")
+        if shipped.loss.on_policy_fraction:  # enough micro-batches for both kinds to come up
+            models.append("training.gradient_accumulation_steps=4")
         jobs.append([str(ROOT / "recipes" / recipe), [*common, *models, f"training.output_dir={out / recipe}"]])
+    # the relation recipe on the Qwen2-style pair too (its attention has q/k/v biases)
+    qwen_teacher, qwen_student = decoder_pairs["qwen"]
+    jobs.append([str(ROOT / "recipes/llama_minilmv2.yaml"),
+                 [*common, f"teacher.path={qwen_teacher}", f"student.path={qwen_student}",
+                  f"training.output_dir={out / 'qwen_minilmv2'}"]])
     (out / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
@@ -166,3 +207,29 @@ def test_schedules_reach_tensorboard(recipe_runs):
     for tag in ("schedule/taid_lambda", "weight/rel", "weight/kd", "weight/ce", "loss/rel", "loss/rel/encoder_self",
                 "agreement/top1"):
         assert tag in tags and len(acc.Scalars(tag)) == 3, tag
+
+
+@pytest.mark.integration
+def test_decoder_only_students_export_reload_and_evaluate(recipe_runs, demo_assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distill.cli import main
+
+    rows = [json.loads(line) for line in (recipe_runs / "qwen_gkd.yaml" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["train/on_policy_share"] for r in rows if "train/on_policy_share" in r]
+    assert shares and 0 < sum(shares) / len(shares) < 1  # on-policy and gold micro-batches both ran
+    rows = [json.loads(line) for line in (recipe_runs / "qwen_minilmv2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss/rel/decoder_self" in r] == [1, 2, 3]
+    for recipe in ("llama_kd.yaml", "qwen_gkd.yaml", "llama_minilmv2.yaml", "qwen_minilmv2"):
+        final = recipe_runs / recipe / "final"
+        model = AutoModelForCausalLM.from_pretrained(final)
+        assert model.config.num_hidden_layers == 2
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(recipe_runs / "llama_kd.yaml" / "final"), "--model",
+                 str(recipe_runs / "qwen_gkd.yaml" / "final"), "--data", str(demo_assets["data"]), "--split", "test",
+                 "--out", str(out), "--max-new-tokens", "6", "--batch-size", "3", "--bootstrap-samples", "20"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for row in results.values():
+        assert row["n"] == 8 and row["perplexity"] > 1 and math.isfinite(row["perplexity"])
+        assert 0 <= row["rougeL"] <= 100
+    assert "perplexity" in (out / "results.md").read_text()
