@@ -16,10 +16,7 @@ above the weights; on CPU the growth of the peak resident set (VmHWM) from the b
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -31,6 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import append_section, machine, rss_hwm  # noqa: E402
 from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention  # noqa: E402
 from distill.config import _build, LossConfig  # noqa: E402
 from distill.objective import Objective, Output  # noqa: E402
@@ -48,13 +46,6 @@ def _config(layers: int, d_model: int, heads: int, vocab: int):
                       encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=4 * d_model,
                       decoder_ffn_dim=4 * d_model, max_position_embeddings=2048, dropout=0.0,
                       attention_dropout=0.0, pad_token_id=1, decoder_start_token_id=2)
-
-
-def _rss_hwm() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _naive_loss(method: str, cfg: LossConfig, s_out, t_out, s_model, t_model, batch) -> torch.Tensor:
@@ -131,7 +122,7 @@ def run_variant(args) -> dict:
         return float(loss)
 
     # CPU: the peak resident set cannot be reset, so it is read before the warm-up step (models built).
-    base = _rss_hwm() if device.type == "cpu" else 0
+    base = rss_hwm() if device.type == "cpu" else 0
     losses = [step()]  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -143,7 +134,7 @@ def run_variant(args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_hwm()) - base
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_hwm()) - base
     return {"sec_per_step": seconds, "peak_bytes": max(peak, 0), "loss": losses[-1], "device": device.type}
 
 
@@ -184,16 +175,13 @@ def main() -> None:
     if args.no_write:
         return
     device = results[(sorted(METHODS)[0], "project")]["device"]
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     command = "python benchmarks/attention_capture.py " + " ".join(passthrough)
-    section = (f"\n## Attention capture vs eager `output_attentions` ({datetime.date.today()})\n\n"
-               f"Machine: {machine} ({device}). Command: `{command}`.\n"
-               f"Teacher BART 6-6, student 6-3, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
-               f"source {args.source_len} / target {args.target_len} tokens. One step = teacher forward + student "
-               "forward, loss and backward; peak memory is the growth above the built models. Ratios are project / "
-               "naive, measured in the same run. The two losses agree (same weights, same inputs).\n\n" + table + "\n")
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(section)
+    append_section("Attention capture vs eager `output_attentions`",
+                   f"Machine: {machine(device)} ({device}). Command: `{command}`.\n"
+                   f"Teacher BART 6-6, student 6-3, d_model {args.d_model}, {args.heads} heads, batch {args.batch}, "
+                   f"source {args.source_len} / target {args.target_len} tokens. One step = teacher forward + student "
+                   "forward, loss and backward; peak memory is the growth above the built models. Ratios are project / "
+                   "naive, measured in the same run. The two losses agree (same weights, same inputs).\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ warm-up steps; peak memory is the maximum over ranks.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import append_section, machine  # noqa: E402
 
 
 def assets(root: Path, d_model: int) -> tuple[Path, Path, Path]:
@@ -99,20 +99,17 @@ def main() -> None:
                      f"{r['student_sec_per_step']:.3f} | {r['loss_sec_per_step']:.3f} | {r['peak_memory_gb']:.2f} |")
     speed = project["tokens_per_sec"] / naive["tokens_per_sec"]
     lines.append(f"\nTrainer / naive: {speed:.2f}x the tokens per second. On CPU the peak is the resident set of the "
-                 "whole process (libraries, both models, data), so it moves much less than the step's own allocations.")
+                 "whole process, libraries and both models' shards included.")
     table = "\n".join(lines)
     print(table)
     if args.no_write:
         return
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(f"\n## Whole distillation step: trainer vs naive loop ({datetime.date.today()})\n\n"
-                f"Machine: {machine} (2 CPU ranks, gloo, fp32). Command: `python benchmarks/distill_step.py "
-                f"--steps {args.steps} --micro-batch {args.micro_batch} --d-model {args.d_model}`.\n"
-                "BART 6-6 teacher, 6-3 student, ~500-token sources and ~100-token targets, both ZeRO-3; loss "
-                "0.2·CE + 0.8·τ²·KL + decoder hidden MSE + decoder self/cross attention KL. Student time = "
-                "forward + backward + optimizer step; loss time = features and logits into the loss.\n\n"
-                + table + "\n")
+    append_section("Whole distillation step: trainer vs naive loop",
+                   f"Machine: {machine()} (2 CPU ranks, gloo, fp32). Command: `python benchmarks/distill_step.py "
+                   f"--steps {args.steps} --micro-batch {args.micro_batch} --d-model {args.d_model}`.\n"
+                   "BART 6-6 teacher, 6-3 student, ~500-token sources and ~100-token targets, both ZeRO-3; loss "
+                   "0.2·CE + 0.8·τ²·KL + decoder hidden MSE + decoder self/cross attention KL. Student time = "
+                   "forward + backward + optimizer step; loss time = features and logits into the loss.\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ Two regimes: latency (one example at a time, as the paper's per-example latency)
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +22,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import append_section, machine  # noqa: E402
 from distill.inference import GenerateSettings, generate_batch, generation_config_for, length_sorted_batches  # noqa: E402
 
 
@@ -127,16 +125,13 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
     command = ("python benchmarks/generation.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                              if k != "no_write"))
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(f"\n## Generation: 12-6 student vs 12-12 teacher ({datetime.date.today()})\n\n"
-                f"Machine: {machine} (cpu, float32, SDPA, KV cache). Command: `{command}`.\n"
-                f"BART-shaped random-init models, d_model {args.d_model}; {args.examples} inputs of "
-                f"{args.source_len // 2}-{args.source_len} tokens, every output forced to {args.new_tokens} new "
-                "tokens (greedy). Speed-up = teacher time / student time on the same inputs and path.\n\n"
-                + table + "\n")
+    append_section("Generation: 12-6 student vs 12-12 teacher",
+                   f"Machine: {machine()} (cpu, float32, SDPA, KV cache). Command: `{command}`.\n"
+                   f"BART-shaped random-init models, d_model {args.d_model}; {args.examples} inputs of "
+                   f"{args.source_len // 2}-{args.source_len} tokens, every output forced to {args.new_tokens} new "
+                   "tokens (greedy). Speed-up = teacher time / student time on the same inputs and path.\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,7 @@ Each (variant, size) runs in its own process; peak memory is the growth of the p
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,16 +26,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import append_section, machine, rss_hwm  # noqa: E402
 from distill.losses import logit_divergence  # noqa: E402
 
 TAU = 2.0
-
-
-def _rss_hwm() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def naive(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -63,7 +54,7 @@ def run_one(variant: str, vocab: int, tokens: int, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _rss_hwm()
+        base = rss_hwm()
     times, loss = [], None
     for _ in range(repeats + 1):  # the first run warms up
         student.grad = None
@@ -75,7 +66,7 @@ def run_one(variant: str, vocab: int, tokens: int, repeats: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_hwm()) - base
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_hwm()) - base
     return {"seconds": min(times[1:]), "peak_bytes": peak, "loss": float(loss), "device": device.type,
             "dtype": str(dtype).replace("torch.", "")}
 
@@ -120,15 +111,12 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    machine = (torch.cuda.get_device_name() if device[0] == "cuda"
-               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores")
     command = f"python benchmarks/logit_loss.py --sizes={args.sizes} --repeats={args.repeats}"
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(f"\n## Logit loss: chunked vs naive full-vocabulary KL ({datetime.date.today()})\n\n"
-                f"Machine: {machine} ({device[0]}, {device[1]} logits). Command: `{command}`.\n"
-                "Forward KL at τ = 2, forward and backward, fastest of the repeats; peak memory is the growth "
-                "above the two input logit tensors. Ratios are project / naive in the same run; both losses "
-                "agree.\n\n" + table + "\n")
+    append_section("Logit loss: chunked vs naive full-vocabulary KL",
+                   f"Machine: {machine(device[0])} ({device[0]}, {device[1]} logits). Command: `{command}`.\n"
+                   "Forward KL at τ = 2, forward and backward, fastest of the repeats; peak memory is the growth "
+                   "above the two input logit tensors. Ratios are project / naive in the same run; both losses "
+                   "agree.\n\n" + table)
 
 
 if __name__ == "__main__":

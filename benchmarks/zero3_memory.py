@@ -19,7 +19,6 @@ the same formula at that world size and precision.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -32,6 +31,8 @@ import torch
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 GIB = 2**30
+
+from benchmarks.common import append_section  # noqa: E402
 
 
 def _count(config) -> tuple[int, int]:
@@ -132,11 +133,10 @@ def main() -> None:
         text += "\n\n" + check()
     print(text)
     if not args.no_write:
-        with open(ROOT / "BENCHMARKS.md", "a") as f:
-            f.write(f"\n## ZeRO-3 memory per rank, on paper ({datetime.date.today()})\n\n"
-                    "Command: `python benchmarks/zero3_memory.py`. bf16 weights and gradients, fp32 master weights "
-                    "and Adam moments, all partitioned over the GPUs; the working set is the largest layer of each "
-                    "model gathered in bf16, current and prefetched. Activations are not counted.\n\n" + text + "\n")
+        append_section("ZeRO-3 memory per rank, on paper",
+                       "Command: `python benchmarks/zero3_memory.py`. bf16 weights and gradients, fp32 master weights "
+                       "and Adam moments, all partitioned over the GPUs; the working set is the largest layer of each "
+                       "model gathered in bf16, current and prefetched. Activations are not counted.\n\n" + text)
 
 
 if __name__ == "__main__":
