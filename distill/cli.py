@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -218,14 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.cluster import adopt_slurm_env
+    from distill.cluster import adopt_slurm_env, leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank
+    leave_process_group_at_exit()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except DistillError as exc:
-        print(f"distill: error: {exc}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank hits the same check; one line says it
+            print(f"distill: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

@@ -63,6 +63,24 @@ def adopt_slurm_env() -> None:
     os.environ.update(slurm_torch_env(os.environ))
 
 
+def leave_process_group_at_exit() -> None:
+    """At interpreter exit, tear the process group down. Exiting while its communication threads
+    still run can abort a rank ("terminate called without an active exception") after its work is
+    done, failing a job that succeeded."""
+    import atexit
+
+    atexit.unregister(_leave_process_group)  # once, however often main() runs in one process
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    # No barrier: a rank that failed alone must still be able to exit (the launcher then stops the rest).
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class StopRequest:
     """A request to stop at the end of the current step: a signal to this process, or a stop file."""
 

@@ -258,6 +258,8 @@ def run_generation(model, tokenizer, examples: list[Example], settings: Generate
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out)
     done = done_records(out)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has read what is done before any rank writes more: same batches everywhere
     if len(done) == len(examples) and out.is_file():
         return [done[e.id] for e in examples]
     todo = [e for e in examples if e.id not in done]

@@ -47,9 +47,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from distill.cluster import adopt_slurm_env
+    from distill.cluster import adopt_slurm_env, leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank: SLURM_* -> RANK, WORLD_SIZE, MASTER_ADDR, ...
+    leave_process_group_at_exit()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = int(os.environ.get("RANK", 0))

@@ -65,10 +65,6 @@ class Trainer:
             self.vocab = check_pair(self.teacher_config, self.student_config,
                                     load_tokenizer(cfg.teacher, "teacher"), self.tokenizer)
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
-            if self.teacher_config.is_encoder_decoder != self.student_config.is_encoder_decoder:
-                kinds = {True: "an encoder-decoder", False: "a decoder-only"}
-                raise DistillError(f"the teacher is {kinds[self.teacher_config.is_encoder_decoder]} model and the "
-                                   f"student {kinds[self.student_config.is_encoder_decoder]} one: distill pairs of one kind")
         if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
             raise DistillError("training.freeze_encoder needs an encoder-decoder student")
         # Every layer map, head count and width is checked here, from the configs alone.

@@ -206,13 +206,15 @@ def test_t5_distills(tiny_family, demo_assets, tmp_path):
     assert sorted(m) == [1, 2, 3] and all(r["loss/kd"] >= 0 for r in m.values())
 
 
-def test_decoder_only_training_is_refused_clearly(tiny_family, demo_assets, tmp_path, capsys):
+def test_encoder_decoder_teacher_with_decoder_only_student_is_refused(tiny_family, demo_assets, tmp_path, capsys):
     from distill.launch import main
 
-    code = main(["--config", str(ROOT / "recipes/demo/baseline.yaml"), f"student.path={tiny_family['llama']}",
-                 f"data.path={demo_assets['data']}", f"training.output_dir={tmp_path}"])
+    code = main(["--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={demo_assets['teacher']}",
+                 f"student.path={tiny_family['llama']}", f"data.path={demo_assets['data']}",
+                 f"training.output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("distill: error: decoder-only students load, but")
+    assert code == 2 and err[-1] == "distill: error: teacher is encoder-decoder but student is decoder-only"
+    assert not (tmp_path / "run").exists()
 
 
 def test_generation_during_training_and_best_checkpoint(kd_run):
