@@ -231,16 +231,14 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: Optional[tor
     except Exception as exc:  # a torn or foreign file: DeepSpeed raises many types
         raise DistillError(f"cannot consolidate checkpoint {root / tag}: {first_line(exc)}") from None
     state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-    run_config = None
-    results = None
-    if (files / "run_config.json").is_file():
-        run_config = json.loads((files / "run_config.json").read_text())
-    for candidate in (root.parent / "eval_results.json",):
-        if candidate.is_file():
-            results = json.loads(candidate.read_text())
+    run_config, results = (_read_json(p) for p in (files / "run_config.json", root.parent / "eval_results.json"))
     write_model_dir(config, state, tokenizer, Path(out_dir), dtype, model_card(config, run_config, results),
                     max_shard_size, generation_config)
     return {"checkpoint": str(root / tag), "world_size": world, "tensors": len(state), "out_dir": str(out_dir)}
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_shapes(tag_dir: Path, config, files: Path) -> None:
