@@ -23,6 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
+from distill.cluster import join_process_group  # noqa: E402
 from distill.config import ModelConfig, load_config  # noqa: E402
 from distill.data import BatchStream, Seq2SeqCollator, load_split  # noqa: E402
 from distill.dsconfig import read_ds_config, resolve_ds_config  # noqa: E402
@@ -34,7 +35,7 @@ from distill.monitor import peak_memory_gb, reduce_max, reduce_mean  # noqa: E40
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     cfg = load_config(args[args.index("--config") + 1], [a for a in args if "=" in a and not a.startswith("--")])
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    join_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     t = cfg.training

@@ -63,6 +63,35 @@ def adopt_slurm_env() -> None:
     os.environ.update(slurm_torch_env(os.environ))
 
 
+def join_process_group() -> None:
+    """Join the launcher's process group through DeepSpeed (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None)
+    _release_shm_workspace(dist.get_rank(), dist.get_world_size())
+
+
+def _release_shm_workspace(rank: int, world: int) -> None:
+    """Unlink this rank's name of DeepSpeed's CPU all-reduce workspace once every rank has mapped it.
+
+    DeepSpeed's CPU backend gives each rank a 66 MB POSIX shared-memory file named after the master
+    address and port, and never removes it. /dev/shm is RAM: run after run (a new port each time) they
+    pile up until the machine runs out of memory. The mappings stay valid after the unlink, and the
+    memory goes back when the last rank exits, however it exits."""
+    import torch.distributed as dist
+    from deepspeed import comm
+
+    backend = getattr(comm.comm, "cdb", None)
+    if getattr(backend, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(world):
+        return  # no shared-memory workspace: another accelerator, or ranks on several nodes
+    dist.barrier()  # every rank has opened every other rank's file
+    name = f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_" \
+           f"{os.environ.get('MASTER_PORT', '')}_{rank}"
+    Path(name).unlink(missing_ok=True)
+
+
 def leave_process_group_at_exit() -> None:
     """At interpreter exit, tear the process group down. Exiting while its communication threads
     still run can abort a rank ("terminate called without an active exception") after its work is

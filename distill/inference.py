@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from distill.cluster import join_process_group
 from distill.errors import DistillError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -323,6 +324,4 @@ def _sync(device: torch.device) -> None:
 def init_ranks() -> None:
     """Join the launcher's process group when there is one (deepspeed, torchrun); a lone process has none."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        join_process_group()

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from distill import checkpoint
 from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
-from distill.cluster import StopRequest
+from distill.cluster import StopRequest, join_process_group
 from distill.config import RunConfig, save_config
 from distill.data import (IGNORE_INDEX, BatchStream, CausalCollator, Seq2SeqCollator, causal_model_inputs, drop_overlong,
                           eval_loader, load_split, on_policy_batch, prompts_of)
@@ -97,8 +97,7 @@ class Trainer:
 
         cfg, t = self.cfg, self.cfg.training
         self.check_inputs()
-        backend = "gloo" if self.accelerator.device_name() == "cpu" else None
-        deepspeed.init_distributed(dist_backend=backend)
+        join_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.accelerator.device_name() != "cpu":
             self.accelerator.set_device(_world()[2])  # before zero.Init places any shard

@@ -2,6 +2,7 @@
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,21 @@ def test_stop_request_by_signal_or_file(tmp_path):
     finally:
         stop.close()
     assert signal.getsignal(signal.SIGUSR1) == before
+
+
+@pytest.mark.integration
+def test_ranks_leave_no_shared_memory_behind():
+    """DeepSpeed's CPU backend keeps an all-reduce workspace per rank in /dev/shm (RAM) and never
+    removes it; a run through ``join_process_group`` must leave nothing there, and all-reduce still works."""
+    import json
+
+    import ranks
+
+    shm = Path("/dev/shm")
+    before = set(shm.glob("deepspeed_allreduce_buffer_*"))
+    proc = ranks.launch(ranks.ROOT / "tests/scripts/all_reduce.py", [])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert all(r["sums"] == [[3.0], [3.0]] and r["shm"] for r in rows), rows  # 1 + 2 on every rank
+    assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= before

@@ -2,7 +2,6 @@
 tiny local models, one process and 2 ranks."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import ranks
+
 from distill.cli import main
-from distill.demo import free_port
 
 ROOT = Path(__file__).parents[1]
 DISTILL = str(Path(sys.executable).with_name("distill"))
@@ -117,11 +117,8 @@ def test_generate_bad_input(trained_teacher, data, tmp_path, capsys, args, messa
     assert not (tmp_path / "g.jsonl").exists()
 
 
-def _launch(args, nproc=2, timeout=600):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), str(ROOT / "launchers/distill_cli.py"), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def _launch(args):
+    return ranks.launch(ROOT / "launchers/distill_cli.py", args)
 
 
 @pytest.mark.integration
@@ -179,14 +176,12 @@ def test_pseudo_labels_interrupted_resumed_and_trained_on(trained_teacher, demo_
 
     student = tmp_path / "student"
     make_student(str(trained_teacher), str(student), decoder_layers=1)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     run = tmp_path / "run"
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "launchers/run.py"), "--config", str(ROOT / "recipes/distilbart_xsum_pl.yaml"),
-           f"student.path={student}", f"data.path={out}", "training.precision=fp32", "training.micro_batch_size=4",
-           "training.gradient_accumulation_steps=1", "training.max_steps=3", "training.warmup_steps=0",
-           "training.save_every=3", "training.log_every=1", "training.eval_every=0", f"training.output_dir={run}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = ranks.launch(ROOT / "launchers/run.py", [
+        "--config", ROOT / "recipes/distilbart_xsum_pl.yaml", f"student.path={student}", f"data.path={out}",
+        "training.precision=fp32", "training.micro_batch_size=4", "training.gradient_accumulation_steps=1",
+        "training.max_steps=3", "training.warmup_steps=0", "training.save_every=3", "training.log_every=1",
+        "training.eval_every=0", f"training.output_dir={run}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (run / "final" / "model.safetensors").exists()
 

@@ -1,26 +1,20 @@
 """Real runs: 2 CPU ranks under the deepspeed launcher, teacher and student both ZeRO-3 partitioned."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from distill.demo import free_port
+import ranks
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.integration
 
 
-def launch(overrides, recipe=ROOT / "recipes/demo/kd.yaml", nproc=2, timeout=600):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), str(ROOT / "launchers/run.py"), "--config", str(recipe), *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def launch(overrides, recipe=ROOT / "recipes/demo/kd.yaml", nproc=2):
+    return ranks.launch(ROOT / "launchers/run.py", ["--config", recipe, *overrides], nproc)
 
 
 def metrics(run_dir):
@@ -180,10 +174,7 @@ def tiny_family(demo_assets, tmp_path_factory):
 
 
 def test_every_family_loads_partitioned(tiny_family):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/scripts/load_zero3.py"), *map(str, tiny_family.values())]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = ranks.launch(ROOT / "tests/scripts/load_zero3.py", list(tiny_family.values()))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted(r["type"] for r in rows) == ["llama", "marian", "pegasus", "t5"]

@@ -4,16 +4,14 @@ T5 teacher and a narrower random-init student)."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import ranks
+
 from distill.config import load_config
-from distill.demo import free_port
 
 ROOT = Path(__file__).parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
@@ -128,10 +126,7 @@ def recipe_runs(demo_assets, t5_pair, decoder_pairs, tmp_path_factory):
                  [*common, f"teacher.path={qwen_teacher}", f"student.path={qwen_student}",
                   f"training.output_dir={out / 'qwen_minilmv2'}"]])
     (out / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/scripts/run_recipes.py"), str(out / "jobs.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = ranks.launch(ROOT / "tests/scripts/run_recipes.py", [out / "jobs.json"], timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 

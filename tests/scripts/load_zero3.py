@@ -12,11 +12,12 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from distill.cluster import join_process_group
 from distill.config import ModelConfig, load_config
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.models import hidden_size, load_model, load_model_config, rank_param_counts
 
-deepspeed.init_distributed(dist_backend="gloo")
+join_process_group()
 run = load_config(None, ["student.path=x", "student.ds_config=x", "data.path=x", "training.output_dir=x",
                          "training.micro_batch_size=2"])
 for path in [a for a in sys.argv[1:] if not a.startswith("--")]:  # the launcher adds --local_rank

@@ -1,0 +1,48 @@
+"""Launch a script on CPU ranks under the real ``deepspeed`` launcher, the way users run the project."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from distill.demo import free_port
+
+ROOT = Path(__file__).parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
+
+
+@functools.cache
+def _build_cpu_comm_op() -> None:
+    """DeepSpeed compiles its CPU all-reduce op on first use (g++, half a minute on a quiet machine, much
+    longer on a loaded one). Built here once, with no time limit, so a launch's timeout never kills the
+    compiler halfway: that would leave the build's lock file behind and every later launch waiting on it."""
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    subprocess.run([sys.executable, "-c", code], env=ENV, check=True, capture_output=True, cwd=ROOT)
+
+
+def launch(script: Path | str, args: list[str], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``deepspeed --num_gpus nproc script args`` on a free port. On a timeout the whole process group
+    goes (launcher, ranks, anything they started), so nothing is left running into later tests."""
+    _build_cpu_comm_op()
+    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port()), str(script), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _kill(proc)
+        raise AssertionError(f"{Path(script).name} on {nproc} ranks ran past {timeout} s\n{out[-2000:]}{err[-2000:]}")
+    except BaseException:  # the test itself timed out or was interrupted
+        _kill(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill(proc: subprocess.Popen) -> tuple[str, str]:
+    os.killpg(proc.pid, signal.SIGKILL)
+    return proc.communicate()
