@@ -284,35 +284,6 @@ def causal_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
             "attention_mask": None if packed else batch["attention_mask"], "use_cache": False}
 
 
-def on_policy_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A ``CausalCollator``-style batch from prompts and the responses a model sampled for them: the
-    labels cover the responses only, aligned with the logits (``labels[t]`` = the token at t+1)."""
-    rows = [p + r for p, r in zip(prompts, responses)]
-    width = max(len(r) for r in rows)
-    out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-           "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
-           "position_ids": torch.zeros(len(rows), width, dtype=torch.long),
-           "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-           "weight": torch.ones(len(rows))}
-    for i, (prompt, row) in enumerate(zip(prompts, rows)):
-        n = len(row)
-        out["input_ids"][i, :n] = torch.tensor(row)
-        out["attention_mask"][i, :n] = 1
-        out["position_ids"][i] = torch.arange(width)  # padding continues the count: no restart, no packing
-        out["labels"][i, len(prompt) - 1:n - 1] = torch.tensor(row[len(prompt):], dtype=torch.long)
-    return out
-
-
-def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
-    """Each row's prompt: its tokens up to the first one whose successor is a target."""
-    prompts = []
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
-        targets = (labels != IGNORE_INDEX).nonzero()
-        end = int(targets[0]) + 1 if len(targets) else int((batch["attention_mask"][len(prompts)]).sum())
-        prompts.append(ids[:end].tolist())
-    return prompts
-
-
 def epoch_order(n: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
     """This rank's micro-batches for one epoch: a seeded shuffle, cut to whole global batches.
 

@@ -24,13 +24,14 @@ from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
 from distill.cluster import StopRequest, join_process_group
 from distill.config import RunConfig, save_config
 from distill.data import (IGNORE_INDEX, BatchStream, CausalCollator, Seq2SeqCollator, causal_model_inputs, drop_overlong,
-                          eval_loader, load_split, on_policy_batch, prompts_of)
+                          eval_loader, load_split)
 from distill.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
 from distill.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.models import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
 from distill.monitor import Monitor, agreement_sums, peak_memory_gb, reduce_max, reduce_mean
 from distill.objective import Objective, Output, teacher_forced_sums
+from distill.on_policy import is_on_policy, sample_batch, sampling_config
 from distill.schedules import lr_multiplier
 
 SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
@@ -200,9 +201,9 @@ class Trainer:
         while self.step < t.max_steps:
             for micro in range(t.gradient_accumulation_steps):
                 batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
-                gold = not self._on_policy(micro)
+                gold = not is_on_policy(self.cfg.loss.on_policy_fraction, t.seed, self.step, micro)
                 if not gold:
-                    batch = self._sample_responses(batch)
+                    batch = self._sample_targets(batch)
                 t0 = self._sync()
                 teacher = self._teacher_forward(batch) if teacher_first else None
                 t1 = self._sync()
@@ -262,37 +263,17 @@ class Trainer:
             _write_json(self.out / "memory.json", {"world_size": self.world, "precision": self.cfg.training.precision,
                                                    "per_rank": ranks})
 
-    def _on_policy(self, micro: int) -> bool:
-        """Whether this micro-batch is on-policy: drawn from (seed, step, micro-batch), so every rank
-        draws the same and a resumed run draws as the uninterrupted one did."""
-        fraction = self.cfg.loss.on_policy_fraction
-        if fraction <= 0:
-            return False
-        draw = random.Random(self.cfg.training.seed * 1_000_003 + self.step * 1_009 + micro).random()
-        return draw < fraction
-
-    @torch.no_grad()
-    def _sample_responses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The batch's prompts with responses the student samples itself (GKD). Under ZeRO-3 every
-        rank samples at once, in step (``synced_gpus``), since each forward gathers from all."""
-        cfg = self.cfg.loss
+    def _sample_targets(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch with targets the student samples itself (GKD), all ranks in step under ZeRO-3."""
+        cfg, tok = self.cfg.loss, self.tokenizer
         model = self.student.module.model
-        prompts = prompts_of(batch)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        sampling = sampling_config(model.generation_config, cfg.on_policy_max_new_tokens, cfg.on_policy_temperature,
+                                   pad, tok.eos_token_id)
         self.student.eval()
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.on_policy_temperature,
-                             max_new_tokens=cfg.on_policy_max_new_tokens, pad_token_id=pad,
-                             synced_gpus=self._partitioned_student and self.world > 1)
+        batch = sample_batch(model, batch, sampling, synced_gpus=self._partitioned_student and self.world > 1)
         self.student.train()
-        eos = self.tokenizer.eos_token_id
-        responses = []
-        for row in out[:, width:].tolist():
-            end = row.index(eos) + 1 if eos in row else len(row)  # keep the EOS: ending is part of the answer
-            responses.append(row[:end] or [eos])
-        return {k: v.to(self.device) for k, v in on_policy_batch(prompts, responses, pad).items()}
+        return batch
 
     def _save(self) -> None:
         checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.training.keep_checkpoints,
