@@ -71,8 +71,8 @@ def _load(a: argparse.Namespace, path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # one line per problem, not per batch
+    device = device_for_rank()  # before the process group, so NCCL binds each rank to its own GPU
     init_ranks()
-    device = device_for_rank()
     model, tokenizer, _ = load_for_generation(path, _settings(a), device, a.ds_config)
     return model, tokenizer, device
 
