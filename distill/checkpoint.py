@@ -1,40 +1,60 @@
-"""Checkpoints: the student's DeepSpeed state plus the trainer's own, and an honest "latest" marker.
+"""Checkpoints: the student's DeepSpeed state plus the trainer's own, checksummed, with an honest "latest".
 
 Layout of ``<output_dir>/checkpoints``:
 
     step-00000200/            DeepSpeed's files (weights, optimizer, scheduler) for every rank
     step-00000200/trainer_state_rank{r}.pt   step, data position, RNG states of rank r
-    latest                    the newest *complete* tag (DeepSpeed's own tools read this file too)
+    step-00000200/checksums.json             size and sha256 of every file above, world size, run id
+    latest                    the newest complete tag (DeepSpeed's own tools read this file too)
 
-"latest" is rewritten atomically by rank 0 only after every rank has finished writing, so a run
-killed halfway through a save still resumes from the previous complete checkpoint.
+A save writes into ``step-N.partial``; only when every rank's files are on disk, hashed and fsynced
+does rank 0 write the manifest, rename the directory to ``step-N`` and move ``latest``. So a kill or a
+full disk halfway leaves at most a ``.partial`` directory, never a tag that looks complete. Resuming
+verifies the checksums (each rank hashes a share of the files) and falls back to the newest intact
+checkpoint when the latest is torn. Pruning only ever removes checkpoints of the same run (run id).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from distill.errors import DistillError
+from distill.errors import DistillError, first_line
 
 LATEST = "latest"
-_TAG = re.compile(r"^step-(\d+)$")
+MANIFEST = "checksums.json"
+PARTIAL = ".partial"
+_TAG = re.compile(r"^step-(\d{8,})$")
+
+# gather(x) -> [x of rank 0, x of rank 1, ...]: an all-gather, or [x] in a single process.
+Gather = Callable[[Any], list]
 
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _state_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
-    return ckpt_dir / tag / f"trainer_state_rank{rank}.pt"
+def step_of(tag: str) -> int:
+    return int(_TAG.match(tag).group(1))
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def state_file(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / f"trainer_state_rank{rank}.pt"
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,70 +72,253 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ---- durable files ---------------------------------------------------------------------------------
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text``: a reader sees the old or the new content, never a torn one, even
+    after a power loss (file and directory are fsynced)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_digest(path: Path, sync: bool = False) -> dict[str, Any]:
+    """Size and sha256 of a file; with ``sync`` its data is fsynced too (it was just written)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def describe_write_error(exc: BaseException, path: Path) -> str:
+    """One line for a failed write. torch's C++ writer hides ENOSPC behind messages such as
+    "basic_ios::clear", so a nearly full disk is named from the free space left."""
+    code = getattr(exc, "errno", None)
+    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+    if code in reasons:
+        return f"{reasons[code]} ({path})"
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 16 << 20:
+        return f"no space left on device ({free >> 10} KiB free at {path})"
+    return f"{first_line(exc)} ({path})"
+
+
+# ---- reading ---------------------------------------------------------------------------------------
 
 def read_latest(ckpt_dir: Path) -> Optional[str]:
-    marker = ckpt_dir / LATEST
-    return marker.read_text().strip() if marker.is_file() else None
+    """The tag ``latest`` names, or None when it is missing, empty or not a tag."""
+    marker = Path(ckpt_dir) / LATEST
+    try:
+        text = marker.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if _TAG.match(text) else None
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int,
-         write_model_files: Optional[Callable[[Path], None]] = None) -> str:
-    """Write a complete checkpoint on every rank, then mark it latest and prune older ones.
-
-    ``write_model_files(tag_dir)`` (rank 0) adds what an offline export needs besides the weights."""
-    tag = tag_for(step)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save({**trainer_state, "rng": rng_state(), "world_size": world}, _state_file(ckpt_dir, tag, rank))
-    if rank == 0 and write_model_files is not None:
-        write_model_files(ckpt_dir / tag)
-    dist.barrier()  # every rank's files are on disk before the tag becomes "latest"
-    if rank == 0:
-        write_atomic(ckpt_dir / LATEST, tag)
-        _prune(ckpt_dir, keep)
-    dist.barrier()
-    return tag
+def read_manifest(tag_dir: Path) -> Optional[dict[str, Any]]:
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
 
-def _prune(ckpt_dir: Path, keep: int) -> None:
-    latest = read_latest(ckpt_dir)
-    tags = sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)
-    complete = [t for t in tags if latest is not None and t <= latest]
-    for tag in complete[keep:]:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    # Anything newer than "latest" is a save that never finished: it would never be resumed from.
-    for tag in tags:
-        if latest is not None and tag > latest:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags of finished saves (renamed from .partial), newest first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    return sorted((p.name for p in Path(ckpt_dir).iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)
 
 
-def resolve_resume(ckpt_dir: Path, resume: str, world_size: int) -> Optional[str]:
-    """The tag to resume from, or None to start fresh. Checked on every rank before any model loads."""
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` already holds a run's checkpoints or exported student (metrics alone are
+    what a run killed before its first checkpoint leaves: nothing to resume, nothing to protect)."""
+    ckpt = out_dir / "checkpoints"
+    return bool(complete_tags(ckpt)) or (ckpt / LATEST).exists() or (out_dir / "final").exists()
+
+
+def verify(tag_dir: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """What is wrong with this rank's share (every world-th file) of a checkpoint, or None."""
+    manifest = read_manifest(tag_dir)
+    if manifest is None:
+        return f"{MANIFEST} is missing or unreadable"
+    names = sorted(manifest["files"])
+    expected = [state_file(Path(""), r).name for r in range(int(manifest.get("world_size", 0)))]
+    if rank == 0 and (not expected or any(name not in manifest["files"] for name in expected)):
+        return "its manifest lists no trainer state for some rank"
+    for name in names[rank::world]:
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        want = manifest["files"][name]
+        if path.stat().st_size != want["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
+        if file_digest(path)["sha256"] != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def verify_all(tag_dir: Path, rank: int, world: int, gather: Gather) -> Optional[str]:
+    """The first problem any rank found in its share, the same answer on every rank."""
+    return next((p for p in gather(verify(tag_dir, rank, world)) if p), None)
+
+
+def resolve_resume(ckpt_dir: Path, resume: str, world_size: int, rank: int = 0, gather: Gather = lambda x: [x],
+                   say: Callable[[str], None] = print) -> Optional[str]:
+    """The verified tag to resume from, or None to start fresh. With ``auto``, a torn or corrupted
+    latest checkpoint falls back to the newest intact older one, with one line saying so."""
+    ckpt_dir = Path(ckpt_dir)
     if resume == "never":
         return None
-    tag = read_latest(ckpt_dir) if resume == "auto" else resume
-    if tag is None:
-        return None
-    if not (ckpt_dir / tag).is_dir():
-        raise DistillError(f"checkpoint '{tag}' not found in {ckpt_dir}")
-    missing = [r for r in range(world_size) if not _state_file(ckpt_dir, tag, r).is_file()]
-    if missing:
-        found = len(list((ckpt_dir / tag).glob("trainer_state_rank*.pt")))
-        raise DistillError(f"checkpoint {ckpt_dir / tag} holds trainer state for {found} ranks, this run has "
-                           f"{world_size}; resume with the world size that wrote it")
+    if resume != "auto":
+        if not (ckpt_dir / resume).is_dir():
+            raise DistillError(f"checkpoint '{resume}' not found in {ckpt_dir}")
+        problem = verify_all(ckpt_dir / resume, rank, world_size, gather)
+        if problem:
+            raise DistillError(f"checkpoint {ckpt_dir / resume} is damaged: {problem}")
+        return _check_world(ckpt_dir / resume, world_size)
+    tags = complete_tags(ckpt_dir)
+    latest = read_latest(ckpt_dir)
+    if latest is None and (ckpt_dir / LATEST).exists():
+        say(f"distill: {ckpt_dir / LATEST} is empty or unreadable; looking for the newest intact checkpoint")
+    elif latest is not None:
+        tags = [t for t in tags if t <= latest]
+        if latest not in tags:
+            say(f"distill: {ckpt_dir / LATEST} names {latest}, which does not exist")
+    damaged = []
+    for tag in tags:
+        problem = verify_all(ckpt_dir / tag, rank, world_size, gather)
+        if problem is None:
+            if damaged:
+                say(f"distill: {'; '.join(damaged)}; resuming from {tag}, the newest intact checkpoint")
+            return _check_world(ckpt_dir / tag, world_size)
+        damaged.append(f"checkpoint {tag} is damaged ({problem})")
+    if damaged:
+        raise DistillError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(damaged)} "
+                           "(training.resume=never with a new training.output_dir starts over)")
+    return None
+
+
+def _check_world(tag_dir: Path, world_size: int) -> str:
+    written = int(read_manifest(tag_dir)["world_size"])
+    if written != world_size:
+        raise DistillError(f"checkpoint {tag_dir} was written by {written} ranks and this run has {world_size}: "
+                           f"resume it with {written} ranks")
+    return tag_dir.name
+
+
+def run_id_of(tag_dir: Path) -> str:
+    return read_manifest(tag_dir)["run_id"]
+
+
+def newer_than(ckpt_dir: Path, tag: str) -> list[str]:
+    return [t for t in complete_tags(ckpt_dir) if t > tag]
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int, run_id: str,
+         rank: int, world: int, gather: Gather, barrier: Callable[[], None],
+         write_model_files: Optional[Callable[[Path], None]] = None) -> str:
+    """Write a complete checkpoint from every rank, then mark it latest and prune this run's older ones.
+
+    ``write_model_files(tag_dir)`` (rank 0) adds what an offline export needs besides the weights. A
+    failure on any rank (a full disk, say) removes the partial directory and raises one line on every rank."""
+    tag = tag_for(step)
+    partial, final = ckpt_dir / (tag + PARTIAL), ckpt_dir / tag
+    # A NaN model never becomes latest, nor makes the pruning remove the last finite checkpoint.
+    if not all(gather(all_finite(engine.module))):
+        raise DistillError(f"the weights are not finite at step {step}: not saved, not exported; the last finite "
+                           f"checkpoint is {read_latest(ckpt_dir) or 'none'}")
+
+    def on_every_rank(action: Callable[[], Any]) -> list:
+        try:
+            result, error = action(), None
+        except Exception as exc:  # noqa: BLE001 - any failure of any rank must reach every rank
+            result, error = None, describe_write_error(exc, partial)
+        outcomes = gather((result, error))
+        failed = next((e for _, e in outcomes if e), None)
+        if failed:
+            barrier()
+            if rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise DistillError(f"saving checkpoint {final} failed: {failed}")
+        return [r for r, _ in outcomes]
+
+    def write() -> None:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
+        torch.save({**trainer_state, "rng": rng_state(), "world_size": world}, state_file(partial, rank))
+        if rank == 0 and write_model_files is not None:
+            write_model_files(partial)
+
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+    barrier()
+    on_every_rank(write)
+    barrier()  # every rank's files exist before any rank lists them
+    names = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+    shares = on_every_rank(lambda: {n: file_digest(partial / n, sync=True) for n in names[rank::world]})
+
+    def publish() -> None:
+        if rank != 0:
+            return
+        files = {name: digest for share in shares for name, digest in share.items()}
+        manifest = {"tag": tag, "step": step, "world_size": world, "run_id": run_id, "files": files}
+        write_atomic(partial / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        for d in sorted({(partial / n).parent for n in names}, reverse=True):
+            fsync_dir(d)
+        if final.exists():  # this run's own unmarked save of the same step (killed before "latest" moved)
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        fsync_dir(ckpt_dir)
+        write_atomic(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep, run_id)
+
+    on_every_rank(publish)
     return tag
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+def all_finite(module: torch.nn.Module) -> bool:
+    """Whether this rank's parameters (its ZeRO-3 partitions, or whole tensors) are all finite."""
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def prune(ckpt_dir: Path, keep: int, run_id: str) -> None:
+    """Keep the ``keep`` newest checkpoints of run ``run_id`` up to latest; never touch another run's."""
+    latest = read_latest(ckpt_dir)
+    mine = [t for t in complete_tags(ckpt_dir)
+            if latest is not None and t <= latest and (read_manifest(ckpt_dir / t) or {}).get("run_id") == run_id]
+    for tag in mine[keep:]:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
     """Restore the student's engine and this rank's trainer state; returns the trainer state."""
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise DistillError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    state = torch.load(_state_file(ckpt_dir, tag, dist.get_rank()), weights_only=False)
+    state = torch.load(state_file(ckpt_dir / tag, rank), weights_only=False)
     set_rng_state(state.pop("rng"))
     return state

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from distill.errors import DistillError
 
@@ -38,6 +39,13 @@ def _check_config(a: argparse.Namespace) -> None:
         print(f"{key} = {value!r}")
 
 
+def _train(a: argparse.Namespace) -> int:
+    from distill.supervise import train
+
+    status = train(a.launcher, a.nproc, a.master_port, a.config, a.overrides)
+    return status if status >= 0 else 128 - status  # killed by a signal: the shell's convention
+
+
 def _demo(a: argparse.Namespace) -> None:
     from distill.demo import run_demo
 
@@ -53,28 +61,54 @@ def _export(a: argparse.Namespace) -> None:
           f"to {info['out_dir']}")
 
 
-def _settings(a: argparse.Namespace):
-    from distill.inference import GENERATION_KEYS, GenerateSettings
-
+def _check_flags(a: argparse.Namespace) -> None:
     for key in ("batch_size", "max_source_length", "max_new_tokens", "num_beams", "top_k", "max_samples"):
         value = getattr(a, key, None)
         if value is not None and value < 1:
             raise DistillError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
-    return GenerateSettings(batch_size=a.batch_size, max_source_length=a.max_source_length,
-                            source_prefix=a.source_prefix, dtype=a.dtype, static_cache=a.static_cache,
-                            compile=a.compile, generation={k: getattr(a, k) for k in GENERATION_KEYS})
 
 
-def _load(a: argparse.Namespace, path: str):
-    from distill.inference import device_for_rank, init_ranks, load_for_generation
-
+def _start(a: argparse.Namespace):
+    """This rank's device, in the launcher's process group if there is one (the output checks that come
+    before any weights load are decided on rank 0 and shared)."""
     from transformers.utils import logging as hf_logging
 
+    from distill.inference import device_for_rank, init_ranks
+
     hf_logging.set_verbosity_error()  # one line per problem, not per batch
+    _check_flags(a)
     device = device_for_rank()  # before the process group, so NCCL binds each rank to its own GPU
     init_ranks()
-    model, tokenizer, _ = load_for_generation(path, _settings(a), device, a.ds_config)
-    return model, tokenizer, device
+    return device
+
+
+class _Opened(NamedTuple):
+    location: str
+    config: Any
+    tokenizer: Any
+    settings: Any
+
+
+def _open(a: argparse.Namespace, path: str, device) -> _Opened:
+    """A model with its settings, its weights not loaded yet: a missing model or a --max-source-length it
+    cannot take fails before any data or weights load."""
+    from distill.inference import GENERATION_KEYS, GenerateSettings, open_model, resolve_dtype, source_length
+
+    location, config, tokenizer = open_model(path)
+    dtype = str(resolve_dtype(a.dtype, device)).removeprefix("torch.")  # "auto" as it resolves on this device
+    settings = GenerateSettings(batch_size=a.batch_size,
+                                max_source_length=source_length(config, tokenizer, a.max_source_length),
+                                source_prefix=a.source_prefix, dtype=dtype, static_cache=a.static_cache,
+                                compile=a.compile, generation={k: getattr(a, k) for k in GENERATION_KEYS})
+    return _Opened(location, config, tokenizer, settings)
+
+
+def _load(a: argparse.Namespace, opened: _Opened, device):
+    """(model, tokenizer, device, settings) from what ``_open`` returned."""
+    from distill.inference import load_for_generation
+
+    model, _ = load_for_generation(opened.location, opened.config, opened.settings, device, a.ds_config)
+    return model, opened.tokenizer, device, opened.settings
 
 
 def _examples(a: argparse.Namespace):
@@ -83,33 +117,50 @@ def _examples(a: argparse.Namespace):
     return read_examples(a.data, a.split, a.source_column, a.target_column, a.name, a.max_samples)
 
 
-def _generate(a: argparse.Namespace) -> None:
-    from distill.inference import run_generation
+def _fingerprint(a: argparse.Namespace, opened: _Opened, examples) -> dict:
+    from distill.inference import data_origin, fingerprint
 
-    examples = _examples(a)  # before the model: a bad path or column fails fast
-    model, tokenizer, device = _load(a, a.model)
-    records = run_generation(model, tokenizer, examples, _settings(a), Path(a.out), device, synced=a.ds_config is not None)
+    data = data_origin(a.data, a.split, a.source_column, a.target_column, a.name)
+    return fingerprint(opened.location, opened.settings, examples, data)
+
+
+def _generate(a: argparse.Namespace) -> None:
+    from distill.inference import claim_output, run_generation
+
+    device = _start(a)
+    opened = _open(a, a.model, device)
+    examples = _examples(a)  # before the weights: a bad path or column fails fast
+    claim_output(Path(a.out), _fingerprint(a, opened, examples), a.fresh)
+    model, tokenizer, device, settings = _load(a, opened, device)
+    records = run_generation(model, tokenizer, examples, settings, Path(a.out), device,
+                             synced=a.ds_config is not None)
     _say(f"{len(records)} generations in {a.out}")
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    from distill.evaluation import evaluate_models
+    from distill.evaluation import evaluate_models, model_names
 
+    device = _start(a)
+    names = model_names(a.model, a.model_name)
+    opened = {path: _open(a, path, device) for path in a.model}
     examples = _examples(a)
     if any(e.target is None for e in examples):
         raise DistillError(f"evaluation needs references: the data has no column '{a.target_column}'")
-    results = evaluate_models(a.model, examples, lambda path: _load(a, path), _settings(a), Path(a.out),
-                              synced=a.ds_config is not None, samples=a.bootstrap_samples)
+    fingerprints = {name: _fingerprint(a, opened[path], examples) for name, path in zip(names, a.model)}
+    results = evaluate_models(dict(zip(names, a.model)), examples, lambda path: _load(a, opened[path], device),
+                              Path(a.out), fingerprints, synced=a.ds_config is not None, samples=a.bootstrap_samples,
+                              fresh=a.fresh)
     _say(results["table"])
 
 
 def _pseudo_label(a: argparse.Namespace) -> None:
     from distill.pseudo_label import pseudo_label
 
-    model, tokenizer, device = _load(a, a.model)
-    summary = pseudo_label(model, tokenizer, _settings(a), device, a.data, Path(a.out), a.split, a.source_column,
-                           a.target_column, a.name, a.eval_split or None, a.max_samples, a.min_rouge2, a.below,
-                           synced=a.ds_config is not None)
+    device = _start(a)
+    opened = _open(a, a.model, device)
+    summary = pseudo_label(lambda: _load(a, opened, device)[:3], opened.location, opened.settings, a.data,
+                           Path(a.out), a.split, a.source_column, a.target_column, a.name, a.eval_split or None,
+                           a.max_samples, a.min_rouge2, a.below, synced=a.ds_config is not None, fresh=a.fresh)
     _say(json.dumps(summary, indent=2))
 
 
@@ -131,11 +182,14 @@ def _generation_parent() -> argparse.ArgumentParser:
     p.add_argument("--source-prefix", default="", help='e.g. "summarize: " for T5')
     p.add_argument("--max-samples", type=int)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-source-length", type=int, default=1024)
+    p.add_argument("--max-source-length", type=int, help="default: all the model takes (its position limit)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--ds-config", help="ZeRO-3 config: partition the model over the ranks (synchronized generation)")
     p.add_argument("--static-cache", action="store_true", help="static KV cache (pairs with --compile on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard what an earlier run wrote to --out (a rerun otherwise continues it, if it was "
+                        "written by the same model, data and settings)")
     g = p.add_argument_group("generation (default: the model's generation config)")
     g.add_argument("--max-new-tokens", type=int)
     g.add_argument("--min-new-tokens", type=int)
@@ -172,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[gen], help="ROUGE, latency and tokens/s of models side by side")
     p.add_argument("--model", required=True, action="append", help="repeat for each model to compare")
+    p.add_argument("--model-name", action="append",
+                   help="a name for each --model, in order (default: the shortest path tail that tells them apart)")
     p.add_argument("--out", required=True, help="directory for predictions, results.json and results.md")
     p.add_argument("--bootstrap-samples", type=int, default=1000)
     p.set_defaults(func=_evaluate)
@@ -206,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-init", help="also write a random-init demo teacher here")
     p.set_defaults(func=_demo_data)
 
+    p = sub.add_parser("train", help="train on this node's ranks; Ctrl-C or SIGTERM stop cleanly (checkpoint, exit 0)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this node (GPUs; CPU ranks with DS_ACCELERATOR=cpu)")
+    p.add_argument("--launcher", choices=["deepspeed", "torchrun"], default="deepspeed")
+    p.add_argument("--master-port", type=int, default=29500)
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_train)
+
     p = sub.add_parser("check-config", help="validate a recipe with overrides and print every setting")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -225,12 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     leave_process_group_at_exit()
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0  # train returns its launcher's status
     except DistillError as exc:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank hits the same check; one line says it
             print(f"distill: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,10 +14,16 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Mapping, Optional
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Ctrl-C takes the same clean path as Slurm's warning: finish the step, checkpoint, exit 0.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+# Command lines of the launchers whose death must stop their ranks (a shell or nohup parent must not).
+_LAUNCHERS = ("deepspeed.launcher.launch", "torch.distributed.run", "torch.distributed.launch", "torchrun")
+_WATCH_SECONDS = 2.0
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -69,7 +75,10 @@ def join_process_group() -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else None)
+    cpu = get_accelerator().device_name() == "cpu"
+    if cpu:  # the shared-memory all-reduce op and its workspaces are DeepSpeed's CPU backend
+        clear_leftovers(get_accelerator().get_op_builder("ShareMemCommBuilder").NAME)
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     _release_shm_workspace(dist.get_rank(), dist.get_world_size())
 
 
@@ -92,6 +101,105 @@ def _release_shm_workspace(rank: int, world: int) -> None:
     Path(name).unlink(missing_ok=True)
 
 
+LEFTOVER_AGE = 60.0  # seconds: older than any start-up step that could still own the leftover
+
+
+def clear_leftovers(op: str) -> None:
+    """Clear what a run killed while starting left behind, before this one starts: a stale build lock
+    of DeepSpeed's JIT-compiled op ``op`` (torch would wait on it forever, silently) and shared-memory
+    workspaces nothing uses any more (RAM). Local rank 0 clears; the other local ranks wait for the lock."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    # torch's own answer (TORCH_EXTENSIONS_DIR, else a folder per Python and accelerator): where it builds ``op``
+    clear_stale_build_lock(Path(_get_build_directory(op, verbose=False)), remove=first)
+    if first:
+        remove_orphaned_shm(Path("/dev/shm"))
+
+
+def clear_stale_build_lock(build_dir: Path, remove: bool, min_age: float = LEFTOVER_AGE, poll: float = 1.0) -> None:
+    """Remove (``remove``) or wait out (up to ``2 * min_age``) the ``lock`` file of torch's extension build
+    in ``build_dir`` that no live process builds under: a build killed before it released its lock.
+
+    torch's FileBaton makes every later build wait until the lock disappears, then import the op as if
+    built. So the other ranks must not reach the build while the stale lock is here: they wait for
+    local rank 0 to remove it, as they wait for a lock that a live build holds."""
+    lock = build_dir / "lock"
+    deadline = time.monotonic() + 2 * min_age
+    seen_stale = False
+    while (age := _age(lock)) is not None and not _busy(build_dir) and time.monotonic() < deadline:
+        if remove and age > min_age:
+            if seen_stale:  # stale at two looks in a row: not a build between two of its steps
+                lock.unlink(missing_ok=True)
+                print(f"distill: removed {lock}, a stale build lock (no process builds in {build_dir}; "
+                      f"a run was likely killed while building)", flush=True)
+                return
+            seen_stale = True
+        time.sleep(poll)
+
+
+def remove_orphaned_shm(shm_dir: Path, min_age: float = LEFTOVER_AGE) -> list[Path]:
+    """Remove this user's DeepSpeed all-reduce workspaces in ``shm_dir`` (see ``_release_shm_workspace``)
+    that runs killed before unlinking them left: older than ``min_age``, and no live process maps or
+    holds them open. Returns them."""
+    now = time.time()
+    old = [p for p in shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")
+           if (age := _age(p, now)) is not None and age > min_age]
+    used = _files_in_use() if old else set()
+    orphans = [p for p in old if str(p) not in used]
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    if orphans:
+        print(f"distill: removed {len(orphans)} shared-memory workspaces that killed runs left in {shm_dir}",
+              flush=True)
+    return orphans
+
+
+def _age(path: Path, now: Optional[float] = None) -> Optional[float]:
+    """Seconds since ``path`` was last modified; None when it is gone."""
+    try:
+        return (now or time.time()) - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def _pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # gone meanwhile, or another user's
+        return ""
+
+
+def _busy(directory: Path) -> bool:
+    """Whether a live process works in ``directory``: ninja and the compiler run there and name it."""
+    names = {str(directory), os.path.realpath(directory)}
+    for pid in _pids():
+        cwd = _readlink(f"/proc/{pid}/cwd")
+        args = _cmdline(pid)
+        if any(cwd == n or cwd.startswith(n + "/") or n in args for n in names):
+            return True
+    return False
+
+
+def _files_in_use() -> set[str]:
+    """The files that live processes (those this user may inspect) map or hold open."""
+    used: set[str] = set()
+    for pid in _pids():
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        # address, permissions, offset, device, inode, and the path when the mapping has one
+        used.update(f[5] for f in (line.split(maxsplit=5) for line in maps) if len(f) == 6)
+        used.update(_readlink(f"/proc/{pid}/fd/{fd}") for fd in fds)
+    return used
+
+
 def leave_process_group_at_exit() -> None:
     """At interpreter exit, tear the process group down. Exiting while its communication threads
     still run can abort a rank ("terminate called without an active exception") after its work is
@@ -103,30 +211,76 @@ def leave_process_group_at_exit() -> None:
 
 
 def _leave_process_group() -> None:
-    import torch.distributed as dist
-
+    # A command that never imported torch has no process group; importing torch this late, during
+    # interpreter shutdown, makes its operator-library finalizers fail ("Exception ignored ... _del_library").
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:
+        return
     # No barrier: a rank that failed alone must still be able to exit (the launcher then stops the rest).
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-class StopRequest:
-    """A request to stop at the end of the current step: a signal to this process, or a stop file."""
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
-    def __init__(self, stop_file: Optional[Path] = None):
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def launcher_pids(pid: Optional[int] = None) -> list[int]:
+    """The launcher processes above rank ``pid``: deepspeed's per-node launch and the ``deepspeed``
+    command above it (killing the latter leaves the former waiting for its ranks), or torchrun; and
+    ``distill train`` when it started the run."""
+    supervisor = [int(os.environ["DISTILL_WATCH_PID"])] if os.environ.get("DISTILL_WATCH_PID") else []  # distill train
+    parent = _parent(pid or os.getpid())
+    if not any(name in _cmdline(parent) for name in _LAUNCHERS):
+        return supervisor
+    grandparent = _parent(parent)
+    top = "deepspeed.launcher.launch" in _cmdline(parent) and "deepspeed" in _cmdline(grandparent)
+    return [parent, grandparent, *supervisor] if top else [parent, *supervisor]
+
+
+class StopRequest:
+    """A request to stop at the end of the current step: a signal to this process (SIGUSR1, SIGTERM,
+    SIGINT), a stop file, or the death of the launcher that started this rank (a watchdog thread)."""
+
+    def __init__(self, stop_file: Optional[Path] = None, watch: Optional[list[int]] = None):
+        import threading
+
         self.stop_file = stop_file
         self.signal: Optional[int] = None
+        self.orphaned = False
         self._previous = {}
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
+        self._closed = threading.Event()
+        self._watched = [(pid, _cmdline(pid)) for pid in (launcher_pids() if watch is None else watch)]
+        if self._watched:
+            threading.Thread(target=self._watch, daemon=True, name="distill-launcher-watch").start()
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
 
+    def _watch(self) -> None:
+        while not self._closed.wait(_WATCH_SECONDS):
+            # A dead launcher's pid may be reused, but hardly by the same command line.
+            if any(_cmdline(pid) != cmdline for pid, cmdline in self._watched):
+                self.orphaned = True
+                return
+
     @property
     def requested(self) -> bool:
-        return self.signal is not None or (self.stop_file is not None and self.stop_file.exists())
+        return self.signal is not None or self.orphaned or (self.stop_file is not None and self.stop_file.exists())
 
     def close(self) -> None:
+        self._closed.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class DataConfig:
     chat_template: bool = True  # format prompt/response with the tokenizer's chat template when it has one
     loss_on_prompt: bool = False  # labels and distillation masks cover the prompt tokens too
     packing: bool = False  # pack short examples into full rows (no padding between them)
+    # Rows whose source or target is null or not a string are dropped (and counted) instead of refused.
+    skip_invalid: bool = False
 
     def validate(self, prefix: str) -> None:
         if not self.path:
@@ -73,6 +76,9 @@ class DataConfig:
         _positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
         if self.source_column == self.target_column:
             raise DistillError(f"{prefix}.source_column and {prefix}.target_column are both '{self.source_column}'")
+
+
+SEED_LIMIT = 2**32 - 1024
 
 
 @dataclass
@@ -93,7 +99,12 @@ class TrainingConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     save_every: int = 500
     keep_checkpoints: int = 2  # complete checkpoints kept on disk, newest first
-    resume: str = "auto"  # "auto" (latest complete checkpoint if any), "never", or a checkpoint tag
+    resume: str = "auto"  # "auto" (latest intact checkpoint if any), "never", or a checkpoint tag
+    # Discard what output_dir holds of an earlier run (resume: never), or the checkpoints newer than the
+    # resume tag; without it such a start is refused.
+    overwrite: bool = False
+    # A run whose loss or gradient norm is not finite for this many steps in a row stops with an error.
+    max_nonfinite_steps: int = 3
     export: bool = True  # write a Hugging Face directory of the student at the end
     # distilBART trained with frozen embeddings (and LM head, tied to them), and with a frozen
     # encoder when only the decoder was shrunk.
@@ -103,8 +114,11 @@ class TrainingConfig:
     def validate(self, prefix: str) -> None:
         if not self.output_dir:
             raise DistillError(f"{prefix}.output_dir is required")
+        if not 0 <= self.seed < SEED_LIMIT:  # numpy's range, less headroom for the seed + rank of every rank
+            raise DistillError(f"{prefix}.seed must be in [0, {SEED_LIMIT}) (each rank seeds with seed + rank), "
+                               f"got {self.seed}")
         _positive(self, prefix, "micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
-                  "save_every", "keep_checkpoints")
+                  "save_every", "keep_checkpoints", "max_nonfinite_steps")
         if self.learning_rate <= 0:
             raise DistillError(f"{prefix}.learning_rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.warmup_steps < self.max_steps:
@@ -229,7 +243,12 @@ class LossConfig:
             raise DistillError(f"every loss weight of {prefix} is 0: nothing to train on")
         if self.temperature <= 0:
             raise DistillError(f"{prefix}.temperature must be > 0, got {self.temperature}")
-        for key in ("jsd_beta", "skew_alpha", "taid_lambda_start", "taid_lambda_end"):
+        # jsd_beta 0 or 1 and skew_alpha 1 make the divergence identically 0.
+        if not 0 < self.jsd_beta < 1:
+            raise DistillError(f"{prefix}.jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if not 0 <= self.skew_alpha < 1:
+            raise DistillError(f"{prefix}.skew_alpha must be in [0, 1), got {self.skew_alpha}")
+        for key in ("taid_lambda_start", "taid_lambda_end"):
             if not 0 <= getattr(self, key) <= 1:
                 raise DistillError(f"{prefix}.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.taid_lambda_start > self.taid_lambda_end:
@@ -323,9 +342,42 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def flat(self) -> dict[str, Any]:
         """Dotted names to values, as used on the command line and in TensorBoard hparams."""
         return flatten(self.to_dict())
+
+
+# Settings a resumed run must keep: they fix the data order and position, or what the saved state means
+# (optimizer precision, which parameters and projections exist, the objective's state).
+RESUME_FIXED = (
+    "student.path", "student.ds_config", "data.path", "data.name", "data.train_split", "data.source_column",
+    "data.target_column", "data.source_prefix", "data.max_source_length", "data.max_target_length",
+    "data.truncation", "data.max_train_samples", "data.chat_template", "data.loss_on_prompt", "data.packing",
+    "data.skip_invalid", "training.seed", "training.micro_batch_size", "training.gradient_accumulation_steps",
+    "training.precision", "training.freeze_embeddings", "training.freeze_encoder", "loss.divergence",
+    "loss.taid_schedule", "loss.hidden", "loss.relation.projection", "loss.relation.sites", "loss.relation.kinds",
+    "loss.relation.heads",
+)
+# How a run is started, not what it is.
+_START_KEYS = ("training.resume", "training.overwrite")
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for each setting a resumed run changes; a change of ``RESUME_FIXED`` is refused."""
+    old, new = flatten(saved), flatten(now)
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key in _START_KEYS or old.get(key) == new.get(key):
+            continue
+        if key in RESUME_FIXED or key.startswith(tuple(f + "." for f in RESUME_FIXED)):
+            raise DistillError(f"the checkpoint was trained with {key}={old.get(key)!r} and this run sets "
+                               f"{new.get(key)!r}: that changes the data order or the saved state; keep it, or start "
+                               "a new output_dir")
+        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changed
 
 
 def _nonempty(obj: Any, prefix: str, *keys: str) -> None:
@@ -372,6 +424,22 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _NotFinite(DistillError):
+    """nan or inf for a float setting: reported as such, even where null is also allowed."""
+
+
+def _as_float(value: Any) -> Optional[float]:
+    """A number, or a string that reads as one (YAML 1.1 reads "1e-4" as a string); else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond the float range
+        return math.inf
+    except ValueError:
+        return None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; the error names the dotted ``key``."""
     origin = typing.get_origin(tp)
@@ -386,6 +454,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)  # its own errors name the nested key
             try:
                 return _coerce(value, arg, key)
+            except _NotFinite:
+                raise
             except DistillError:
                 continue
         raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
@@ -411,13 +481,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _as_float(value)
+        if number is not None:
+            # nan passes every range check (all comparisons are false): loss.w_kd=nan silently disabled KD
+            if not math.isfinite(number):
+                raise _NotFinite(f"config key '{key}' must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -484,6 +553,3 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     tree = merge_overrides(tree, list(overrides))
     return _build(RunConfig, tree).validate()
 
-
-def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from distill.errors import DistillError
+from distill.paths import is_local_path
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -194,13 +197,30 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]], columns: list[str]) 
     return "\n".join(lines) + "\n"
 
 
-def model_name(path: str, taken: set[str]) -> str:
-    """A short, unique, file-safe name for a model path or hub id."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.rstrip("/").split("/")[-1]) or "model"
-    name, i = base, 2
-    while name in taken:
-        name, i = f"{base}-{i}", i + 1
-    return name
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def model_names(paths: list[str], names: Optional[list[str]] = None) -> list[str]:
+    """One unique, file-safe name per model: ``names`` when given, else the shortest tail of each path
+    that tells the models apart (runs/A/final and runs/B/final become A_final and B_final)."""
+    if names:
+        if len(names) != len(paths):
+            raise DistillError(f"got {len(names)} --model-name for {len(paths)} --model; give one per model or none")
+        bad = next((n for n in names if not _SAFE_NAME.fullmatch(n) or n.startswith(".")), None)
+        if bad is not None:
+            raise DistillError(f"--model-name {bad!r} must be letters, digits, '.', '_' or '-' (it names a file)")
+    else:
+        parts = [Path(p).expanduser().resolve().parts if is_local_path(p) else tuple(p.strip("/").split("/"))
+                 for p in paths]
+        for depth in range(1, max(map(len, parts)) + 1):
+            names = ["_".join(re.sub(r"[^A-Za-z0-9._-]+", "_", x) for x in pieces[-depth:]).strip("._") or "model"
+                     for pieces in parts]
+            if len(set(names)) == len(names):
+                break
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise DistillError(f"two models would both be named {twice!r}: give each its own --model-name")
+    return names
 
 
 def perplexity(model, tokenizer, texts: list[str], batch_size: int, max_length: int, device) -> float:
@@ -224,30 +244,33 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int, max_length: 
     return math.exp(nll / max(count, 1))
 
 
-def evaluate_models(paths: list[str], examples, load, settings, out_dir, synced: bool = False,
-                    samples: int = 1000) -> dict:
+def evaluate_models(models: dict[str, str], examples, load, out_dir, fingerprints: dict[str, dict],
+                    synced: bool = False, samples: int = 1000, fresh: bool = False) -> dict:
     """Every model generates for the same examples; ROUGE, latency and throughput side by side.
 
-    ``load(path) -> (model, tokenizer, device)``. Predictions go to ``out_dir/<name>.jsonl``
-    (resumable), the figures to ``results.json`` and ``results.md``. Latency is generation time per
-    example on one device (batched as ``settings`` says); ``speedup`` is relative to the first model.
+    ``models``: name -> path (``model_names``); ``load(path) -> (model, tokenizer, device, settings)``;
+    ``fingerprints``: name -> ``inference.fingerprint`` of its predictions. Predictions go to
+    ``out_dir/<name>.jsonl``, every one claimed before the first model loads (a rerun continues only
+    predictions of the same model, data and settings; ``fresh`` starts over), the figures to
+    ``results.json`` and ``results.md``. Latency is generation time per example on one device (batched
+    as the settings say); ``speedup`` is relative to the first model.
     """
     import gc
     import json
-    from pathlib import Path
 
     import torch.distributed as dist
 
     from distill.checkpoint import write_atomic
-    from distill.inference import run_generation
+    from distill.inference import claim_output, run_generation
     from distill.models import rank_param_counts
 
     out_dir = Path(out_dir)
+    for name in models:
+        claim_output(out_dir / f"{name}.jsonl", fingerprints[name], fresh)
     references = [e.target for e in examples]
     rows: dict[str, dict] = {}
-    for path in paths:
-        name = model_name(path, set(rows))
-        model, tokenizer, device = load(path)
+    for name, path in models.items():
+        model, tokenizer, device, settings = load(path)
         records = run_generation(model, tokenizer, examples, settings, out_dir / f"{name}.jsonl", device,
                                  synced=synced, desc=name)
         seconds = sum(r["ms"] for r in records) / 1000

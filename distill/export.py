@@ -5,7 +5,8 @@ Two ways in, one way out (``write_model_dir``):
 * at the end of training, from the live ZeRO-3 engine: parameters are gathered one at a time, so no
   rank needs room for more than one full tensor beyond its own shard;
 * offline, from a checkpoint on disk (``export_checkpoint``), on CPU, whatever world size wrote it,
-  through DeepSpeed's own fp32 consolidation of the partitioned optimizer state.
+  through DeepSpeed's own fp32 consolidation of the partitioned optimizer state (ZeRO-1/2/3), or from
+  the whole module state that ZeRO-0 saves.
 
 The directory is built from a fresh model skeleton on the meta device filled with the consolidated
 tensors, re-tied (BART, T5 share embeddings and LM head, which DeepSpeed's own safetensors
@@ -174,32 +175,30 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
         latest = read_latest(root)
         if latest is not None:
             return root, latest
-    if any(path.glob("zero_pp_rank_*_model_states.pt")) or any(path.glob("trainer_state_rank*.pt")):
+    if any(path.glob("*model_states.pt")) or any(path.glob("trainer_state_rank*.pt")):
         return path.parent, path.name
     raise DistillError(f"{path} is not a checkpoint: no 'latest' marker and no DeepSpeed checkpoint files")
 
 
-def check_complete(root: Path, tag: str) -> int:
-    """World size of a complete checkpoint; refuses one that misses any rank's files."""
-    from distill.checkpoint import read_latest
+def _model_states(tag_dir: Path) -> dict:
+    """Rank 0's model states: its own file under ZeRO-3, the one file for all ranks under ZeRO-0/1/2
+    (memory-mapped: under ZeRO-0 it holds the whole model and its optimizer)."""
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not (tag_dir / name).is_file():
+        name = "mp_rank_00_model_states.pt"
+    return torch.load(tag_dir / name, map_location="cpu", weights_only=False, mmap=True)
+
+
+def check_complete(root: Path, tag: str) -> tuple[int, int]:
+    """(world size, ZeRO stage) of an intact checkpoint: every file it was written with, unchanged."""
+    from distill import checkpoint
 
     tag_dir = root / tag
-    latest = read_latest(root)
-    if latest is not None and tag > latest:
-        raise DistillError(f"checkpoint {tag_dir} is newer than the last complete one ({latest}): "
-                           "its save never finished")
-    states = sorted(tag_dir.glob("trainer_state_rank*.pt"))
-    if not states:
-        raise DistillError(f"checkpoint {tag_dir} is incomplete: no trainer state")
-    world = int(torch.load(states[0], map_location="cpu", weights_only=False)["world_size"])
-    missing = [name for r in range(world) for name in (f"trainer_state_rank{r}.pt",
-                                                       f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
-               if not (tag_dir / name).is_file()]
-    if not any(tag_dir.glob("*optim_states.pt")):
-        missing.append("optimizer states")
-    if missing:
-        raise DistillError(f"checkpoint {tag_dir} is incomplete: missing {', '.join(missing[:4])}")
-    return world
+    problem = checkpoint.verify(tag_dir)
+    if problem:
+        raise DistillError(f"checkpoint {tag_dir} is damaged or incomplete: {problem}")
+    stage = int(_model_states(tag_dir)["ds_config"].get("zero_optimization", {}).get("stage", 0))
+    return int(checkpoint.read_manifest(tag_dir)["world_size"]), stage
 
 
 def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: Optional[torch.dtype] = None,
@@ -211,7 +210,7 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: Optional[tor
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     root, tag = resolve_checkpoint(path)
-    world = check_complete(root, tag)
+    world, stage = check_complete(root, tag)
     files = Path(model_dir) if model_dir else root / tag / MODEL_FILES
     if not (files / "config.json").is_file():
         raise DistillError(f"no model config for checkpoint {root / tag}: pass --model with the student's directory")
@@ -223,14 +222,11 @@ def export_checkpoint(path: str | Path, out_dir: str | Path, dtype: Optional[tor
     generation_config = None
     if (files / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(files)
-    _check_shapes(root / tag, config, files)
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except Exception as exc:  # a torn or foreign file: DeepSpeed raises many types
-        raise DistillError(f"cannot consolidate checkpoint {root / tag}: {first_line(exc)}") from None
-    state = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+    _check_shapes(root / tag, stage, config, files)
+    state = {k[len("model."):]: v for k, v in _full_state(root, tag, stage).items() if k.startswith("model.")}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise DistillError(f"checkpoint {root / tag} holds weights that are not finite ({bad}): not exported")
     run_config, results = (_read_json(p) for p in (files / "run_config.json", root.parent / "eval_results.json"))
     write_model_dir(config, state, tokenizer, Path(out_dir), dtype, model_card(config, run_config, results),
                     max_shard_size, generation_config)
@@ -241,15 +237,34 @@ def _read_json(path: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _check_shapes(tag_dir: Path, config, files: Path) -> None:
+def _full_state(root: Path, tag: str, stage: int) -> dict[str, torch.Tensor]:
+    """The engine module's full state dict, in float32."""
+    if stage == 0:
+        # Saved whole, as the module's own state dict, which DeepSpeed's consolidation does not read. With
+        # bf16 these are the bf16 weights: the fp32 master copy sits in a BF16_Optimizer state it cannot read.
+        module = _model_states(root / tag)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    except Exception as exc:  # a torn or foreign file: DeepSpeed raises many types
+        raise DistillError(f"cannot consolidate checkpoint {root / tag}: {first_line(exc)}") from None
+
+
+def _check_shapes(tag_dir: Path, stage: int, config, files: Path) -> None:
     """The checkpoint's parameter shapes must be this model's (a checkpoint of another model is refused)."""
-    state = torch.load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    shapes: dict[str, Any] = {}
-    for group in state.get("param_shapes") or []:
-        shapes.update(group)
-    shapes.update(state.get("frozen_param_shapes") or {})
+    state = _model_states(tag_dir)
+    if stage == 0:
+        shapes = {k: tuple(v.shape) for k, v in state["module"].items()}
+    else:
+        shapes = {}
+        for group in state.get("param_shapes") or []:
+            shapes.update(group)
+        shapes.update(state.get("frozen_param_shapes") or {})
     model = _skeleton(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    # the module state dict (ZeRO-0) holds buffers and tied copies too; ZeRO-1/2/3 shapes only parameters
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     saved = {k[len("model."):]: tuple(v) for k, v in shapes.items() if k.startswith("model.")}
     if not saved:
         raise DistillError(f"checkpoint {tag_dir} holds no student weights (no 'model.' parameters)")
@@ -258,6 +273,6 @@ def _check_shapes(tag_dir: Path, config, files: Path) -> None:
             what = (f"{name} has shape {shape} there, {expected[name]} in the model" if name in expected
                     else f"it holds {name}, which the model does not have")
             raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: {what}")
-    absent = sorted(set(expected) - set(saved) - _tied_keys(model))
+    absent = sorted(set(dict(model.named_parameters())) - set(saved) - _tied_keys(model))
     if absent:
         raise DistillError(f"checkpoint {tag_dir} is not a checkpoint of the model in {files}: it lacks {absent[0]}")

@@ -7,7 +7,9 @@
 * under a launcher, rank r takes every world-th batch; each rank appends its records to its own part
   file, flushed per batch, and rank 0 merges the parts in input order once every rank is done;
 * a rerun skips every example already in any part file (whatever world size wrote it), so an
-  interrupted job loses at most one batch per rank;
+  interrupted job loses at most one batch per rank; it continues only output of the same model, data
+  and settings: ``<out>.fingerprint.json``, written before the first record, says which wrote it, and
+  anything else is refused (``fresh`` starts over);
 * a model too large for one device runs partitioned under ZeRO-3 (``ds_config``); then every rank
   must take part in every forward pass, so generation is synchronized (``synced_gpus``) and ranks
   with fewer batches run a repeat of their last one and drop its output.
@@ -15,8 +17,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +31,10 @@ import torch.distributed as dist
 
 from distill.cluster import join_process_group
 from distill.errors import DistillError, first_line
+from distill.paths import is_local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SOURCE_LENGTH = 1024  # for a model that states no input limit
 # generation-config fields a flag may override
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k",
                    "length_penalty", "no_repeat_ngram_size", "early_stopping", "repetition_penalty")
@@ -44,7 +50,7 @@ class Example:
 @dataclass
 class GenerateSettings:
     batch_size: int = 16
-    max_source_length: int = 1024
+    max_source_length: int = DEFAULT_SOURCE_LENGTH
     source_prefix: str = ""
     dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
     static_cache: bool = False  # fixed-shape KV cache, so torch.compile need not recompile per length
@@ -106,24 +112,60 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_for_generation(path: str, settings: GenerateSettings, device: torch.device,
-                        ds_config: Optional[str] = None):
-    """(model, tokenizer, engine-or-None): whole on ``device``, or partitioned under ZeRO-3 with ``ds_config``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+def model_location(path: str) -> str:
+    """A local model's directory (``~`` expanded), or the hub id as given. Checked before any data or model
+    loads, so a mistyped directory is not sent to the hub as a repo id."""
+    if not is_local_path(path):
+        return path
+    location = Path(path).expanduser()
+    if not location.is_dir():
+        raise DistillError(f"model directory not found: {path}")
+    return str(location)
 
+
+def open_model(path: str):
+    """(location, config, tokenizer) of a model, without its weights: the cheap part of loading."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    location = model_location(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as exc:
         raise DistillError(f"cannot load a model and tokenizer from {path}: {first_line(exc)}") from None
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    dtype = resolve_dtype(settings.dtype, device)
     if not config.is_encoder_decoder:
         tokenizer.padding_side = "left"  # prompts end where generation starts
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+    return location, config, tokenizer
+
+
+def source_length(config, tokenizer, requested: Optional[int] = None) -> int:
+    """The input length to truncate sources to: ``requested``, which may not run past the model's position
+    table, or by default all the model takes (its position table, else its tokenizer's stated limit, which
+    is only advice: T5's relative positions take longer inputs)."""
+    positions = next((v for v in (getattr(config, k, None) for k in ("max_position_embeddings", "n_positions"))
+                      if isinstance(v, int) and v > 0), None)
+    if requested is not None:
+        if positions is not None and requested > positions:
+            raise DistillError(f"--max-source-length {requested} is more than the model takes "
+                               f"({positions} positions)")
+        return requested
+    # transformers stores int(1e30) when a tokenizer states no limit
+    stated = tokenizer.model_max_length if 0 < tokenizer.model_max_length < 10**7 else None
+    return positions or stated or DEFAULT_SOURCE_LENGTH
+
+
+def load_for_generation(location: str, config, settings: GenerateSettings, device: torch.device,
+                        ds_config: Optional[str] = None):
+    """(model, engine-or-None) from ``open_model``'s location and config: whole on ``device``, or
+    partitioned under ZeRO-3 with ``ds_config``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    dtype = resolve_dtype(settings.dtype, device)
     if ds_config is None:
-        model = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        model = auto.from_pretrained(location, dtype=dtype, attn_implementation="sdpa").to(device).eval()
         engine = None
     else:
         import deepspeed
@@ -136,7 +178,7 @@ def load_for_generation(path: str, settings: GenerateSettings, device: torch.dev
         ds = _inference_ds_config(ds, dtype, config)
         keep = HfDeepSpeedConfig(ds)  # noqa: F841  (transformers reads it while loading)
         with _gather_for_late_init():
-            model = auto.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+            model = auto.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model.eval(), config=ds)
         model = engine.module.eval()
@@ -145,7 +187,7 @@ def load_for_generation(path: str, settings: GenerateSettings, device: torch.dev
         model.generation_config.cache_implementation = "static"
     if settings.compile:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=False)
-    return model, tokenizer, engine
+    return model, engine
 
 
 def _inference_ds_config(ds: dict, dtype: torch.dtype, config) -> dict:
@@ -224,6 +266,101 @@ def encode_prompts(tokenizer, sources: list[str], settings: GenerateSettings, en
         tokenizer.truncation_side = side
 
 
+# ---- what an output was written by --------------------------------------------------------------
+
+def data_origin(path: str, split: str, source_column: str, target_column: Optional[str],
+                name: Optional[str]) -> dict:
+    """Where examples came from, as the fingerprint of an output records it."""
+    where = str(Path(path).expanduser().resolve()) if is_local_path(path) else path
+    return {"path": where, "split": split, "source_column": source_column, "target_column": target_column,
+            "name": name}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(location: str) -> dict:
+    """A hub id as given; a directory by its absolute path, its config and every file's name, size and
+    modification time (hashing the weights themselves would take minutes for a large model)."""
+    if not is_local_path(location):
+        return {"path": location}
+    path = Path(location).resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return {"path": str(path), "config": _digest((path / "config.json").read_text()),
+            "files": _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])}
+
+
+def fingerprint(location: str, settings: GenerateSettings, examples: list[Example], data: dict) -> dict:
+    """What the records of an output depend on, known before any weights load: the model's files (its
+    generation config among them), the examples (``data``: ``data_origin``) and the settings, with
+    ``settings.dtype`` resolved. Batch size, world size, ZeRO-3 partitioning, --compile and --static-cache
+    are left out: they change speed and padding, not the text, and a rerun with a smaller batch after an
+    out-of-memory must be able to continue."""
+    return json.loads(json.dumps({  # as read back from JSON, so that it compares equal to a stored one
+        "model": model_fingerprint(location),
+        "data": {**data, "examples": _digest([[e.id, e.source, e.target] for e in examples])},
+        "settings": {"generation": {k: v for k, v in settings.generation.items() if v is not None},
+                     "max_source_length": settings.max_source_length, "source_prefix": settings.source_prefix,
+                     "dtype": settings.dtype, "chat_template": settings.chat_template},
+    }))
+
+
+def _fingerprint_file(out: Path) -> Path:
+    return out.with_name(out.name + ".fingerprint.json")
+
+
+def _flat(node: Any, key: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {key: node}
+    return {k: v for name, child in node.items() for k, v in _flat(child, f"{key}.{name}" if key else name).items()}
+
+
+_WRITTEN = {"model": "by another model", "data": "for other data", "settings": "with other settings"}
+
+
+def claim_output(out: Path, written_by: dict, fresh: bool = False) -> None:
+    """Make ``out`` this run's, before any weights load: ``fresh`` drops what an earlier run wrote there;
+    records of another model, data or settings are refused; else ``written_by`` (``fingerprint``) goes
+    beside ``out``, before the first record. Every rank calls it: rank 0 decides, and its refusal stops
+    every rank, so that none waits in a collective for one that stopped."""
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            _claim(Path(out), written_by, fresh)
+        except (DistillError, OSError) as exc:
+            error = str(exc)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise DistillError(error)
+
+
+def _claim(out: Path, written_by: dict, fresh: bool) -> None:
+    record, parts = _fingerprint_file(out), _parts_dir(out)
+    if fresh:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+        record.unlink(missing_ok=True)
+    if out.is_file() or any(parts.glob("*.jsonl")):
+        advice = "pass --fresh to start over, or another --out"
+        if not record.is_file():
+            raise DistillError(f"{out} was written by an older distill that did not record its model, data and "
+                               f"settings: {advice}")
+        old, new = _flat(json.loads(record.read_text())), _flat(written_by)
+        key = next((k for k in new if old.get(k) != new[k]), None) or next((k for k in old if k not in new), None)
+        if key is not None:
+            raise DistillError(f"{out} was written {_WRITTEN[key.split('.')[0]]} ({key}: {old.get(key)!r} there, "
+                               f"{new.get(key)!r} now): {advice}")
+        return
+    from distill.checkpoint import write_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, json.dumps(written_by, indent=2) + "\n")
+
+
 def _parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
@@ -255,7 +392,8 @@ def done_records(out: Path) -> dict[int, dict]:
 def run_generation(model, tokenizer, examples: list[Example], settings: GenerateSettings, out: Path,
                    device: torch.device, synced: bool = False, desc: str = "generate") -> list[dict]:
     """Generate for every example not yet in ``out`` and merge; returns all records in input order
-    (on every rank). Records: id, prediction, new_tokens, ms (this example's share of its batch)."""
+    (on every rank). Records: id, prediction, new_tokens, ms (this example's share of its batch).
+    What ``out`` holds already is taken as this run's: claim it first (``claim_output``)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out = Path(out)
     done = done_records(out)

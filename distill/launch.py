@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from distill.errors import DistillError
 
@@ -47,13 +48,17 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from distill.cluster import adopt_slurm_env, leave_process_group_at_exit
+    from distill.cluster import StopRequest, adopt_slurm_env, leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank: SLURM_* -> RANK, WORLD_SIZE, MASTER_ADDR, ...
     leave_process_group_at_exit()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = int(os.environ.get("RANK", 0))
+    # Armed first, so a signal or the launcher's death during set-up also ends in a clean stop.
+    stop_file = os.environ.get("DISTILL_STOP_FILE")  # touched by the sbatch script's signal trap
+    stop = StopRequest(Path(stop_file) if stop_file else None)
+    trainer = None
     try:
         from distill.config import load_config
         from distill.trainer import Trainer
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         _limit_cpu_threads()
         trainer = Trainer(cfg)
+        trainer.stop = stop
         trainer.setup()
         final = trainer.train()
     except DistillError as exc:
@@ -69,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"distill: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        stop.close()
+        if trainer is not None:
+            trainer.close()
     if trainer.stopped:
         if rank == 0:
             print(f"distill: stopped at step {trainer.step} on request; checkpoint {trainer.ckpt_dir / 'latest'} "
@@ -79,3 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: done at step {trainer.step}" + (f"; {shown}" if shown else "")
               + f"; outputs in {trainer.out}", flush=True)
     return 0
+
+
+if __name__ == "__main__":  # distill train starts the ranks as `-m distill.launch`
+    sys.exit(main())

@@ -75,6 +75,7 @@ class Monitor:
 
         out_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"), purge_step=start_step or None)
+        _drop_rows_after(out_dir / "metrics.jsonl", start_step)
         self.metrics_file = open(out_dir / "metrics.jsonl", "a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="distill", dynamic_ncols=True)
         table = "\n".join(f"| `{k}` | `{v}` |" for k, v in flat_config.items())
@@ -109,3 +110,22 @@ class Monitor:
         self.writer.close()
         self.metrics_file.close()
         self.bar.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+    """Keep one row per step across a resume: the rows a killed run wrote after its checkpoint are
+    replayed by the resumed run (as TensorBoard's purge_step does for the event files)."""
+    if not path.is_file():
+        return
+    from distill.checkpoint import write_atomic
+
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a row torn by a kill
+    if len(kept) != len(lines):
+        write_atomic(path, "".join(line + "\n" for line in kept))

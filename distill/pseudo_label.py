@@ -4,7 +4,8 @@ The output directory is a dataset the PL recipes train on: ``train.jsonl`` holds
 teacher's summary in the target column (the gold one kept beside it as ``gold_<target>`` with the
 pseudo-label's ROUGE-2 against it), and the evaluation split is copied with its gold targets, so the
 student is still judged against references. Generation is resumable (``distill.inference``); the
-dataset files are written only once every example has its label.
+dataset files are written only once every example has its label; a rerun continues labels of the same
+teacher, data and settings only (``fresh`` starts over).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from distill.checkpoint import write_atomic
 from distill.errors import DistillError
-from distill.inference import Example, read_examples, run_generation
+from distill.inference import Example, claim_output, data_origin, fingerprint, read_examples, run_generation
 
 WORK = ".pseudo_label"  # hidden: datasets ignores it when it loads the directory
 
@@ -58,16 +59,22 @@ def build_rows(examples: list[Example], predictions: list[dict], source_column: 
     return rows, summary
 
 
-def pseudo_label(model, tokenizer, settings, device, data: str, out: Path, split: str, source_column: str,
+def pseudo_label(load, location: str, settings, data: str, out: Path, split: str, source_column: str,
                  target_column: str, name: Optional[str] = None, eval_split: Optional[str] = "validation",
                  max_samples: Optional[int] = None, min_rouge2: Optional[float] = None, below: str = "gold",
-                 synced: bool = False) -> dict:
+                 synced: bool = False, fresh: bool = False) -> dict:
+    """Label ``split`` of ``data`` with the teacher at ``location``; ``load() -> (model, tokenizer, device)``
+    is called only once the data is read and the output claimed."""
     out = Path(out)
     examples = read_examples(data, split, source_column, target_column, name, max_samples)
     # Read the evaluation split first: a bad split name fails before hours of generation.
     eval_examples = read_examples(data, eval_split, source_column, target_column, name) if eval_split else None
-    predictions = run_generation(model, tokenizer, examples, settings, out / WORK / f"{split}.jsonl", device,
-                                 synced=synced, desc="pseudo-label")
+    work = out / WORK / f"{split}.jsonl"
+    claim_output(work, fingerprint(location, settings, examples,
+                                   data_origin(data, split, source_column, target_column, name)), fresh)
+    model, tokenizer, device = load()
+    predictions = run_generation(model, tokenizer, examples, settings, work, device, synced=synced,
+                                 desc="pseudo-label")
     rank = dist.get_rank() if dist.is_initialized() else 0
     rows, summary = build_rows(examples, predictions, source_column, target_column, min_rouge2, below)
     if rank == 0:

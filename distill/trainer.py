@@ -8,6 +8,7 @@ teacher forward without gradients, student forward, loss, backward, step.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -19,10 +20,10 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_outputs import BaseModelOutput
 
-from distill import checkpoint
+from distill import checkpoint, run_dir
 from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
 from distill.cluster import StopRequest, join_process_group
-from distill.config import RunConfig, save_config
+from distill.config import RunConfig, resume_changes
 from distill.data import (IGNORE_INDEX, BatchStream, CausalCollator, Seq2SeqCollator, causal_model_inputs, drop_overlong,
                           eval_loader, load_split)
 from distill.dsconfig import read_ds_config, resolve_ds_config
@@ -49,8 +50,12 @@ class Trainer:
         self.teacher = None
         self.step = 0
         self.best: dict[str, Any] | None = None  # best evaluation so far (eval.best_metric)
-        self.stop: StopRequest | None = None  # armed while the loop runs
+        self.stop: StopRequest | None = None  # armed by the launcher before set-up
         self.stopped = False
+        self.lock: run_dir.RunLock | None = None  # rank 0 holds the output directory
+        self.run_id = checkpoint.new_run_id()  # a resumed run keeps its checkpoint's: pruning stays in the run
+        self.resume_tag: str | None = None
+        self.nonfinite_streak = 0
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -68,6 +73,12 @@ class Trainer:
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
         if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
             raise DistillError("training.freeze_encoder needs an encoder-decoder student")
+        world = _world()[1]
+        from deepspeed.accelerator import get_accelerator
+
+        self.accelerator = get_accelerator()
+        if cfg.training.precision == "fp16" and self.accelerator.device_name() == "cpu":
+            raise DistillError("training.precision=fp16 needs a GPU: on CPU use fp32 or bf16")
         # Every layer map, head count and width is checked here, from the configs alone.
         zero3 = self.raw_ds["student"].get("zero_optimization", {}).get("stage") == 3
         self.objective = Objective(cfg.loss, cfg.training.max_steps, self.student_config, self.teacher_config,
@@ -82,16 +93,15 @@ class Trainer:
             self.train_data = drop_overlong(self.train_data, cfg.data, self.tokenizer)
             if self.eval_data is not None:
                 self.eval_data = drop_overlong(self.eval_data, cfg.data, self.tokenizer)
-        rank, world, _ = _world()
+        per_step = cfg.training.micro_batch_size * world
+        if len(self.train_data) < per_step:
+            raise DistillError(f"the train split has {len(self.train_data)} examples, fewer than one micro-batch "
+                               f"per rank ({cfg.training.micro_batch_size} x {world} ranks)")
         # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
-        from deepspeed.accelerator import get_accelerator
-
-        self.accelerator = get_accelerator()
         self.ds = {role: resolve_ds_config(raw, cfg, role, world,
                                            hidden_size(self.student_config if role == "student" else self.teacher_config),
                                            self.accelerator.device_name(), getattr(cfg, role).ds_config)
                    for role, raw in self.raw_ds.items()}
-        self.resume_tag = checkpoint.resolve_resume(self.ckpt_dir, cfg.training.resume, world)
 
     def setup(self) -> None:
         import deepspeed
@@ -103,6 +113,7 @@ class Trainer:
         if self.accelerator.device_name() != "cpu":
             self.accelerator.set_device(_world()[2])  # before zero.Init places any shard
         self.device = torch.device(self.accelerator.current_device_name())
+        self._claim_output_dir()
         _seed_everything(t.seed + self.rank)
 
         objective = self.objective
@@ -134,12 +145,57 @@ class Trainer:
         self.collate = collate
         self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed)
         if self.resume_tag is not None:
-            state = checkpoint.load(self.student, self.ckpt_dir, self.resume_tag)
+            state = checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank)
             self.step = state["step"]
             self.stream.load_state_dict(state["data"])
             self.objective.load_state_dict(state["objective"])
             self.best = state.get("best")
         self._report_setup()
+
+    def _claim_output_dir(self) -> None:
+        """Before any model loads: hold the output directory, find the intact checkpoint to resume
+        from, and refuse a start that would overwrite an earlier run or change what its state means."""
+        t = self.cfg.training
+        self._on_rank0(self._hold_output_dir)
+        self.resume_tag = checkpoint.resolve_resume(self.ckpt_dir, t.resume, self.world, self.rank, self._gather,
+                                                    self._say)
+        if self.resume_tag is not None:
+            tag_dir = self.ckpt_dir / self.resume_tag
+            self.run_id = checkpoint.run_id_of(tag_dir)
+            changed = resume_changes(json.loads((tag_dir / MODEL_FILES / "run_config.json").read_text()),
+                                     self.cfg.to_dict())
+            if changed:
+                self._say(f"distill: resuming {self.resume_tag} with changed settings: {', '.join(changed)}")
+        self._on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
+
+    def _hold_output_dir(self) -> None:
+        self.lock = run_dir.RunLock(self.out)
+        self.lock.acquire()
+
+    def _on_rank0(self, action) -> None:
+        """Run ``action`` on rank 0 only; its refusal is raised on every rank."""
+        error = None
+        if self.rank == 0:
+            try:
+                action()
+            except DistillError as exc:
+                error = str(exc)
+        if (error := self._gather(error)[0]) is not None:
+            raise DistillError(error)
+
+    def _gather(self, value: Any) -> list:
+        values: list = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def _say(self, line: str) -> None:
+        if self.rank == 0:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        """Release the output directory (every exit path of the launcher calls this)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def _partitioned_student(self) -> bool:
@@ -157,8 +213,7 @@ class Trainer:
             info[name] = {"params": total, "params_per_rank": per_rank}
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out / "config.yaml")
+        run_dir.record_config(self.out, self.cfg.to_yaml(), self.step)
         _write_json(self.out / "run_info.json", info)
         parts = [f"world size {self.world}"]
         for name in ("teacher", "student"):
@@ -184,14 +239,6 @@ class Trainer:
         return time.perf_counter()
 
     def train(self) -> dict[str, float]:
-        stop_file = os.environ.get("DISTILL_STOP_FILE")  # touched by the sbatch script's signal trap
-        self.stop = StopRequest(Path(stop_file) if stop_file else None)
-        try:
-            return self._train()
-        finally:
-            self.stop.close()
-
-    def _train(self) -> dict[str, float]:
         t = self.cfg.training
         monitor = Monitor(self.out, self.rank, t.max_steps, self.step, self.cfg.flat())
         self.student.train()
@@ -199,6 +246,7 @@ class Trainer:
         needs_teacher = self.objective.needs_teacher
         teacher_first = needs_teacher and not self.cfg.loss.teacher_uses_student_encoder
         while self.step < t.max_steps:
+            nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # read with the stop request
             for micro in range(t.gradient_accumulation_steps):
                 batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
                 gold = not is_on_policy(self.cfg.loss.on_policy_fraction, t.seed, self.step, micro)
@@ -215,6 +263,7 @@ class Trainer:
                 t3 = self._sync()
                 total, terms = self.objective(batch, student, teacher, gold=gold)
                 t4 = self._sync()
+                nonfinite |= ~torch.isfinite(total.detach())
                 self.student.backward(total)
                 self.student.step()
                 t5 = self._sync()
@@ -232,7 +281,7 @@ class Trainer:
                 window = _Window()
             if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
                 self._evaluation(monitor)
-            stop = self._stop_agreed()
+            stop = self._stop_agreed(nonfinite)
             if self.step % t.save_every == 0 or self.step == t.max_steps or stop:
                 self._save()
             if stop:  # Slurm's warning before a time limit or preemption: the job requeues and resumes here
@@ -277,14 +326,33 @@ class Trainer:
 
     def _save(self) -> None:
         checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.training.keep_checkpoints,
+                        self.run_id, self.rank, self.world, self._gather, dist.barrier,
                         lambda d: save_model_files(self.student.module.model, self.tokenizer, self.cfg.to_dict(),
                                                    d / MODEL_FILES))
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank was asked to stop; every rank gets the same answer at the same step."""
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def _stop_agreed(self, nonfinite: torch.Tensor) -> bool:
+        """Whether any rank was asked to stop, every rank getting the same answer at the same step. The
+        same collective carries whether the step's loss or gradient norm was not finite (DeepSpeed skips
+        the update of such a step), so divergence costs no sync of its own; a streak of
+        ``training.max_nonfinite_steps`` such steps ends the run."""
+        if self.cfg.training.precision != "fp16":  # fp16's loss scaler overflows routinely: only the loss counts
+            norm = self.student.get_global_grad_norm()
+            if norm is not None:
+                nonfinite = nonfinite | ~torch.isfinite(torch.as_tensor(norm, device=self.device))
+        flags = torch.stack([torch.tensor(float(self.stop.requested), device=self.device), nonfinite.float()])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad = flags.tolist()
+        self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
+        limit = self.cfg.training.max_nonfinite_steps
+        if self.nonfinite_streak:
+            self._say(f"distill: step {self.step}: the loss or gradient norm is not finite; the update was skipped "
+                      f"({self.nonfinite_streak} of training.max_nonfinite_steps={limit} in a row)")
+        if self.nonfinite_streak >= limit:
+            raise DistillError(f"training diverged: the loss or gradient norm was not finite for {self.nonfinite_streak} "
+                               f"steps in a row, up to step {self.step}; the last finite checkpoint is "
+                               f"{checkpoint.read_latest(self.ckpt_dir) or 'none'} (lower training.learning_rate, "
+                               "or raise training.max_nonfinite_steps)")
+        return bool(stop)
 
     @torch.no_grad()
     def _teacher_forward(self, batch: dict[str, torch.Tensor], **extra) -> Output:
@@ -301,7 +369,7 @@ class Trainer:
         if samples:
             monitor.text("eval/samples", samples, self.step)
         name = self.cfg.eval.best_metric
-        if name and name in metrics:
+        if name and name in metrics and math.isfinite(metrics[name]):
             value = metrics[name]
             lower = self.cfg.eval.lower_is_better
             if self.best is None or (value < self.best["value"] if lower else value > self.best["value"]):

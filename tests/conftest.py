@@ -49,3 +49,14 @@ def trained_teacher(demo_assets):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pair(demo_assets):
+    """Overrides naming the tiny teacher, a 2-1 student made from it, and the demo data."""
+    from distill.students import make_student
+
+    student = demo_assets["root"] / "student"
+    if not student.exists():
+        make_student(str(demo_assets["teacher"]), str(student), decoder_layers=1)
+    return [f"teacher.path={demo_assets['teacher']}", f"student.path={student}", f"data.path={demo_assets['data']}"]

@@ -43,6 +43,27 @@ def launch(script: Path | str, args: list[str], nproc: int = 2, timeout: float =
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def launch_run(overrides: list[str], recipe: Path = ROOT / "recipes/demo/kd.yaml", nproc: int = 2):
+    """A training run: ``deepspeed launchers/run.py --config recipe overrides``."""
+    return launch(ROOT / "launchers/run.py", ["--config", recipe, *overrides], nproc)
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own (so a signal can go to its whole group), output to ``log``."""
+    _build_cpu_comm_op()
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                start_new_session=True)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Training rows of a run's metrics.jsonl by step (a step logged twice fails the caller's count)."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss/total" in r}
+
+
 def _kill(proc: subprocess.Popen) -> tuple[str, str]:
     os.killpg(proc.pid, signal.SIGKILL)
     return proc.communicate()

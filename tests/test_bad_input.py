@@ -104,3 +104,20 @@ def test_width_change_without_projection_is_refused(capsys, args, narrow_student
     assert code == 2 and len(err) == 1, err
     assert "student's hidden size (64) differs from the teacher's (128)" in err[0]
     assert "loss.hidden.projection=true" in err[0]
+
+
+def test_bad_data_refused_before_loading(capsys, args, tmp_path):
+    """A null in the evaluation split, or a malformed line in a file of the dataset directory, is one
+    line naming it, before any model loads (not at the batch holding it, after all of training)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = [json.dumps({"document": f"d {i}", "summary": f"s {i}"}) + "\n" for i in range(32)]
+    (data / "train.jsonl").write_text("".join(lines))
+    (data / "validation.jsonl").write_text("".join(lines[:5]) + json.dumps({"document": "x", "summary": None}))
+    code, err = run(capsys, [*args, f"data.path={data}"])
+    assert code == 2 and err == ["distill: error: data: row 5 of the eval split 'validation' has a null in column "
+                                 "'summary' (set data.skip_invalid: true to drop such rows)"], err
+    (data / "train.jsonl").write_text("".join(lines[:3]) + '{"document": "x", "summary": \n' + "".join(lines[3:]))
+    code, err = run(capsys, [*args, f"data.path={data}"])
+    assert code == 2 and len(err) == 1 and f"(file {data / 'train.jsonl'}): " in err[0], err
+    assert not (tmp_path / "out").exists()

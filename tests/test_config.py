@@ -78,3 +78,59 @@ def test_every_recipe_validates():
     assert recipes
     for r in recipes:
         load_config(r)
+
+
+def _float_keys(cls=RunConfig, prefix=""):
+    """Every float setting's dotted name (Optional[float] included), found from the annotations."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        args = typing.get_args(tp) or (tp,)
+        if float in args:
+            keys.append(prefix + f.name)
+        for arg in args:
+            if dataclasses.is_dataclass(arg):
+                keys += _float_keys(arg, f"{prefix}{f.name}.")
+    return keys
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_float_keys_cover_the_settings():
+    assert {"training.learning_rate", "training.max_grad_norm", "loss.w_kd", "loss.w_kd_end", "loss.temperature",
+            "loss.jsd_beta", "loss.skew_alpha", "loss.on_policy_temperature"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf", "1e999", "1" + "0" * 400])
+def test_non_finite_floats_are_refused(recipe, key, value):
+    with pytest.raises(DistillError) as err:
+        load_config(recipe, [f"{key}={value}"])
+    assert str(err.value).startswith(f"config key '{key}' must be a finite number"), err.value
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_setting_has_a_range(recipe, key):
+    with pytest.raises(DistillError, match=f"{key}[ ,]"):
+        load_config(recipe, [f"{key}=-1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.jsd_beta=0", "loss.jsd_beta must be in (0, 1)"),
+    ("loss.jsd_beta=1", "loss.jsd_beta must be in (0, 1)"),
+    ("loss.skew_alpha=1", "loss.skew_alpha must be in [0, 1)"),
+    ("training.seed=-1", "training.seed must be in [0, 4294966272)"),
+    (f"training.seed={2**32 - 1024}", "(each rank seeds with seed + rank)"),
+])
+def test_out_of_range_values(recipe, override, message):
+    with pytest.raises(DistillError) as err:
+        load_config(recipe, [override])
+    assert message in str(err.value)
+
+
+def test_largest_seed_is_accepted(recipe):
+    assert load_config(recipe, [f"training.seed={2**32 - 1025}"]).training.seed == 2**32 - 1025

@@ -90,3 +90,88 @@ def test_load_split_from_file_and_errors(jsonl, tmp_path):
         load_split(DataConfig(path=str(empty)), "train", "train")
     with pytest.raises(DistillError, match="cannot load eval split 'validation'"):
         load_split(DataConfig(path=str(tmp_path)), "validation", "eval")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rows(n=30, bad=None):
+    """n good rows; ``bad`` maps a row number to the summary it holds instead."""
+    rows = [{"document": f"d{i}", "summary": f"s{i}"} for i in range(n)]
+    for i, value in (bad or {}).items():
+        rows[i]["summary"] = value
+    return rows
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({17: None}, "row 17 of the train split 'train' has a null in column 'summary'"),
+    ({20: 5, 17: None}, "row 17 of the train split 'train' has a null in column 'summary'"),  # the first one
+    ({3: ["a", "b"]}, "row 3 of the train split 'train' has a non-string value (['a', 'b']) in column 'summary'"),
+    (dict(enumerate(range(30))), "row 0 of the train split 'train' has a non-string value (0) in column 'summary'"),
+])
+def test_invalid_values_are_named_up_front(tmp_path, bad, message):
+    path = _write_jsonl(tmp_path / "train.jsonl", _rows(bad=bad))
+    with pytest.raises(DistillError) as err:
+        load_split(DataConfig(path=str(path)), "train", "train")
+    assert str(err.value) == f"data: {message} (set data.skip_invalid: true to drop such rows)"
+
+
+def test_only_the_rows_used_are_checked(tmp_path):
+    path = _write_jsonl(tmp_path / "train.jsonl", _rows(bad={17: None}))
+    assert len(load_split(DataConfig(path=str(path), max_train_samples=17), "train", "train")) == 17
+    with pytest.raises(DistillError, match="row 0 of the eval split 'train\\[17:\\]' has a null in column 'summary'"):
+        load_split(DataConfig(path=str(path)), "train[17:]", "eval")
+    # a generation input needs no target
+    assert len(load_split(DataConfig(path=str(path)), "train", "input", need_target=False)) == 30
+
+
+def test_skip_invalid_drops_and_counts(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    rows = _rows(bad={17: None, 20: 5})
+    rows[2]["document"] = None
+    path = _write_jsonl(tmp_path / "train.jsonl", rows)
+    ds = load_split(DataConfig(path=str(path), skip_invalid=True), "train", "train")
+    assert len(ds) == 27 and all(isinstance(r["summary"], str) and isinstance(r["document"], str) for r in ds)
+    assert "distill: dropped 3 of 30 rows of the train split 'train'" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")
+    assert len(load_split(DataConfig(path=str(path), skip_invalid=True), "train", "train")) == 27
+    assert capsys.readouterr().out == ""  # rank 0 says it
+
+
+MALFORMED = '{"document": "x", "summary": \n'
+
+
+def test_malformed_file_names_the_file_and_the_reason(tmp_path):
+    lines = [json.dumps(r) + "\n" for r in _rows(10)]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(lines[:5]) + MALFORMED + "".join(lines[5:]))
+    _write_jsonl(data / "validation.jsonl", _rows(3))
+    # the validation split is fine, but loading a directory prepares every split
+    with pytest.raises(DistillError) as err:
+        load_split(DataConfig(path=str(data)), "validation", "eval")
+    assert f"(file {data / 'train.jsonl'})" in str(err.value) and "JSON parse error" in str(err.value)
+    assert "An error occurred while generating the dataset" not in str(err.value)
+    with pytest.raises(DistillError, match="JSON parse error: .* in row 5"):
+        load_split(DataConfig(path=str(data / "train.jsonl")), "train", "train")
+
+
+def test_malformed_csv_says_why(tmp_path, capfd):
+    data = tmp_path / "csv"
+    data.mkdir()
+    (data / "train.csv").write_text("document,summary\na,b\nc,d,e\n")
+    with pytest.raises(DistillError) as err:
+        load_split(DataConfig(path=str(data)), "train", "train")
+    assert str(err.value) == (f"cannot load train split 'train' of dataset '{data}' (file {data / 'train.csv'}): "
+                              "Error tokenizing data. C error: Expected 2 fields in line 3, saw 3")
+    assert "Failed to read file" not in capfd.readouterr().err  # the one line above says it
+
+
+def test_no_file_is_blamed_when_each_loads(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", _rows(3))
+    with pytest.raises(DistillError) as err:
+        load_split(DataConfig(path=str(tmp_path)), "validation", "eval")
+    assert str(err.value) == (f"cannot load eval split 'validation' of dataset '{tmp_path}': "
+                              "Unknown split \"validation\". Should be one of ['train'].")

@@ -73,12 +73,15 @@ def test_greedy_generate_equals_plain_model_generate(trained_teacher, demo_asset
 def test_generate_resumes_without_redoing_work(trained_teacher, data, tmp_path):
     out = tmp_path / "gen.jsonl"
     parts = tmp_path / "gen.jsonl.parts"
+    args = ["generate", "--model", str(trained_teacher), *data, "--out", str(out), *GEN]
+    assert main(args) == 0  # leaves the fingerprint of model, data and settings beside the output
+    out.unlink()
     parts.mkdir()
     # what an interrupted run left: three finished records and a line cut mid-write
     (parts / "rank0-of2-1.jsonl").write_text("".join(
         json.dumps({"id": i, "prediction": f"kept {i}", "new_tokens": 1, "ms": 1.0}) + "\n" for i in (0, 3, 5))
         + '{"id": 6, "predic')
-    assert main(["generate", "--model", str(trained_teacher), *data, "--out", str(out), *GEN]) == 0
+    assert main(args) == 0
     records = read(out)
     assert [r["id"] for r in records] == list(range(8))
     assert [r["prediction"] for r in records if r["prediction"].startswith("kept")] == ["kept 0", "kept 3", "kept 5"]

@@ -8,28 +8,11 @@ import pytest
 import torch
 
 import ranks
+from distill import checkpoint
+from ranks import launch_run as launch, metrics
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.integration
-
-
-def launch(overrides, recipe=ROOT / "recipes/demo/kd.yaml", nproc=2):
-    return ranks.launch(ROOT / "launchers/run.py", ["--config", recipe, *overrides], nproc)
-
-
-def metrics(run_dir):
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss/total" in r}
-
-
-@pytest.fixture(scope="module")
-def pair(demo_assets):
-    from distill.students import make_student
-
-    student = demo_assets["root"] / "student"
-    if not student.exists():
-        make_student(str(demo_assets["teacher"]), str(student), decoder_layers=1)
-    return [f"teacher.path={demo_assets['teacher']}", f"student.path={student}", f"data.path={demo_assets['data']}"]
 
 
 TRAIN = ["training.micro_batch_size=4", "training.max_steps=8", "training.save_every=4", "training.log_every=1",
@@ -107,23 +90,65 @@ def test_checkpoints_and_export(kd_run):
     assert model.get_input_embeddings().weight.abs().sum() > 0  # gathered, not empty ZeRO-3 placeholders
 
 
-def test_stop_and_resume_equals_uninterrupted(kd_run, tmp_path):
-    """Cut the run off after the step-4 checkpoint, resume it, and compare with the run that never stopped."""
+def test_corrupted_latest_falls_back_and_resumes_like_uninterrupted(kd_run, tmp_path):
+    """Flip one byte of the last checkpoint's optimizer state: the run says so in one line, resumes from
+    the step-4 checkpoint, and matches the run that never stopped, one metrics row per step."""
     full, _ = kd_run
     cut = tmp_path / "run"
     shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step-00000008")
+    optim = sorted((cut / "checkpoints" / "step-00000008").glob("*optim_states.pt"))[0]
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    optim.write_bytes(bytes(data))
     shutil.rmtree(cut / "final")
-    (cut / "checkpoints" / "latest").write_text("step-00000004")
-    (cut / "metrics.jsonl").unlink()
-    proc = launch([f"training.output_dir={cut}", "training.resume=auto"], recipe=cut / "config.yaml")
+    proc = launch([f"training.output_dir={cut}", "eval.text_samples=2"], recipe=cut / "config.yaml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checkpoint step-00000008 is damaged" in proc.stdout and "resuming from step-00000004" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert "changed settings: eval.text_samples: 3 -> 2" in proc.stdout
     before, after = metrics(full), metrics(cut)
-    assert sorted(after) == [5, 6, 7, 8]
-    for step in after:
+    rows = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()
+            if "loss/total" in line]
+    assert rows == list(range(1, 9))  # the replayed steps 5-8 replace the old rows, not duplicate them
+    for step in (5, 6, 7, 8):
         for key in ("loss/total", "loss/ce", "loss/kd", "train/lr", "train/grad_norm"):
             assert after[step][key] == pytest.approx(before[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert sorted(p.name for p in (cut / "configs").iterdir())[-1].endswith("step-00000004.yaml")
+    assert checkpoint.verify(cut / "checkpoints" / "step-00000008") is None  # rewritten whole
+
+
+def _one_error(proc) -> str:
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if "distill: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    return errors[0]
+
+
+def test_a_new_run_never_touches_an_earlier_one(kd_run, tmp_path):
+    """resume=never on a directory holding a run, or a resumed run changing the data order: one line each,
+    before any model loads, and the earlier run's checkpoints are all still there."""
+    run = tmp_path / "run"
+    shutil.copytree(kd_run[0], run)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "already holds a run and training.resume is never" in _one_error(
+        launch([f"training.output_dir={run}", "training.resume=never"], recipe=run / "config.yaml"))
+    assert "training.micro_batch_size=4 and this run sets 2" in _one_error(
+        launch([f"training.output_dir={run}", "training.micro_batch_size=2"], recipe=run / "config.yaml"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_divergence_stops_the_run_and_keeps_finite_checkpoints(pair, tmp_path):
+    out = tmp_path / "run"
+    line = _one_error(launch([*pair, *TRAIN, f"training.output_dir={out}", "training.learning_rate=1e30",
+                              "training.save_every=1", "training.max_nonfinite_steps=2", "eval.generate=false",
+                              "eval.best_metric=null", "training.eval_every=0"]))
+    assert "training diverged: the loss or gradient norm was not finite for 2 steps in a row" in line
+    assert not (out / "final").exists()
+    for tag in checkpoint.complete_tags(out / "checkpoints"):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag=tag)
+        assert all(torch.isfinite(v).all() for v in state.values()), tag
 
 
 def test_bad_input_is_one_line_through_the_launcher(pair, tmp_path):
@@ -259,7 +284,15 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(kd_run, tmp_path, caps
     (torn / "step-00000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
     capsys.readouterr()
     assert main(["export", str(torn / "step-00000008"), str(tmp_path / "x")]) == 2
-    assert "is incomplete: missing zero_pp_rank_1_mp_rank_00_model_states.pt" in capsys.readouterr().err
+    assert "is damaged or incomplete: zero_pp_rank_1_mp_rank_00_model_states.pt is missing" in capsys.readouterr().err
+    flipped = tmp_path / "flipped" / "step-00000008"
+    shutil.copytree(kd_run[0] / "checkpoints" / "step-00000008", flipped)
+    optim = sorted(flipped.glob("*optim_states.pt"))[0]
+    data = bytearray(optim.read_bytes())
+    data[-100] ^= 0x01
+    optim.write_bytes(bytes(data))
+    assert main(["export", str(flipped), str(tmp_path / "x")]) == 2
+    assert f"{optim.name} does not match its checksum" in capsys.readouterr().err
     other = tmp_path / "other"
     make_student(str(demo_assets["teacher"]), str(other), encoder_layers=1, decoder_layers=1)
     capsys.readouterr()
