@@ -1,7 +1,7 @@
 """Attention distillation, the project's way against the common way, on the same weights and inputs.
 
-* project: both models run SDPA everywhere; ``distill.capture`` records Q/K/V at the mapped layer only
-  and ``distill.losses`` builds the distributions/relations there.
+* project: both models run SDPA everywhere; ``distill.models.capture`` records Q/K/V at the mapped layer only
+  and ``distill.losses.features`` builds the distributions/relations there.
 * naive: both models in eager attention with ``output_attentions=True`` and ``output_hidden_states=True``
   (what distillation scripts commonly ask for), the loss taken from the returned maps; MiniLMv2's
   Q/K/V are recomputed from the returned hidden state with the layer's own projections.
@@ -29,9 +29,10 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_section, machine, rss_hwm  # noqa: E402
-from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention  # noqa: E402
-from distill.config import _build, LossConfig  # noqa: E402
-from distill.objective import Objective, Output  # noqa: E402
+from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention  # noqa: E402
+from distill.config.parsing import _build  # noqa: E402
+from distill.config.settings import LossConfig  # noqa: E402
+from distill.losses.objective import Objective, Output  # noqa: E402
 
 METHODS = {
     "miniend_d": {"w_ce": 0.0, "w_attn": 1.0, "attention": {"sites": ["decoder_self", "decoder_cross"]}},

@@ -28,8 +28,8 @@ from benchmarks.common import append_section, machine  # noqa: E402
 
 
 def assets(root: Path, d_model: int) -> tuple[Path, Path, Path]:
-    from distill.demo_data import build_teacher_init, write_demo_data
-    from distill.students import make_student
+    from examples.demo.corpus import build_teacher_init, write_demo_data
+    from distill.models.make_student import make_student
 
     paths = write_demo_data(root / "short", seed=3, n_train=480, n_validation=8, n_test=8)
     rows = [json.loads(line) for line in (root / "short" / "train.jsonl").read_text().splitlines()]
@@ -46,7 +46,7 @@ def assets(root: Path, d_model: int) -> tuple[Path, Path, Path]:
 
 
 def launch(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    from distill.demo import free_port
+    from distill.runtime.cluster import free_port
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu"} if not _cuda() else dict(os.environ)
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),

@@ -4,7 +4,7 @@ and the project's generate path against plain ``model.generate`` one example at 
 Both models are random-init at the chosen width (nothing can be downloaded here), so every output is
 forced to the same length (min = max new tokens): each model does exactly the same decoding work.
 Two regimes: latency (one example at a time, as the paper's per-example latency) and throughput
-(length-sorted batches through ``distill.inference``).
+(length-sorted batches through ``distill.infer.generate``).
 
     python benchmarks/generation.py [--d-model 1024 --heads 16 --ffn 4096 --vocab 50265] [--examples 16]
 """
@@ -23,14 +23,14 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_section, machine  # noqa: E402
-from distill.inference import GenerateSettings, generate_batch, generation_config_for, length_sorted_batches  # noqa: E402
+from distill.infer.generate import GenerateSettings, generate_batch, generation_config_for, length_sorted_batches  # noqa: E402
 
 
 def build(tmp: Path, args) -> tuple[Path, Path]:
     from transformers import BartConfig, BartForConditionalGeneration, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     vocab = {f"w{i}": i for i in range(args.vocab)}
     for i, special in enumerate(("<s>", "<pad>", "</s>", "<unk>")):

@@ -2,7 +2,7 @@
 
 * naive: ``F.kl_div(F.log_softmax(s / τ), F.softmax(t / τ), reduction="batchmean") * τ²`` over every
   token and the whole vocabulary at once, as distillation scripts write it;
-* project: ``distill.losses.logit_divergence``, which takes the same logits and works through chunks
+* project: ``distill.losses.divergences.logit_divergence``, which takes the same logits and works through chunks
   of tokens, so the float32 probabilities exist for one chunk at a time.
 
 Each (variant, size) runs in its own process; peak memory is the growth of the peak resident set
@@ -27,7 +27,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_section, machine, rss_hwm  # noqa: E402
-from distill.losses import logit_divergence  # noqa: E402
+from distill.losses.divergences import logit_divergence  # noqa: E402
 
 TAU = 2.0
 

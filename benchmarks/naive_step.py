@@ -23,13 +23,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.cluster import join_process_group  # noqa: E402
-from distill.config import ModelConfig, load_config  # noqa: E402
-from distill.data import BatchStream, Seq2SeqCollator, load_split  # noqa: E402
-from distill.dsconfig import read_ds_config, resolve_ds_config  # noqa: E402
-from distill.layer_maps import layers_to_copy  # noqa: E402
-from distill.models import hidden_size, load_model, load_model_config, load_tokenizer  # noqa: E402
-from distill.monitor import peak_memory_gb, reduce_max, reduce_mean  # noqa: E402
+from distill.runtime.cluster import join_process_group  # noqa: E402
+from distill.config.settings import ModelConfig  # noqa: E402
+from distill.config.parsing import load_config  # noqa: E402
+from distill.data.stream import BatchStream  # noqa: E402
+from distill.data.collate import Seq2SeqCollator  # noqa: E402
+from distill.data.loading import load_split  # noqa: E402
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config  # noqa: E402
+from distill.models.layer_maps import layers_to_copy  # noqa: E402
+from distill.models.loading import hidden_size, load_model, load_model_config, load_tokenizer  # noqa: E402
+from distill.train.monitor import peak_memory_gb, reduce_max, reduce_mean  # noqa: E402
 
 
 def main() -> None:

@@ -37,8 +37,8 @@ from benchmarks.common import append_section  # noqa: E402
 
 def _count(config) -> tuple[int, int]:
     """(parameters, largest single layer's parameters) of the model of ``config``."""
-    from distill.models import model_class
-    from distill.students import layer_stacks
+    from distill.models.loading import model_class
+    from distill.models.architectures import layer_stacks
 
     with torch.device("meta"):
         model = model_class(config)(config)
@@ -90,8 +90,8 @@ def paper_table() -> str:
 
 def check() -> str:
     """Run the trainer on 2 CPU ranks and compare measured bytes with the formula."""
-    from distill.demo_data import build_teacher_init, write_demo_data
-    from distill.students import make_student
+    from examples.demo.corpus import build_teacher_init, write_demo_data
+    from distill.models.make_student import make_student
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -99,7 +99,7 @@ def check() -> str:
         teacher = build_teacher_init(root / "teacher", data["tokenizer"], layers=4, d_model=256, ffn=1024, heads=4)
         make_student(str(teacher), str(root / "student"), decoder_layers=2)
         env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-        from distill.demo import free_port
+        from distill.runtime.cluster import free_port
 
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
                str(ROOT / "launchers/run.py"), "--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={teacher}",

@@ -13,7 +13,7 @@ from distill.errors import DistillError
 
 
 def _make_student(a: argparse.Namespace) -> None:
-    from distill.students import format_layer_map, make_student
+    from distill.models.make_student import format_layer_map, make_student
 
     info = make_student(a.teacher, a.out, encoder_layers=a.encoder_layers, decoder_layers=a.decoder_layers,
                         hidden_size=a.hidden_size, num_heads=a.num_heads, ffn_size=a.ffn_size, dtype=a.dtype,
@@ -22,17 +22,28 @@ def _make_student(a: argparse.Namespace) -> None:
     print(f"student written to {info['out_dir']}")
 
 
-def _demo_data(a: argparse.Namespace) -> None:
-    from distill.demo_data import build_teacher_init, write_demo_data
+def _demo(name: str):
+    """A module of the demo, which lives in the source checkout (examples/demo), not in the library."""
+    import importlib
 
-    paths = write_demo_data(a.out, a.seed, a.n_train, a.n_validation, a.n_test)
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "examples" / "demo").is_dir():
+        raise DistillError(f"the demo runs from a source checkout: {root / 'examples' / 'demo'} is missing")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"examples.demo.{name}")
+
+
+def _demo_data(a: argparse.Namespace) -> None:
+    corpus = _demo("corpus")
+    paths = corpus.write_demo_data(a.out, a.seed, a.n_train, a.n_validation, a.n_test)
     if a.teacher_init:
-        paths["teacher_init"] = str(build_teacher_init(a.teacher_init, paths["tokenizer"], seed=a.seed))
+        paths["teacher_init"] = str(corpus.build_teacher_init(a.teacher_init, paths["tokenizer"], seed=a.seed))
     print(json.dumps(paths, indent=2))
 
 
 def _check_config(a: argparse.Namespace) -> None:
-    from distill.config import load_config
+    from distill.config.parsing import load_config
 
     cfg = load_config(a.config, a.overrides)
     for key, value in cfg.flat().items():
@@ -40,21 +51,19 @@ def _check_config(a: argparse.Namespace) -> None:
 
 
 def _train(a: argparse.Namespace) -> int:
-    from distill.supervise import train
+    from distill.runtime.supervise import train
 
     status = train(a.launcher, a.nproc, a.master_port, a.config, a.overrides)
     return status if status >= 0 else 128 - status  # killed by a signal: the shell's convention
 
 
-def _demo(a: argparse.Namespace) -> None:
-    from distill.demo import run_demo
-
-    run_demo(a.workdir, nproc=a.nproc)
+def _run_demo(a: argparse.Namespace) -> None:
+    _demo("pipeline").run_demo(a.workdir, nproc=a.nproc)
 
 
 def _export(a: argparse.Namespace) -> None:
-    from distill.export import export_checkpoint
-    from distill.inference import DTYPES
+    from distill.infer.export import export_checkpoint
+    from distill.infer.generate import DTYPES
 
     info = export_checkpoint(a.checkpoint, a.out, DTYPES[a.dtype] if a.dtype else None, a.model, a.max_shard_size)
     print(f"exported {info['checkpoint']} (written by {info['world_size']} ranks, {info['tensors']} tensors) "
@@ -73,7 +82,7 @@ def _start(a: argparse.Namespace):
     before any weights load are decided on rank 0 and shared)."""
     from transformers.utils import logging as hf_logging
 
-    from distill.inference import device_for_rank, init_ranks
+    from distill.infer.generate import device_for_rank, init_ranks
 
     hf_logging.set_verbosity_error()  # one line per problem, not per batch
     _check_flags(a)
@@ -92,7 +101,7 @@ class _Opened(NamedTuple):
 def _open(a: argparse.Namespace, path: str, device) -> _Opened:
     """A model with its settings, its weights not loaded yet: a missing model or a --max-source-length it
     cannot take fails before any data or weights load."""
-    from distill.inference import GENERATION_KEYS, GenerateSettings, open_model, resolve_dtype, source_length
+    from distill.infer.generate import GENERATION_KEYS, GenerateSettings, open_model, resolve_dtype, source_length
 
     location, config, tokenizer = open_model(path)
     dtype = str(resolve_dtype(a.dtype, device)).removeprefix("torch.")  # "auto" as it resolves on this device
@@ -105,27 +114,28 @@ def _open(a: argparse.Namespace, path: str, device) -> _Opened:
 
 def _load(a: argparse.Namespace, opened: _Opened, device):
     """(model, tokenizer, device, settings) from what ``_open`` returned."""
-    from distill.inference import load_for_generation
+    from distill.infer.generate import load_for_generation
 
     model, _ = load_for_generation(opened.location, opened.config, opened.settings, device, a.ds_config)
     return model, opened.tokenizer, device, opened.settings
 
 
 def _examples(a: argparse.Namespace):
-    from distill.inference import read_examples
+    from distill.infer.generate import read_examples
 
     return read_examples(a.data, a.split, a.source_column, a.target_column, a.name, a.max_samples)
 
 
 def _fingerprint(a: argparse.Namespace, opened: _Opened, examples) -> dict:
-    from distill.inference import data_origin, fingerprint
+    from distill.infer.outputs import data_origin, fingerprint
 
     data = data_origin(a.data, a.split, a.source_column, a.target_column, a.name)
     return fingerprint(opened.location, opened.settings, examples, data)
 
 
 def _generate(a: argparse.Namespace) -> None:
-    from distill.inference import claim_output, run_generation
+    from distill.infer.outputs import claim_output
+    from distill.infer.generate import run_generation
 
     device = _start(a)
     opened = _open(a, a.model, device)
@@ -138,7 +148,7 @@ def _generate(a: argparse.Namespace) -> None:
 
 
 def _evaluate(a: argparse.Namespace) -> None:
-    from distill.evaluation import evaluate_models, model_names
+    from distill.infer.evaluate import evaluate_models, model_names
 
     device = _start(a)
     names = model_names(a.model, a.model_name)
@@ -154,7 +164,7 @@ def _evaluate(a: argparse.Namespace) -> None:
 
 
 def _pseudo_label(a: argparse.Namespace) -> None:
-    from distill.pseudo_label import pseudo_label
+    from distill.infer.pseudo_label import pseudo_label
 
     device = _start(a)
     opened = _open(a, a.model, device)
@@ -278,12 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole offline demo: data, teacher, student, distillation vs baseline")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--nproc", type=int, default=2, help="ranks per run")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_run_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.cluster import adopt_slurm_env, leave_process_group_at_exit
+    from distill.runtime.cluster import adopt_slurm_env, leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank
     leave_process_group_at_exit()

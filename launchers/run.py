@@ -6,7 +6,7 @@ Also runs under torchrun, and on CPU with DS_ACCELERATOR=cpu.
 
 import sys
 
-from distill.launch import main
+from distill.runtime.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distill.demo_data import build_teacher_init, write_demo_data
+from examples.demo.corpus import build_teacher_init, write_demo_data
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def trained_teacher(demo_assets):
 @pytest.fixture(scope="session")
 def pair(demo_assets):
     """Overrides naming the tiny teacher, a 2-1 student made from it, and the demo data."""
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     student = demo_assets["root"] / "student"
     if not student.exists():

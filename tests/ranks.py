@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill.demo import free_port
+from distill.runtime.cluster import free_port
 
 ROOT = Path(__file__).parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

@@ -11,17 +11,13 @@ import subprocess
 import time
 from pathlib import Path
 
+from distill.runtime.cluster import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 
 
 def available() -> bool:
     return all(shutil.which(d) or Path(f"/usr/sbin/{d}").exists() for d in DAEMONS)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _exe(name: str) -> str:
@@ -59,8 +55,8 @@ SchedulerType=sched/backfill
 SwitchType=switch/none
 ReturnToService=2
 JobRequeue=1
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool
 SlurmctldPidFile={r}/slurmctld.pid

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.launch import main
+from distill.runtime.launch import main
 
 ROOT = Path(__file__).parents[1]
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).parents[1]
 def args(demo_assets, tmp_path):
     student = demo_assets["root"] / "student-bad-input"
     if not student.exists():
-        from distill.students import make_student
+        from distill.models.make_student import make_student
 
         make_student(str(demo_assets["teacher"]), str(student), decoder_layers=1)
     return ["--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={demo_assets['teacher']}",
@@ -30,7 +30,7 @@ def run(capsys, argv):
 
 @pytest.fixture
 def other_vocab_teacher(tmp_path):
-    from distill.demo_data import build_teacher_init, train_tokenizer
+    from examples.demo.corpus import build_teacher_init, train_tokenizer
 
     tok = train_tokenizer(["completely different words about weather and rivers " * 3, "zebra yak quokka"],
                           tmp_path / "tok", vocab_size=300)
@@ -76,7 +76,7 @@ def test_different_vocabularies_are_refused(capsys, args, other_vocab_teacher):
 def narrow_student(demo_assets):
     student = demo_assets["root"] / "student-narrow"
     if not student.exists():
-        from distill.students import make_student
+        from distill.models.make_student import make_student
 
         make_student(str(demo_assets["teacher"]), str(student), encoder_layers=1, decoder_layers=1,
                      hidden_size=64, num_heads=4, ffn_size=64)

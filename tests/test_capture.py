@@ -7,11 +7,11 @@ import torch
 from transformers import (BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM, T5Config,
                           T5ForConditionalGeneration)
 
-from distill.capture import CAPTURE_ATTENTION, FeatureModel, Request, register_attention
-from distill.config import LossConfig
+from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, Request, register_attention
+from distill.config.settings import LossConfig
 from distill.errors import DistillError
-from distill.losses import attention_log_probs
-from distill.objective import Objective, Output
+from distill.losses.features import attention_log_probs
+from distill.losses.objective import Objective, Output
 
 register_attention()
 
@@ -187,7 +187,7 @@ def test_padding_never_changes_the_feature_losses(tmp_path):
     ({"w_hid": 1.0}, {}, "needs a student made by layer copy"),
 ])
 def test_bad_feature_settings_are_refused_from_configs(overrides, student, message):
-    from distill.config import _build
+    from distill.config.parsing import _build
 
     cfg = _build(LossConfig, {"w_ce": 0.0, **overrides}, "loss.")
     with pytest.raises(DistillError, match=message):
@@ -231,7 +231,7 @@ def test_relations_use_the_keys_the_model_attends_with(tmp_path):
     embedding, with 2 key-value heads (not repeated to 4), so K-K relations see the real keys."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from distill.losses import concat_heads, relation_log_probs
+    from distill.losses.features import concat_heads, relation_log_probs
 
     cls, make_config, _, _ = CASES["llama-gqa"]
     _, model = _models(cls, make_config(), tmp_path)

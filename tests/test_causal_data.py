@@ -6,11 +6,12 @@ import json
 import pytest
 import torch
 
-from distill.config import DataConfig
-from distill.data import (IGNORE_INDEX, CausalCollator, Seq2SeqCollator, causal_model_inputs,
-                          eval_loader, is_packed, load_split)
+from distill.config.settings import DataConfig
+from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator, causal_model_inputs, is_packed
+from distill.data.stream import eval_loader
+from distill.data.loading import load_split
 from distill.errors import DistillError
-from distill.losses import cross_entropy, logit_divergence
+from distill.losses.divergences import cross_entropy, logit_divergence
 
 SENTENCES = ["Anna Berg lives in Oslo.", "The weather in Oslo was warm.", "Peter owns 12 cats and 3 dogs.",
              "Maria works as a baker in Lisbon.", "Summarize the text about Peter and his cats."]
@@ -24,7 +25,7 @@ ROWS = [{"prompt": "Where does Anna Berg live?", "response": "In Oslo."},
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from distill.demo_data import train_tokenizer
+    from examples.demo.corpus import train_tokenizer
 
     out = tmp_path_factory.mktemp("causal-tok")
     train_tokenizer(SENTENCES * 20, out, vocab_size=300)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from distill import checkpoint, run_dir
-from distill.config import resume_changes
+from distill.train import checkpoint, run_dir
+from distill.config.resume import resume_changes
 from distill.errors import DistillError
 
 ONE = dict(rank=0, world=1, gather=lambda x: [x], barrier=lambda: None)
@@ -223,7 +223,7 @@ def test_config_history_keeps_every_start(tmp_path):
 
 
 def test_resume_changes_refuses_data_order_and_logs_the_rest():
-    from distill.config import RunConfig
+    from distill.config.settings import RunConfig
 
     old = RunConfig().to_dict()
     new = RunConfig().to_dict()

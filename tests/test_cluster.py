@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.cluster import StopRequest, expand_hostlist, slurm_torch_env
+from distill.runtime.cluster import StopRequest, expand_hostlist, slurm_torch_env
 
 
 @pytest.mark.parametrize("text, hosts", [

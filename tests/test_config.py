@@ -2,7 +2,8 @@
 
 import pytest
 
-from distill.config import RunConfig, load_config, merge_overrides
+from distill.config.settings import RunConfig
+from distill.config.parsing import load_config, merge_overrides
 from distill.errors import DistillError
 
 BASE = """

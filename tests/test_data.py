@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from distill.config import DataConfig
-from distill.data import (IGNORE_INDEX, BatchStream, Seq2SeqCollator, epoch_order, eval_loader, load_split,
-                          shift_right)
+from distill.config.settings import DataConfig
+from distill.data.collate import IGNORE_INDEX, Seq2SeqCollator, shift_right
+from distill.data.stream import BatchStream, epoch_order, eval_loader
+from distill.data.loading import load_split
 from distill.errors import DistillError
 
 

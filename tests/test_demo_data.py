@@ -1,17 +1,12 @@
-"""Tests for distill.demo_data: synthetic corpus, tokenizer, random-init teacher, demo data dir."""
+"""Tests for the demo corpus (examples/demo/corpus.py): synthetic corpus, tokenizer, random-init teacher, demo data dir."""
 
 import json
 import re
 
 import pytest
 
-from distill import demo_data
-from distill.demo_data import (
-    build_teacher_init,
-    generate_corpus,
-    train_tokenizer,
-    write_demo_data,
-)
+from examples.demo import corpus as demo_data
+from examples.demo.corpus import build_teacher_init, generate_corpus, train_tokenizer, write_demo_data
 from distill.errors import DistillError
 
 SIZES = {"train": 300, "validation": 40, "test": 40}

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_config
-from distill.dsconfig import read_ds_config, resolve_ds_config
+from distill.config.parsing import load_config
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
 
 ROOT = Path(__file__).parents[1]

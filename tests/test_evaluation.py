@@ -4,14 +4,7 @@ import numpy as np
 import pytest
 
 from distill.errors import DistillError
-from distill.evaluation import (
-    ROUGE_TYPES,
-    bootstrap,
-    markdown_table,
-    rouge,
-    rouge_scores,
-    split_sentences,
-)
+from distill.infer.evaluate import ROUGE_TYPES, bootstrap, markdown_table, rouge, rouge_scores, split_sentences
 
 # rouge-score tokenises by lowercasing and splitting on non-alphanumerics; with the stemmer on, only
 # tokens longer than 3 characters are stemmed (so "cat", "sat", "mat", "ran" stay as they are).

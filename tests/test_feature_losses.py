@@ -7,13 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from distill.errors import DistillError
-from distill.losses import (
-    attention_log_probs,
-    concat_heads,
-    distribution_kl,
-    hidden_distance,
-    relation_log_probs,
-)
+from distill.losses.features import attention_log_probs, concat_heads, distribution_kl, hidden_distance, relation_log_probs
 
 B, T, D = 3, 7, 8
 
@@ -501,7 +495,7 @@ def test_attention_log_probs_reproduces_llama_gqa_attention():
 def test_map_kl_in_row_chunks_equals_the_whole_maps(chunk_elements):
     """Attention maps (GQA, a learned bias that takes gradient, causal+padding mask) and MiniLMv2
     relations: value and every input's gradient equal the unchunked distribution_kl, float64."""
-    from distill.losses import map_kl, row_slice
+    from distill.losses.features import map_kl, row_slice
 
     torch.manual_seed(0)
     b, h, h_kv, t, d = 2, 4, 2, 5, 3

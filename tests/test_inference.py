@@ -33,7 +33,7 @@ def test_write_model_dir_reties_and_shards(tmp_path):
     """T5 ties embeddings and LM head (DeepSpeed's own safetensors writer fails on that)."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from distill.export import write_model_dir
+    from distill.infer.export import write_model_dir
 
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2,
@@ -89,7 +89,7 @@ def test_generate_resumes_without_redoing_work(trained_teacher, data, tmp_path):
 
 
 def test_evaluate_side_by_side(trained_teacher, data, tmp_path):
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     student = tmp_path / "student"
     make_student(str(trained_teacher), str(student), decoder_layers=1)
@@ -159,7 +159,7 @@ def test_pseudo_labels_interrupted_resumed_and_trained_on(trained_teacher, demo_
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    from distill.inference import done_records
+    from distill.infer.outputs import done_records
 
     before = done_records(out / ".pseudo_label" / "train.jsonl")  # a line the kill cut short is skipped
     assert 5 <= len(before) < 60 and not (out / "train.jsonl").exists()
@@ -175,7 +175,7 @@ def test_pseudo_labels_interrupted_resumed_and_trained_on(trained_teacher, demo_
         assert row["summary"] == (row["gold_summary"] if row["pseudo_rouge2"] < 1.0 else merged[rows.index(row)]["prediction"])
     assert len(read(out / "validation.jsonl")) == 24
 
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     student = tmp_path / "student"
     make_student(str(trained_teacher), str(student), decoder_layers=1)

@@ -19,7 +19,7 @@ GEN = ["--max-new-tokens", "4", "--num-beams", "1", "--batch-size", "4"]
 @pytest.fixture(scope="module")
 def models(demo_assets, tmp_path_factory):
     """Two different models in directories with the same last name: runs/A/final and runs/B/final."""
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     root = tmp_path_factory.mktemp("runs")
     make_student(str(demo_assets["teacher"]), str(root / "A" / "final"), decoder_layers=1)
@@ -132,7 +132,7 @@ def test_evaluate_model_names_are_checked_first(models, tmp_path, capsys, names,
 
 
 def test_model_names_default_to_the_shortest_distinguishing_tail(tmp_path):
-    from distill.evaluation import model_names
+    from distill.infer.evaluate import model_names
 
     assert model_names([str(tmp_path / "runs/A/final"), str(tmp_path / "runs/B/final")]) == ["A_final", "B_final"]
     assert model_names([str(tmp_path / "teacher"), str(tmp_path / "s/final")]) == ["teacher", "final"]
@@ -190,7 +190,7 @@ def test_max_source_length_defaults_to_the_model_limit(demo_assets, tmp_path, ca
 def test_source_length_without_a_position_table():
     from types import SimpleNamespace
 
-    from distill.inference import source_length
+    from distill.infer.generate import source_length
 
     t5_like = SimpleNamespace()  # relative positions: the tokenizer's limit, else the old default
     assert source_length(t5_like, SimpleNamespace(model_max_length=512)) == 512

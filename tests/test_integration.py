@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ranks
-from distill import checkpoint
+from distill.train import checkpoint
 from ranks import launch_run as launch, metrics
 
 ROOT = Path(__file__).parents[1]
@@ -208,7 +208,7 @@ def test_every_family_loads_partitioned(tiny_family):
 
 
 def test_t5_distills(tiny_family, demo_assets, tmp_path):
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     student = tmp_path / "t5-student"
     make_student(str(tiny_family["t5"]), str(student), decoder_layers=1)
@@ -223,7 +223,7 @@ def test_t5_distills(tiny_family, demo_assets, tmp_path):
 
 
 def test_encoder_decoder_teacher_with_decoder_only_student_is_refused(tiny_family, demo_assets, tmp_path, capsys):
-    from distill.launch import main
+    from distill.runtime.launch import main
 
     code = main(["--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={demo_assets['teacher']}",
                  f"student.path={tiny_family['llama']}", f"data.path={demo_assets['data']}",
@@ -277,7 +277,7 @@ def test_offline_export_matches_deepspeed_consolidation(kd_run, tmp_path, capsys
 
 def test_export_refuses_incomplete_or_foreign_checkpoints(kd_run, tmp_path, capsys, demo_assets):
     from distill.cli import main
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     torn = tmp_path / "torn"
     shutil.copytree(kd_run[0] / "checkpoints" / "step-00000008", torn / "step-00000008")

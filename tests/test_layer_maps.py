@@ -3,7 +3,7 @@
 import pytest
 
 from distill.errors import DistillError
-from distill.layer_maps import hidden_pairs, layers_to_copy, resolve_layer
+from distill.models.layer_maps import hidden_pairs, layers_to_copy, resolve_layer
 
 
 def test_udagawa_maps_for_a_12_layer_teacher_and_6_layer_student():

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from distill import cluster
-from distill.cluster import clear_leftovers, clear_stale_build_lock, remove_orphaned_shm
+from distill.runtime import cluster
+from distill.runtime.cluster import clear_leftovers, clear_stale_build_lock, remove_orphaned_shm
 
 
 def _age_by(path, seconds):

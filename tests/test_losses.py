@@ -7,15 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from distill.errors import DistillError
-from distill.losses import (
-    DIVERGENCES,
-    TaidLambda,
-    crop_vocab,
-    cross_entropy,
-    logit_divergence,
-    per_token_divergence,
-)
-from distill.schedules import lr_multiplier, schedule_value
+from distill.losses.divergences import DIVERGENCES, TaidLambda, crop_vocab, cross_entropy, logit_divergence, per_token_divergence
+from distill.losses.schedules import lr_multiplier, schedule_value
 
 B, T, V = 3, 7, 11
 PARAMS = {"beta": 0.3, "alpha": 0.2, "lam": 0.6}
@@ -388,7 +381,7 @@ def test_lr_multiplier_warmup_then_decay():
 def test_chunked_divergence_equals_unchunked_with_gradients(kind):
     """Chunks of 1 and 3 tokens against the whole-tensor computation: loss and gradient, float64,
     with padding and a teacher vocabulary padded by 3 rows."""
-    from distill.losses import logit_divergence, per_token_divergence
+    from distill.losses.divergences import logit_divergence, per_token_divergence
 
     torch.manual_seed(0)
     student = torch.randn(2, 5, 11, dtype=torch.float64) * 3
@@ -411,7 +404,7 @@ def test_chunked_divergence_equals_unchunked_with_gradients(kind):
 
 def test_chunked_divergence_holds_no_full_vocabulary_float32_copy():
     """bf16 logits: the gradient buffer stays bf16; nothing of (tokens x vocab) in float32 survives."""
-    from distill.losses import logit_divergence
+    from distill.losses.divergences import logit_divergence
 
     torch.manual_seed(0)
     student = torch.randn(64, 1000, dtype=torch.bfloat16, requires_grad=True)

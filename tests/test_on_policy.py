@@ -4,10 +4,9 @@ for decoder-only and encoder-decoder models; sampling is plain ancestral samplin
 import pytest
 import torch
 
-from distill.config import DataConfig
-from distill.data import IGNORE_INDEX, CausalCollator, Seq2SeqCollator
-from distill.on_policy import (causal_batch, is_on_policy, prompts_of, sample_batch, sampling_config, seq2seq_targets,
-                               until_eos)
+from distill.config.settings import DataConfig
+from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator
+from distill.train.on_policy import causal_batch, is_on_policy, prompts_of, sample_batch, sampling_config, seq2seq_targets, until_eos
 
 ROWS = [{"prompt": "Where does Anna Berg live?", "response": "In Oslo."},
         {"prompt": "Peter owns", "response": "12 cats and 3 dogs."},
@@ -18,7 +17,7 @@ ROWS = [{"prompt": "Where does Anna Berg live?", "response": "In Oslo."},
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from distill.demo_data import train_tokenizer
+    from examples.demo.corpus import train_tokenizer
 
     out = tmp_path_factory.mktemp("on-policy-tok")
     train_tokenizer([r["prompt"] + " " + r["response"] for r in ROWS] * 20, out, vocab_size=300)

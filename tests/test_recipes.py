@@ -11,7 +11,7 @@ import torch
 
 import ranks
 
-from distill.config import load_config
+from distill.config.parsing import load_config
 
 ROOT = Path(__file__).parents[1]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
@@ -53,7 +53,7 @@ def t5_pair(demo_assets):
     """A 2-2 T5 teacher on the demo tokenizer and a 1-1 student at half its width."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     root = demo_assets["root"]
     teacher, student = root / "t5-teacher", root / "t5-student"
@@ -75,7 +75,7 @@ def decoder_pairs(demo_assets):
     2-layer students made from them by layer copy."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     root = demo_assets["root"]
     pairs = {}
@@ -96,7 +96,7 @@ def decoder_pairs(demo_assets):
 
 @pytest.fixture(scope="module")
 def recipe_runs(demo_assets, t5_pair, decoder_pairs, tmp_path_factory):
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     out = tmp_path_factory.mktemp("recipes")
     bart_student = out / "bart-student"

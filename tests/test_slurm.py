@@ -28,7 +28,7 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assets(demo_assets):
-    from distill.students import make_student
+    from distill.models.make_student import make_student
 
     student = demo_assets["root"] / "slurm-student"
     if not student.exists():

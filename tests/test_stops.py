@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import ranks
-from distill import checkpoint, run_dir
-from distill.demo import free_port
+from distill.train import checkpoint, run_dir
+from distill.runtime.cluster import free_port
 
 ROOT = Path(__file__).parents[1]
 KD = ROOT / "recipes/demo/kd.yaml"

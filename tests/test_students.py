@@ -1,4 +1,4 @@
-"""Tests for distill.students: layer tables, architecture introspection, make_student."""
+"""Tests for distill.models (architectures, make_student): layer tables, architecture introspection, make_student."""
 
 import json
 import os
@@ -25,14 +25,9 @@ from transformers import (
 )
 
 from distill.errors import DistillError
-from distill.students import (
-    format_layer_map,
-    layer_stacks,
-    layers_to_copy,
-    layers_to_supervise,
-    make_student,
-    stack_depths,
-)
+from distill.models.make_student import format_layer_map, make_student
+from distill.models.architectures import layer_stacks, stack_depths
+from distill.models.layer_maps import layers_to_copy, layers_to_supervise
 
 # ---------------------------------------------------------------------------------------------
 # Layer tables (methods.md section 1, written out literally)
@@ -82,7 +77,7 @@ def test_layers_to_copy_matches_published_table():
 
 
 def test_rule_reproduces_most_of_the_table():
-    from distill.layer_maps import _COPY_EXCEPTIONS, _spread
+    from distill.models.layer_maps import _COPY_EXCEPTIONS, _spread
 
     total = sum(len(row) for row in PUBLISHED_COPY.values())
     matched = sum(

@@ -12,10 +12,11 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from distill.cluster import join_process_group
-from distill.config import ModelConfig, load_config
-from distill.dsconfig import read_ds_config, resolve_ds_config
-from distill.models import hidden_size, load_model, load_model_config, rank_param_counts
+from distill.runtime.cluster import join_process_group
+from distill.config.settings import ModelConfig
+from distill.config.parsing import load_config
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
+from distill.models.loading import hidden_size, load_model, load_model_config, rank_param_counts
 
 join_process_group()
 run = load_config(None, ["student.path=x", "student.ds_config=x", "data.path=x", "training.output_dir=x",

@@ -7,7 +7,7 @@
   the attention implementation ``distill_sdpa``. At the mapped attention modules it records the
   queries, keys and values the model actually uses (after rotary embeddings, before any key/value
   head repetition), the mask and the scaling; every module, mapped or not, still runs SDPA. The
-  distributions and relations are then computed from those inputs by ``distill.losses``, so no
+  distributions and relations are then computed from those inputs by ``distill.losses.features``, so no
   layer ever materialises attention weights it does not need, unlike ``output_attentions=True``,
   which needs eager attention in every layer.
 
@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import DistillError
-from distill.models import model_class
-from distill.students import arch_spec, find_module, layer_stacks
+from distill.models.loading import model_class
+from distill.models.architectures import arch_spec, find_module, layer_stacks
 
 CAPTURE_ATTENTION = "distill_sdpa"
 SITES = ("encoder_self", "decoder_self", "decoder_cross")

@@ -20,20 +20,22 @@ import torch
 import torch.distributed as dist
 from transformers.modeling_outputs import BaseModelOutput
 
-from distill import checkpoint, run_dir
-from distill.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
-from distill.cluster import StopRequest, join_process_group
-from distill.config import RunConfig, resume_changes
-from distill.data import (IGNORE_INDEX, BatchStream, CausalCollator, Seq2SeqCollator, causal_model_inputs, drop_overlong,
-                          eval_loader, load_split)
-from distill.dsconfig import read_ds_config, resolve_ds_config
+from distill.train import checkpoint, run_dir
+from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
+from distill.runtime.cluster import StopRequest, join_process_group
+from distill.config.settings import RunConfig
+from distill.config.resume import resume_changes
+from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator, causal_model_inputs
+from distill.data.stream import BatchStream, eval_loader
+from distill.data.loading import drop_overlong, load_split
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
 from distill.errors import DistillError
-from distill.export import MODEL_FILES, export_student, model_card, save_model_files
-from distill.models import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
-from distill.monitor import Monitor, agreement_sums, peak_memory_gb, reduce_max, reduce_mean
-from distill.objective import Objective, Output, teacher_forced_sums
-from distill.on_policy import is_on_policy, sample_batch, sampling_config
-from distill.schedules import lr_multiplier
+from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
+from distill.models.loading import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
+from distill.train.monitor import Monitor, agreement_sums, peak_memory_gb, reduce_max, reduce_mean
+from distill.losses.objective import Objective, Output, teacher_forced_sums
+from distill.train.on_policy import is_on_policy, sample_batch, sampling_config
+from distill.losses.schedules import lr_multiplier
 
 SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
@@ -444,8 +446,8 @@ class Trainer:
         (``synced_gpus``: a rank that finished keeps stepping until all have) and every rank runs the
         same number of batches (short shards repeat their last example), so none can leave early and
         deadlock the next collective."""
-        from distill.evaluation import rouge
-        from distill.inference import GenerateSettings, generate_batch, generation_config_for
+        from distill.infer.evaluate import rouge
+        from distill.infer.generate import GenerateSettings, generate_batch, generation_config_for
 
         cfg, e = self.cfg, self.cfg.eval
         data = self.eval_data.select(range(min(e.max_samples, len(self.eval_data))))

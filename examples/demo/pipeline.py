@@ -12,24 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.runtime.cluster import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "run.py"
 RECIPES = ROOT / "recipes" / "demo"
 TEACHER_LAYERS, STUDENT_DECODER_LAYERS = 4, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_command(recipe: Path, overrides: list[str], nproc: int) -> list[str]:
@@ -59,8 +53,8 @@ def _results(run_dir: Path) -> dict:
 
 
 def run_demo(workdir: str | Path, nproc: int = 2) -> dict:
-    from distill.demo_data import build_teacher_init, write_demo_data
-    from distill.students import format_layer_map, make_student
+    from examples.demo.corpus import build_teacher_init, write_demo_data
+    from distill.models.make_student import format_layer_map, make_student
 
     for needed in (LAUNCHER, RECIPES):
         if not needed.exists():

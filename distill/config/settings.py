@@ -1,4 +1,4 @@
-"""Typed run configuration: one YAML recipe plus ``key=value`` overrides, validated before anything loads.
+"""Typed run configuration: every setting, its default and its checks.
 
 Every setting has one dotted name (``training.learning_rate``) used in YAML, on the command line,
 in TensorBoard hparams and in the model card.
@@ -7,12 +7,7 @@ in TensorBoard hparams and in the model card.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -20,6 +15,7 @@ import yaml
 from distill.errors import DistillError
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
 
 
@@ -134,8 +130,11 @@ class TrainingConfig:
 
 
 Schedule = Literal["constant", "linear", "cosine"]
+
 Site = Literal["encoder_self", "decoder_self", "decoder_cross"]
+
 HiddenMap = Literal["copied", "supervise_forward", "last", "uniform", "uniform_consecutive", "uniform_last", "custom"]
+
 WEIGHTS = ("w_ce", "w_kd", "w_hid", "w_attn", "w_rel")
 
 
@@ -350,36 +349,6 @@ class RunConfig:
         return flatten(self.to_dict())
 
 
-# Settings a resumed run must keep: they fix the data order and position, or what the saved state means
-# (optimizer precision, which parameters and projections exist, the objective's state).
-RESUME_FIXED = (
-    "student.path", "student.ds_config", "data.path", "data.name", "data.train_split", "data.source_column",
-    "data.target_column", "data.source_prefix", "data.max_source_length", "data.max_target_length",
-    "data.truncation", "data.max_train_samples", "data.chat_template", "data.loss_on_prompt", "data.packing",
-    "data.skip_invalid", "training.seed", "training.micro_batch_size", "training.gradient_accumulation_steps",
-    "training.precision", "training.freeze_embeddings", "training.freeze_encoder", "loss.divergence",
-    "loss.taid_schedule", "loss.hidden", "loss.relation.projection", "loss.relation.sites", "loss.relation.kinds",
-    "loss.relation.heads",
-)
-# How a run is started, not what it is.
-_START_KEYS = ("training.resume", "training.overwrite")
-
-
-def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for each setting a resumed run changes; a change of ``RESUME_FIXED`` is refused."""
-    old, new = flatten(saved), flatten(now)
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        if key in _START_KEYS or old.get(key) == new.get(key):
-            continue
-        if key in RESUME_FIXED or key.startswith(tuple(f + "." for f in RESUME_FIXED)):
-            raise DistillError(f"the checkpoint was trained with {key}={old.get(key)!r} and this run sets "
-                               f"{new.get(key)!r}: that changes the data order or the saved state; keep it, or start "
-                               "a new output_dir")
-        changed.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-    return changed
-
-
 def _nonempty(obj: Any, prefix: str, *keys: str) -> None:
     for key in keys:
         values = getattr(obj, key)
@@ -407,149 +376,3 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-# ---- parsing -------------------------------------------------------------------------------------
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "null"
-    if origin is list:
-        return "a list of " + _type_name(typing.get_args(tp)[0])
-    return getattr(tp, "__name__", str(tp))
-
-
-class _NotFinite(DistillError):
-    """nan or inf for a float setting: reported as such, even where null is also allowed."""
-
-
-def _as_float(value: Any) -> Optional[float]:
-    """A number, or a string that reads as one (YAML 1.1 reads "1e-4" as a string); else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:  # an integer beyond the float range
-        return math.inf
-    except ValueError:
-        return None
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; the error names the dotted ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return _coerce(value, arg, key)  # its own errors name the nested key
-            try:
-                return _coerce(value, arg, key)
-            except _NotFinite:
-                raise
-            except DistillError:
-                continue
-        raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):  # command line: a,b,c
-            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
-        elif not isinstance(value, list):  # a single item
-            value = [value]
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise DistillError(f"config key '{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = _as_float(value)
-        if number is not None:
-            # nan passes every range check (all comparisons are false): loss.w_kd=nan silently disabled KD
-            if not math.isfinite(number):
-                raise _NotFinite(f"config key '{key}' must be a finite number, got {value!r}")
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise DistillError(f"unknown config key '{prefix}{key}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise DistillError(f"override '{text}' is not of the form key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise DistillError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, (dict, list)):  # no setting takes a collection: "summarize: " is a string
-        value = raw
-    return key.split("."), value
-
-
-def merge_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = tree
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise DistillError(f"override '{text}': '{'.'.join(parts[:i + 1])}' is not a section")
-            node = child
-        node[parts[-1]] = value
-    return tree
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML recipe, apply ``key=value`` overrides, and return a validated RunConfig."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DistillError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise DistillError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise DistillError(f"config file {p} must hold a mapping at the top level")
-    tree = merge_overrides(tree, list(overrides))
-    return _build(RunConfig, tree).validate()
-

@@ -260,9 +260,10 @@ def evaluate_models(models: dict[str, str], examples, load, out_dir, fingerprint
 
     import torch.distributed as dist
 
-    from distill.checkpoint import write_atomic
-    from distill.inference import claim_output, run_generation
-    from distill.models import rank_param_counts
+    from distill.train.checkpoint import write_atomic
+    from distill.infer.outputs import claim_output
+    from distill.infer.generate import run_generation
+    from distill.models.loading import rank_param_counts
 
     out_dir = Path(out_dir)
     for name in models:

@@ -12,15 +12,12 @@
   anything else is refused (``fresh`` starts over);
 * a model too large for one device runs partitioned under ZeRO-3 (``ds_config``); then every rank
   must take part in every forward pass, so generation is synchronized (``synced_gpus``) and ranks
-  with fewer batches run a repeat of their last one and drop its output.
-"""
+  with fewer batches run a repeat of their last one and drop its output."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +26,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from distill.cluster import join_process_group
 from distill.errors import DistillError, first_line
+from distill.infer.outputs import _parts_dir, _read_records, done_records
 from distill.paths import is_local_path
+from distill.runtime.cluster import join_process_group
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 DEFAULT_SOURCE_LENGTH = 1024  # for a model that states no input limit
+
 # generation-config fields a flag may override
 GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k",
                    "length_penalty", "no_repeat_ngram_size", "early_stopping", "repetition_penalty")
@@ -60,8 +60,6 @@ class GenerateSettings:
     chat_template: bool = True  # decoder-only: wrap each source as a user turn when the tokenizer has a template
 
 
-# ---- inputs ------------------------------------------------------------------------------------
-
 def read_examples(path: str, split: str = "train", source_column: str = "document",
                   target_column: Optional[str] = "summary", name: Optional[str] = None,
                   max_samples: Optional[int] = None) -> list[Example]:
@@ -74,8 +72,8 @@ def read_examples(path: str, split: str = "train", source_column: str = "documen
         lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
         examples = [Example(i, line) for i, line in enumerate(lines)]
     else:
-        from distill.config import DataConfig
-        from distill.data import load_split
+        from distill.config.settings import DataConfig
+        from distill.data.loading import load_split
 
         cfg = DataConfig(path=path, name=name, source_column=source_column, target_column=target_column or "")
         ds = load_split(cfg, split, "input", need_target=False)
@@ -93,8 +91,6 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
-
-# ---- models ------------------------------------------------------------------------------------
 
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
@@ -171,8 +167,8 @@ def load_for_generation(location: str, config, settings: GenerateSettings, devic
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        from distill.dsconfig import read_ds_config
-        from distill.models import _gather_for_late_init
+        from distill.models.loading import _gather_for_late_init
+        from distill.runtime.dsconfig import read_ds_config
 
         ds = read_ds_config(ds_config, "generation model")
         ds = _inference_ds_config(ds, dtype, config)
@@ -192,7 +188,7 @@ def load_for_generation(location: str, config, settings: GenerateSettings, devic
 
 def _inference_ds_config(ds: dict, dtype: torch.dtype, config) -> dict:
     """A ZeRO-3 config for a frozen model: no optimizer, batch sizes that DeepSpeed accepts."""
-    from distill.models import hidden_size
+    from distill.models.loading import hidden_size
 
     ds = json.loads(json.dumps(ds))
     zero = ds.setdefault("zero_optimization", {})
@@ -230,8 +226,6 @@ def generation_config_for(model, overrides: dict[str, Any]):
     return gc
 
 
-# ---- the loop ----------------------------------------------------------------------------------
-
 @torch.no_grad()
 def generate_batch(model, tokenizer, sources: list[str], settings: GenerateSettings, generation_config,
                    device: torch.device, synced: bool = False) -> tuple[list[str], list[int]]:
@@ -264,129 +258,6 @@ def encode_prompts(tokenizer, sources: list[str], settings: GenerateSettings, en
                          max_length=settings.max_source_length, add_special_tokens=not chat)
     finally:
         tokenizer.truncation_side = side
-
-
-# ---- what an output was written by --------------------------------------------------------------
-
-def data_origin(path: str, split: str, source_column: str, target_column: Optional[str],
-                name: Optional[str]) -> dict:
-    """Where examples came from, as the fingerprint of an output records it."""
-    where = str(Path(path).expanduser().resolve()) if is_local_path(path) else path
-    return {"path": where, "split": split, "source_column": source_column, "target_column": target_column,
-            "name": name}
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(location: str) -> dict:
-    """A hub id as given; a directory by its absolute path, its config and every file's name, size and
-    modification time (hashing the weights themselves would take minutes for a large model)."""
-    if not is_local_path(location):
-        return {"path": location}
-    path = Path(location).resolve()
-    files = sorted(p for p in path.iterdir() if p.is_file())
-    return {"path": str(path), "config": _digest((path / "config.json").read_text()),
-            "files": _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])}
-
-
-def fingerprint(location: str, settings: GenerateSettings, examples: list[Example], data: dict) -> dict:
-    """What the records of an output depend on, known before any weights load: the model's files (its
-    generation config among them), the examples (``data``: ``data_origin``) and the settings, with
-    ``settings.dtype`` resolved. Batch size, world size, ZeRO-3 partitioning, --compile and --static-cache
-    are left out: they change speed and padding, not the text, and a rerun with a smaller batch after an
-    out-of-memory must be able to continue."""
-    return json.loads(json.dumps({  # as read back from JSON, so that it compares equal to a stored one
-        "model": model_fingerprint(location),
-        "data": {**data, "examples": _digest([[e.id, e.source, e.target] for e in examples])},
-        "settings": {"generation": {k: v for k, v in settings.generation.items() if v is not None},
-                     "max_source_length": settings.max_source_length, "source_prefix": settings.source_prefix,
-                     "dtype": settings.dtype, "chat_template": settings.chat_template},
-    }))
-
-
-def _fingerprint_file(out: Path) -> Path:
-    return out.with_name(out.name + ".fingerprint.json")
-
-
-def _flat(node: Any, key: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {key: node}
-    return {k: v for name, child in node.items() for k, v in _flat(child, f"{key}.{name}" if key else name).items()}
-
-
-_WRITTEN = {"model": "by another model", "data": "for other data", "settings": "with other settings"}
-
-
-def claim_output(out: Path, written_by: dict, fresh: bool = False) -> None:
-    """Make ``out`` this run's, before any weights load: ``fresh`` drops what an earlier run wrote there;
-    records of another model, data or settings are refused; else ``written_by`` (``fingerprint``) goes
-    beside ``out``, before the first record. Every rank calls it: rank 0 decides, and its refusal stops
-    every rank, so that none waits in a collective for one that stopped."""
-    error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            _claim(Path(out), written_by, fresh)
-        except (DistillError, OSError) as exc:
-            error = str(exc)
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise DistillError(error)
-
-
-def _claim(out: Path, written_by: dict, fresh: bool) -> None:
-    record, parts = _fingerprint_file(out), _parts_dir(out)
-    if fresh:
-        out.unlink(missing_ok=True)
-        shutil.rmtree(parts, ignore_errors=True)
-        record.unlink(missing_ok=True)
-    if out.is_file() or any(parts.glob("*.jsonl")):
-        advice = "pass --fresh to start over, or another --out"
-        if not record.is_file():
-            raise DistillError(f"{out} was written by an older distill that did not record its model, data and "
-                               f"settings: {advice}")
-        old, new = _flat(json.loads(record.read_text())), _flat(written_by)
-        key = next((k for k in new if old.get(k) != new[k]), None) or next((k for k in old if k not in new), None)
-        if key is not None:
-            raise DistillError(f"{out} was written {_WRITTEN[key.split('.')[0]]} ({key}: {old.get(key)!r} there, "
-                               f"{new.get(key)!r} now): {advice}")
-        return
-    from distill.checkpoint import write_atomic
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(record, json.dumps(written_by, indent=2) + "\n")
-
-
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
-
-
-def _read_records(path: Path) -> dict[int, dict]:
-    """Complete records of a JSONL file; a line cut by a kill at write time is ignored."""
-    records: dict[int, dict] = {}
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        records[int(record["id"])] = record
-    return records
-
-
-def done_records(out: Path) -> dict[int, dict]:
-    """Every record already written for ``out``: the merged file and all part files."""
-    records = _read_records(out)
-    parts = _parts_dir(out)
-    if parts.is_dir():
-        for part in sorted(parts.glob("*.jsonl")):
-            records.update(_read_records(part))
-    return records
 
 
 def run_generation(model, tokenizer, examples: list[Example], settings: GenerateSettings, out: Path,
@@ -442,7 +313,7 @@ def run_generation(model, tokenizer, examples: list[Example], settings: Generate
         missing = [e.id for e in examples if e.id not in merged]
         if missing:
             raise DistillError(f"generation left {len(missing)} examples without output (first id {missing[0]})")
-        from distill.checkpoint import write_atomic
+        from distill.train.checkpoint import write_atomic
 
         write_atomic(out, "".join(json.dumps(merged[e.id]) + "\n" for e in examples))
         for p in parts.glob("*.jsonl"):

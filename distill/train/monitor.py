@@ -117,7 +117,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
     replayed by the resumed run (as TensorBoard's purge_step does for the event files)."""
     if not path.is_file():
         return
-    from distill.checkpoint import write_atomic
+    from distill.train.checkpoint import write_atomic
 
     lines = path.read_text().splitlines()
     kept = []

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from distill.config import ModelConfig
+from distill.config.settings import ModelConfig
 from distill.errors import DistillError, first_line
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from distill import checkpoint
+from distill.train import checkpoint
 from distill.errors import DistillError
 
 LOCK = ".distill.lock"

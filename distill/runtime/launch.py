@@ -48,7 +48,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from distill.cluster import StopRequest, adopt_slurm_env, leave_process_group_at_exit
+    from distill.runtime.cluster import StopRequest, adopt_slurm_env, leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank: SLURM_* -> RANK, WORLD_SIZE, MASTER_ADDR, ...
     leave_process_group_at_exit()
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(Path(stop_file) if stop_file else None)
     trainer = None
     try:
-        from distill.config import load_config
-        from distill.trainer import Trainer
+        from distill.config.parsing import load_config
+        from distill.train.loop import Trainer
 
         cfg = load_config(args.config, args.overrides)
         _quiet_libraries()
@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank hits the same check; one line from rank 0 is the whole report.
         if rank == 0:
             print(f"distill: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as exc:  # the machine, not the code: a full disk, a read-only or vanished directory
+        from distill.train.checkpoint import describe_write_error
+
+        print(f"distill: error: rank {rank}: {describe_write_error(exc, Path(exc.filename or '.'))}",
+              file=sys.stderr, flush=True)
         return 2
     finally:
         stop.close()
@@ -91,5 +97,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # distill train starts the ranks as `-m distill.launch`
+if __name__ == "__main__":  # distill train starts the ranks as `-m distill.runtime.launch`
     sys.exit(main())

@@ -109,17 +109,23 @@ def write_model_dir(config, state: dict[str, torch.Tensor], tokenizer, out_dir: 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if card:
-        (tmp / "README.md").write_text(card)
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if card:
+            (tmp / "README.md").write_text(card)
+    except (OSError, RuntimeError) as exc:  # a full disk, a read-only directory: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        from distill.train.checkpoint import describe_write_error
+
+        raise DistillError(f"writing {out_dir} failed: {describe_write_error(exc, tmp)}") from None
     replace_dir(tmp, out_dir)
 
 
 def _skeleton(config):
     """An empty (meta-device) model of ``config``, outside any ZeRO-3 context the run may have on."""
-    from distill.models import model_class
+    from distill.models.loading import model_class
 
     cls = model_class(config)
     if cls is None:
@@ -147,10 +153,19 @@ def export_student(module: torch.nn.Module, tokenizer, out_dir: Path, dtype: Opt
     """Write ``out_dir`` from the live (possibly partitioned) model. All ranks must call this (the
     gathers are collective); rank 0 writes."""
     state = gathered_state_dict(module, dtype)
+    error = None
     if state is not None:
-        write_model_dir(module.config, state, tokenizer, out_dir, dtype, card, generation_config=module.generation_config)
-    if dist.is_initialized():
-        dist.barrier()
+        try:
+            write_model_dir(module.config, state, tokenizer, out_dir, dtype, card,
+                            generation_config=module.generation_config)
+        except DistillError as exc:
+            error = str(exc)
+    if dist.is_initialized():  # every rank learns whether rank 0 failed, so none waits for it
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = errors[0]
+    if error is not None:
+        raise DistillError(error)
 
 
 def save_model_files(model, tokenizer, run_config: dict, directory: Path) -> None:
@@ -166,7 +181,7 @@ def save_model_files(model, tokenizer, run_config: dict, directory: Path) -> Non
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, str]:
     """(checkpoints directory, tag) from a run directory, a checkpoints directory or a tag directory."""
-    from distill.checkpoint import read_latest
+    from distill.train.checkpoint import read_latest
 
     path = Path(path).expanduser()
     if not path.is_dir():
@@ -191,7 +206,7 @@ def _model_states(tag_dir: Path) -> dict:
 
 def check_complete(root: Path, tag: str) -> tuple[int, int]:
     """(world size, ZeRO stage) of an intact checkpoint: every file it was written with, unchanged."""
-    from distill import checkpoint
+    from distill.train import checkpoint
 
     tag_dir = root / tag
     problem = checkpoint.verify(tag_dir)

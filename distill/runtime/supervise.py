@@ -33,12 +33,12 @@ def launch_command(launcher: str, nproc: int, port: int, config: Optional[str], 
     exe = shutil.which(cmd[0], path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if exe is None:
         raise DistillError(f"the {launcher} launcher is not installed (no '{cmd[0]}' on PATH)")
-    return [exe, *cmd[1:], "distill.launch", *(["--config", config] if config else []), *overrides]
+    return [exe, *cmd[1:], "distill.runtime.launch", *(["--config", config] if config else []), *overrides]
 
 
 def train(launcher: str, nproc: int, port: int, config: Optional[str], overrides: list[str]) -> int:
     """Run the ranks to the end or to a clean stop; the launcher's exit status."""
-    from distill.config import load_config
+    from distill.config.parsing import load_config
 
     load_config(config, overrides)  # a bad recipe is one line before any rank starts
     cmd = launch_command(launcher, nproc, port, config, overrides)

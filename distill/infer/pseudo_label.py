@@ -3,7 +3,7 @@
 The output directory is a dataset the PL recipes train on: ``train.jsonl`` holds each source with the
 teacher's summary in the target column (the gold one kept beside it as ``gold_<target>`` with the
 pseudo-label's ROUGE-2 against it), and the evaluation split is copied with its gold targets, so the
-student is still judged against references. Generation is resumable (``distill.inference``); the
+student is still judged against references. Generation is resumable (``distill.infer.generate``); the
 dataset files are written only once every example has its label; a rerun continues labels of the same
 teacher, data and settings only (``fresh`` starts over).
 """
@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from distill.checkpoint import write_atomic
+from distill.train.checkpoint import write_atomic
 from distill.errors import DistillError
-from distill.inference import Example, claim_output, data_origin, fingerprint, read_examples, run_generation
+from distill.infer.generate import Example, read_examples, run_generation
+from distill.infer.outputs import claim_output, data_origin, fingerprint
 
 WORK = ".pseudo_label"  # hidden: datasets ignores it when it loads the directory
 
@@ -27,7 +28,7 @@ def build_rows(examples: list[Example], predictions: list[dict], source_column: 
                min_rouge2: Optional[float], below: str) -> tuple[list[dict], dict]:
     """Dataset rows and a summary. ``below``: what an example whose label scores under ``min_rouge2``
     against gold becomes: "gold" (trained on its gold summary) or "drop"."""
-    from distill.evaluation import rouge_scores
+    from distill.infer.evaluate import rouge_scores
 
     if below not in ("gold", "drop"):
         raise DistillError(f"--below must be 'gold' or 'drop', got {below!r}")

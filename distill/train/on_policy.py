@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from distill.data import IGNORE_INDEX, shift_right
+from distill.data.collate import IGNORE_INDEX, shift_right
 
 
 def is_on_policy(fraction: float, seed: int, step: int, micro: int) -> bool:

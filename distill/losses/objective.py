@@ -16,16 +16,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from distill.capture import Features, Request, check_capturable
-from distill.config import WEIGHTS, LossConfig
-from distill.data import IGNORE_INDEX
+from distill.models.capture import Features, Request, check_capturable
+from distill.config.settings import WEIGHTS, LossConfig
+from distill.data.collate import IGNORE_INDEX
 from distill.errors import DistillError
-from distill.layer_maps import hidden_pairs, resolve_layer
-from distill.losses import (TaidLambda, attention_log_probs, concat_heads, cross_entropy, hidden_distance,
-                            logit_divergence, map_kl, relation_log_probs, row_slice)
-from distill.models import hidden_size
-from distill.schedules import schedule_value
-from distill.students import attention_dims, stack_depths
+from distill.models.layer_maps import hidden_pairs, resolve_layer
+from distill.losses.divergences import TaidLambda, cross_entropy, logit_divergence
+from distill.losses.features import attention_log_probs, concat_heads, hidden_distance, map_kl, relation_log_probs, row_slice
+from distill.models.loading import hidden_size
+from distill.losses.schedules import schedule_value
+from distill.models.architectures import attention_dims, stack_depths
 
 TERM = {"w_ce": "ce", "w_kd": "kd", "w_hid": "hid", "w_attn": "attn", "w_rel": "rel"}
 SITE_STACK = {"encoder_self": "encoder", "decoder_self": "decoder", "decoder_cross": "decoder"}

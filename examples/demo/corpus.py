@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.export import replace_dir
+from distill.infer.export import replace_dir
 
 __all__ = [
     "SPECIAL_TOKENS",

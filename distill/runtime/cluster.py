@@ -65,6 +65,15 @@ def slurm_torch_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's master."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def adopt_slurm_env() -> None:
     os.environ.update(slurm_torch_env(os.environ))
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill.config import RunConfig
+from distill.config.settings import RunConfig
 from distill.errors import DistillError
 
 AUTO = "auto"
