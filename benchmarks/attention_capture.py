@@ -32,6 +32,7 @@ from benchmarks.common import append_section, machine, rss_hwm  # noqa: E402
 from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention  # noqa: E402
 from distill.config.parsing import _build  # noqa: E402
 from distill.config.settings import LossConfig  # noqa: E402
+from distill.data.collate import source_index, target_index  # noqa: E402
 from distill.losses.objective import Objective, Output  # noqa: E402
 
 METHODS = {
@@ -104,7 +105,9 @@ def run_variant(args) -> dict:
     dec = torch.randint(4, args.vocab, (b, lt), device=device)
     labels = dec.roll(-1, 1)
     labels[0, lt * 3 // 4:] = -100
-    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "labels": labels,
+             "target_index": target_index(labels), "source_index": source_index(mask)}
+    totals = torch.tensor(objective.counts(batch, True), dtype=torch.float32, device=device)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
 
     def step() -> float:
@@ -117,7 +120,7 @@ def run_variant(args) -> dict:
             with torch.no_grad():
                 t_out, t_feats = teacher(features=True, **inputs)
             s_out, s_feats = student(features=True, **inputs)
-            loss, _ = objective(batch, Output(s_out.logits, s_feats), Output(t_out.logits, t_feats))
+            loss, _ = objective(batch, Output(s_out.logits, s_feats), Output(t_out.logits, t_feats), True, totals)
         loss.backward()
         s_model.zero_grad(set_to_none=True)
         return float(loss)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from distill.dtypes import DTYPE_NAMES
 from distill.errors import DistillError
 
 
@@ -63,9 +64,9 @@ def _run_demo(a: argparse.Namespace) -> None:
 
 def _export(a: argparse.Namespace) -> None:
     from distill.infer.export import export_checkpoint
-    from distill.infer.generate import DTYPES
+    from distill.dtypes import torch_dtype
 
-    info = export_checkpoint(a.checkpoint, a.out, DTYPES[a.dtype] if a.dtype else None, a.model, a.max_shard_size)
+    info = export_checkpoint(a.checkpoint, a.out, torch_dtype(a.dtype) if a.dtype else None, a.model, a.max_shard_size)
     print(f"exported {info['checkpoint']} (written by {info['world_size']} ranks, {info['tensors']} tensors) "
           f"to {info['out_dir']}")
 
@@ -193,7 +194,7 @@ def _generation_parent() -> argparse.ArgumentParser:
     p.add_argument("--max-samples", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-source-length", type=int, help="default: all the model takes (its position limit)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES])
     p.add_argument("--ds-config", help="ZeRO-3 config: partition the model over the ranks (synchronized generation)")
     p.add_argument("--static-cache", action="store_true", help="static KV cache (pairs with --compile on GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="rebuild the student of a ZeRO checkpoint as a Hugging Face directory (CPU)")
     p.add_argument("checkpoint", help="run directory, its checkpoints/ directory, or one checkpoint tag directory")
     p.add_argument("out")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: float32")
     p.add_argument("--model", help="student directory (config, tokenizer) when the checkpoint holds none")
     p.add_argument("--max-shard-size", default="5GB")
     p.set_defaults(func=_export)
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", type=int, help="new width: random init at this width (MiniEnD-style)")
     p.add_argument("--num-heads", type=int, help="attention heads of a new-width student")
     p.add_argument("--ffn-size", type=int, help="feed-forward width of a new-width student")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="dtype of the saved weights")
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init (new-width) student")
     p.set_defaults(func=_make_student)
 

@@ -4,14 +4,21 @@ weights, for BART, T5 (relative-position bias) and LLaMA (rotary, grouped-query 
 
 import pytest
 import torch
-from transformers import (BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
-from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, Request, register_attention
 from distill.config.settings import LossConfig
+from distill.data.collate import source_index, target_index
 from distill.errors import DistillError
 from distill.losses.features import attention_log_probs
 from distill.losses.objective import Objective, Output
+from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, Request, register_attention
 
 register_attention()
 
@@ -131,7 +138,9 @@ def _step(objective, s_model, t_model, batch):
     with torch.no_grad():
         t_out, t_feats = t_model(features=True, **inputs)
     s_out, s_feats = s_model(features=True, **inputs)
-    total, terms = objective(batch, Output(s_out.logits, s_feats), Output(t_out.logits, t_feats))
+    batch = {**batch, "target_index": target_index(batch["labels"]), "source_index": source_index(batch["attention_mask"])}
+    totals = torch.tensor(objective.counts(batch, True), dtype=torch.float32)  # the step is this one batch
+    total, terms = objective(batch, Output(s_out.logits, s_feats), Output(t_out.logits, t_feats), True, totals)
     return total, terms, s_feats, t_feats
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.config.settings import DataConfig
-from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator, causal_model_inputs, is_packed
+from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator, causal_model_inputs
 from distill.data.stream import eval_loader
 from distill.data.loading import load_split
 from distill.errors import DistillError
@@ -140,13 +140,14 @@ def test_prompt_positions_do_not_reach_the_losses(tok):
     batch = CausalCollator(tok, _cfg(chat_template=False))(ROWS)
     student, teacher = _llama(len(tok), 0), _llama(len(tok), 1)
     with torch.no_grad():
-        s = student(**causal_model_inputs(batch)).logits
-        t = teacher(**causal_model_inputs(batch)).logits
+        s = student(**causal_model_inputs(batch, packed=False)).logits
+        t = teacher(**causal_model_inputs(batch, packed=False)).logits
     labels = batch["labels"]
     mask = labels != IGNORE_INDEX
 
     def losses(s, t):
-        return logit_divergence(s, t, mask, "forward_kl", temperature=2.0), cross_entropy(s, labels)
+        index = batch["target_index"]
+        return logit_divergence(s, t, index, "forward_kl", temperature=2.0), cross_entropy(s, labels, index)
 
     kd, ce = losses(s, t)
     prompt = ~mask & batch["attention_mask"].bool()
@@ -174,10 +175,9 @@ def test_packed_examples_match_examples_run_alone(tok, attn):
     assert lengths[3] > pack_length - lengths[0]  # the last one cannot join the first row
     batch = CausalCollator(tok, cfg, pack_length=pack_length)(rows)
     assert batch["input_ids"].shape == (2, max(pack_length, lengths[3]))
-    assert is_packed(batch) and not is_packed(single(rows[:1]))
-    inputs = causal_model_inputs(batch)
+    inputs = causal_model_inputs(batch, packed=True)
     assert inputs["attention_mask"] is None and inputs["use_cache"] is False
-    assert torch.equal(causal_model_inputs(single(rows))["attention_mask"], single(rows)["attention_mask"])
+    assert torch.equal(causal_model_inputs(single(rows), packed=False)["attention_mask"], single(rows)["attention_mask"])
     model = _llama(len(tok), 0, attn)
     with torch.no_grad():
         packed = model(**inputs).logits
@@ -188,7 +188,7 @@ def test_packed_examples_match_examples_run_alone(tok, attn):
             n = lengths[i]
             assert torch.equal(batch["labels"][b, start:start + n], alone["labels"][0, :n])
             assert batch["position_ids"][b, start:start + n].tolist() == list(range(n))
-            ref = model(**causal_model_inputs(alone)).logits[0, :n]
+            ref = model(**causal_model_inputs(alone, packed=False)).logits[0, :n]
             torch.testing.assert_close(packed[b, start:start + n], ref, atol=1e-5, rtol=0)
             spans.append((b, start, n))
             start += n
@@ -197,11 +197,44 @@ def test_packed_examples_match_examples_run_alone(tok, attn):
         changed = {k: v.clone() for k, v in batch.items()}
         g = torch.Generator().manual_seed(1)
         changed["input_ids"][b, start:start + n] = torch.randint(5, len(tok), (n,), generator=g)
-        other = model(**causal_model_inputs(changed)).logits
+        other = model(**causal_model_inputs(changed, packed=True)).logits
     assert not torch.allclose(other[b, start:start + n], packed[b, start:start + n], atol=1e-3)
     for j in (0, 2):
         b, start, n = spans[j]
         torch.testing.assert_close(other[b, start:start + n], packed[b, start:start + n], atol=1e-6, rtol=0)
+
+
+def test_packing_run_needs_no_mask_for_rows_of_one_example(tok):
+    """A packing run's batch may hold no row of two examples; None (from the config's flag) is still right."""
+    batch = CausalCollator(tok, _cfg(chat_template=False, packing=True), pack_length=1)(ROWS)
+    assert batch["input_ids"].shape[0] == len(ROWS)  # one example per row, right-padded
+    model = _llama(len(tok), 0)
+    with torch.no_grad():
+        unmasked = model(**causal_model_inputs(batch, packed=True)).logits
+        masked = model(**causal_model_inputs(batch, packed=False)).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(unmasked[real], masked[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "causal", "packed", "loss_on_prompt", "plain_text"])
+def test_row_indices_are_the_masks_nonzero(tok, kind):
+    """``target_index`` and ``source_index``, built on the host, are the flat positions of the targets and
+    of the real tokens, in training and evaluation batches alike."""
+    rows = [{**r, "text": r["prompt"]} for r in ROWS]
+    cfg = {"loss_on_prompt": _cfg(chat_template=False, loss_on_prompt=True),
+           "packed": _cfg(chat_template=False, packing=True),
+           "plain_text": _cfg(target_column=None, source_column="text")}.get(kind, _cfg(chat_template=False))
+    collate = Seq2SeqCollator(tok, cfg, decoder_start_token_id=2) if kind == "seq2seq" else CausalCollator(tok, cfg)
+    batches = [collate(rows), *eval_loader(rows, collate, batch_size=2, rank=1, world_size=3)]
+    for batch in batches:
+        targets, real = batch["labels"] != IGNORE_INDEX, batch["attention_mask"] == 1
+        assert torch.equal(batch["target_index"], torch.nonzero(targets.flatten()).flatten())
+        assert torch.equal(batch["source_index"], torch.nonzero(real.flatten()).flatten())
+        assert batch["target_index"].device.type == batch["source_index"].device.type == "cpu"
+        assert torch.equal(batch["labels"].view(-1)[batch["target_index"]], batch["labels"][targets])
+    assert batches[0]["target_index"].numel() > 0
+    if kind == "packed":
+        assert batches[0]["input_ids"].shape[0] < len(rows)
 
 
 def test_packing_keeps_eval_padding_rows_apart(tok):

@@ -1,4 +1,5 @@
-"""Feature losses against plain float64 references (explicit loops), padding, gradients, HF attention maps."""
+"""Feature losses against plain float64 references (explicit loops), padding, gradients, HF attention maps.
+Every loss is a sum over the rows (tokens, query rows) picked by a LongTensor of flat indices."""
 
 import math
 
@@ -7,7 +8,8 @@ import torch
 from torch.testing import assert_close
 
 from distill.errors import DistillError
-from distill.losses.features import attention_log_probs, concat_heads, distribution_kl, hidden_distance, relation_log_probs
+from distill.losses.features import (attention_log_probs, concat_heads, distribution_kl, hidden_distance,
+                                     relation_log_probs)
 
 B, T, D = 3, 7, 8
 
@@ -15,6 +17,11 @@ B, T, D = 3, 7, 8
 def _pad_mask(lengths, t):
     """(B, t) True on the first lengths[b] positions: right padding."""
     return torch.tensor([[i < n for i in range(t)] for n in lengths])
+
+
+def idx(mask):
+    """Flat indices of a mask's True entries (None stays None: every row), as the collator's indices."""
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
 
 
 # ---------------------------------------------------------------- references (float64, python loops)
@@ -27,7 +34,8 @@ def _layer_norm(x):
 
 
 def ref_hidden(s, t, mask, metric, normalize):
-    total, n = 0.0, 0
+    """Σ over the masked tokens of the per-token distance (mse: mean over the width)."""
+    total = 0.0
     for b in range(s.shape[0]):
         for i in range(s.shape[1]):
             if mask is not None and not mask[b, i]:
@@ -42,8 +50,7 @@ def ref_hidden(s, t, mask, metric, normalize):
                 nx = math.sqrt(sum(v * v for v in x))
                 ny = math.sqrt(sum(v * v for v in y))
                 total += 1.0 - dot / (max(nx, 1e-8) * max(ny, 1e-8))
-            n += 1
-    return total / (n * s.shape[-1]) if metric == "mse" else total / n
+    return total / s.shape[-1] if metric == "mse" else total
 
 
 def ref_softmax_rows(scores, allowed):
@@ -78,20 +85,19 @@ def ref_attention(q, k, keep, scaling, bias):
 
 
 def ref_kl(s, t, rows):
-    """Σ over selected (b, a, i) of Σ_j p_T·(log p_T − log p_S), / (A · n_rows)."""
+    """Σ over selected (b, a, i) of Σ_j p_T·(log p_T − log p_S), / A: the head-mean KL summed over rows."""
     b_, a_, tq, tk = s.shape
-    total, n = 0.0, 0
+    total = 0.0
     for b in range(b_):
         for i in range(tq):
             if rows is not None and not rows[b, i]:
                 continue
-            n += 1
             for a in range(a_):
                 for j in range(tk):
                     p = math.exp(float(t[b, a, i, j]))
                     if p > 0:
                         total += p * (float(t[b, a, i, j]) - float(s[b, a, i, j]))
-    return total / (a_ * n)
+    return total / a_
 
 
 def _assert_probs(out, ref, atol=1e-5):
@@ -117,9 +123,12 @@ def test_hidden_distance_matches_reference(metric, normalize, masked):
     torch.manual_seed(0)
     s, t = torch.randn(B, T, D) * 2 + 0.5, torch.randn(B, T, D)
     mask = _pad_mask([7, 4, 2], T) if masked else None
-    got = hidden_distance(s, t, mask, metric=metric, normalize=normalize)
+    got = hidden_distance(s, t, idx(mask), metric=metric, normalize=normalize)
     assert got.dtype == torch.float32 and got.dim() == 0
     assert got.item() == pytest.approx(ref_hidden(s, t, mask, metric, normalize), rel=1e-5, abs=1e-7)
+    got64 = hidden_distance(s.double(), t.double(), idx(mask), metric=metric, normalize=normalize)
+    assert got64.dtype == torch.float64
+    assert got64.item() == pytest.approx(ref_hidden(s, t, mask, metric, normalize), rel=1e-10)
 
 
 @pytest.mark.parametrize("metric", ["mse", "cosine"])
@@ -127,11 +136,11 @@ def test_hidden_distance_padding_does_not_matter(metric):
     torch.manual_seed(1)
     s, t = torch.randn(B, T, D), torch.randn(B, T, D)
     mask = _pad_mask([7, 4, 0], T)  # last row fully padded
-    base = hidden_distance(s, t, mask, metric=metric, normalize=True)
+    base = hidden_distance(s, t, idx(mask), metric=metric, normalize=True)
     s2, t2 = s.clone(), t.clone()
     s2[~mask] = 1e4 * torch.randn(int((~mask).sum()), D)
     t2[~mask] = float("nan")
-    assert_close(hidden_distance(s2, t2, mask, metric=metric, normalize=True), base, atol=0, rtol=0)
+    assert_close(hidden_distance(s2, t2, idx(mask), metric=metric, normalize=True), base, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("metric", ["mse", "cosine"])
@@ -140,7 +149,7 @@ def test_hidden_distance_gradient_to_student_only(metric):
     s = torch.randn(B, T, D, requires_grad=True)
     t = torch.randn(B, T, D, requires_grad=True)
     mask = _pad_mask([7, 0, 3], T)  # a fully padded row
-    loss = hidden_distance(s, t, mask, metric=metric)
+    loss = hidden_distance(s, t, idx(mask), metric=metric)
     loss.backward()
     assert torch.isfinite(loss)
     assert t.grad is None
@@ -161,7 +170,7 @@ def test_hidden_distance_bf16_is_computed_in_float32():
 @pytest.mark.parametrize("metric", ["mse", "cosine"])
 def test_hidden_distance_empty_mask_is_zero_and_attached(metric):
     s = torch.randn(B, T, D, requires_grad=True)
-    loss = hidden_distance(s, torch.randn(B, T, D), torch.zeros(B, T, dtype=torch.bool), metric=metric, normalize=True)
+    loss = hidden_distance(s, torch.randn(B, T, D), torch.zeros(0, dtype=torch.long), metric=metric, normalize=True)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert (s.grad == 0).all()
@@ -170,8 +179,6 @@ def test_hidden_distance_empty_mask_is_zero_and_attached(metric):
 def test_hidden_distance_bad_input():
     with pytest.raises(ValueError):
         hidden_distance(torch.randn(B, T, D), torch.randn(B, T, D + 1), None)
-    with pytest.raises(ValueError):
-        hidden_distance(torch.randn(B, T, D), torch.randn(B, T, D), torch.ones(B, T + 1, dtype=torch.bool))
     with pytest.raises(DistillError, match="mse.*cosine"):
         hidden_distance(torch.randn(B, T, D), torch.randn(B, T, D), None, metric="l1")
 
@@ -304,9 +311,11 @@ def test_distribution_kl_matches_reference(fill, with_rows):
     s = torch.randn(b, a, tq, tk).masked_fill(holes, fill).log_softmax(-1)
     t = (2 * torch.randn(b, a, tq, tk)).masked_fill(holes, fill).log_softmax(-1)
     rows = _pad_mask([4, 2], tq) if with_rows else None
-    got = distribution_kl(s, t, rows)
+    got = distribution_kl(s, t, idx(rows))
     assert got.dtype == torch.float32 and torch.isfinite(got)
     assert got.item() == pytest.approx(ref_kl(s, t, rows), rel=1e-5)
+    got64 = distribution_kl(s.double(), t.double(), idx(rows))
+    assert got64.dtype == torch.float64 and got64.item() == pytest.approx(ref_kl(s, t, rows), rel=1e-10)
 
 
 def test_distribution_kl_padding_rows_do_not_matter():
@@ -314,12 +323,12 @@ def test_distribution_kl_padding_rows_do_not_matter():
     b, a, tq, tk = 2, 2, 4, 4
     s, t = torch.randn(b, a, tq, tk).log_softmax(-1), torch.randn(b, a, tq, tk).log_softmax(-1)
     rows = _pad_mask([4, 1], tq)
-    base = distribution_kl(s, t, rows)
+    base = distribution_kl(s, t, idx(rows))
     s2, t2 = s.clone(), t.clone()
     pad = ~rows[:, None, :, None].expand(b, a, tq, tk)
     s2[pad] = float("nan")
     t2[pad] = 5.0
-    assert_close(distribution_kl(s2, t2, rows), base, atol=0, rtol=0)
+    assert_close(distribution_kl(s2, t2, idx(rows)), base, atol=0, rtol=0)
 
 
 def test_distribution_kl_masked_on_both_sides_no_nan_in_gradient():
@@ -335,193 +344,12 @@ def test_distribution_kl_masked_on_both_sides_no_nan_in_gradient():
         assert torch.isfinite(z.grad).all() and (z.grad[..., holes] == 0).all()
 
 
-def test_distribution_kl_empty_rows_zero_attached_and_shape_check():
+def test_distribution_kl_no_rows_zero_attached_and_shape_check():
     s = torch.randn(2, 2, 3, 3, requires_grad=True)
-    no_rows = torch.zeros(2, 3, dtype=torch.bool)
-    loss = distribution_kl(s.log_softmax(-1), torch.randn(2, 2, 3, 3).log_softmax(-1), no_rows)
+    no_rows = torch.zeros(2, 3, dtype=torch.bool)  # no query row at all
+    loss = distribution_kl(s.log_softmax(-1), torch.randn(2, 2, 3, 3).log_softmax(-1), idx(no_rows))
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert (s.grad == 0).all()
     with pytest.raises(ValueError):
         distribution_kl(torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 4), None)
-    with pytest.raises(ValueError):
-        distribution_kl(torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.ones(2, 4, dtype=torch.bool))
-
-
-# ---------------------------------------------------------------- end to end: maps -> KL
-
-
-def test_attention_kl_pipeline_padding_gradients_and_empty_rows():
-    """Student/teacher q,k -> attention_log_probs -> distribution_kl, with a fully padded sequence."""
-    torch.manual_seed(13)
-    b, t, d = 3, 5, 4
-    pad = _pad_mask([5, 3, 0], t)
-    keep = pad[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()
-    sq, sk = torch.randn(b, 4, t, d, requires_grad=True), torch.randn(b, 2, t, d, requires_grad=True)
-    tq, tk = torch.randn(b, 4, t, d, requires_grad=True), torch.randn(b, 4, t, d, requires_grad=True)
-
-    def loss_of(sq, sk, tq, tk, rows=pad):
-        return distribution_kl(attention_log_probs(sq, sk, keep), attention_log_probs(tq, tk, keep), rows)
-
-    loss = loss_of(sq, sk, tq, tk)
-    loss.backward()
-    assert torch.isfinite(loss) and loss > 0
-    assert tq.grad is None and tk.grad is None  # the teacher is detached
-    assert torch.isfinite(sq.grad).all() and torch.isfinite(sk.grad).all()
-    assert (sq.grad[~pad[:, None, :, None].expand_as(sq)] == 0).all()
-    assert (sk.grad[~pad[:, None, :, None].expand_as(sk)] == 0).all()
-
-    # changing anything at padded positions (queries and keys) leaves the loss unchanged
-    with torch.no_grad():
-        changed = [x.detach().clone() for x in (sq, sk, tq, tk)]
-        for x in changed:
-            x[~pad[:, None, :, None].expand_as(x)] = 1e3
-        assert_close(loss_of(*changed), loss.detach(), atol=0, rtol=0)
-
-    # rows=None over the fully padded sequence: still no NaN anywhere
-    z = sq.detach().clone().requires_grad_()
-    full = loss_of(z, sk.detach(), tq, tk, rows=None)
-    full.backward()
-    assert torch.isfinite(full) and torch.isfinite(z.grad).all()
-
-    # relation maps through the same path
-    x_s = torch.randn(b, t, 12, requires_grad=True)
-    x_t = torch.randn(b, t, 24, requires_grad=True)
-    rel = distribution_kl(relation_log_probs(x_s, 4, keep), relation_log_probs(x_t, 4, keep), pad)
-    rel.backward()
-    assert torch.isfinite(rel) and rel > 0 and x_t.grad is None and torch.isfinite(x_s.grad).all()
-    x_s2 = x_s.detach().clone()
-    x_s2[~pad] = -7.0
-    moved = distribution_kl(relation_log_probs(x_s2, 4, keep), relation_log_probs(x_t, 4, keep), pad)
-    assert_close(moved, rel.detach())
-
-
-# ---------------------------------------------------------------- real attention maps (transformers, eager)
-
-
-def _capture(module, store, name):
-    def hook(m, args, out):
-        store[name] = out.detach()  # returns None: output unchanged
-
-    return module.register_forward_hook(hook)
-
-
-def _heads(x, d):
-    b, t, _ = x.shape
-    return x.view(b, t, -1, d).transpose(1, 2)
-
-
-def _assert_real_rows(ours, theirs, real):
-    assert ours.shape == theirs.shape
-    sel = real[:, None, :, None].expand_as(theirs)
-    assert_close(ours.exp()[sel], theirs.float()[sel], atol=1e-5, rtol=0)
-
-
-def test_attention_log_probs_reproduces_bart_attention():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(14)
-    cfg = transformers.BartConfig(
-        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-    )
-    model = transformers.BartForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    d = 32 // 4
-    enc_mask = _pad_mask([6, 4], 6)
-    dec_mask = _pad_mask([5, 3], 5)
-    input_ids = torch.randint(3, 64, (2, 6)).masked_fill(~enc_mask, cfg.pad_token_id)
-    dec_ids = torch.randint(3, 64, (2, 5)).masked_fill(~dec_mask, cfg.pad_token_id)
-    store = {}
-    enc_attn = model.model.encoder.layers[0].self_attn
-    dec_attn = model.model.decoder.layers[0].self_attn
-    cross = model.model.decoder.layers[0].encoder_attn
-    hooks = [
-        _capture(m.q_proj, store, f"{n}.q") for n, m in (("enc", enc_attn), ("dec", dec_attn), ("cross", cross))
-    ] + [_capture(m.k_proj, store, f"{n}.k") for n, m in (("enc", enc_attn), ("dec", dec_attn), ("cross", cross))]
-    with torch.no_grad():
-        out = model(
-            input_ids=input_ids, attention_mask=enc_mask, decoder_input_ids=dec_ids,
-            decoder_attention_mask=dec_mask, output_attentions=True, use_cache=False,
-        )
-    for h in hooks:
-        h.remove()
-    causal = torch.ones(5, 5, dtype=torch.bool).tril()
-    cases = [
-        ("enc", enc_mask[:, None, None, :], out.encoder_attentions[0], enc_mask),
-        ("dec", dec_mask[:, None, None, :] & causal, out.decoder_attentions[0], dec_mask),
-        ("cross", enc_mask[:, None, None, :], out.cross_attentions[0], dec_mask),
-    ]
-    for name, keep, theirs, real in cases:
-        ours = attention_log_probs(_heads(store[f"{name}.q"], d), _heads(store[f"{name}.k"], d), keep, scaling=d**-0.5)
-        _assert_real_rows(ours, theirs, real)
-
-
-def test_attention_log_probs_reproduces_llama_gqa_attention():
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    torch.manual_seed(15)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
-    d = 32 // 4
-    mask = _pad_mask([6, 4], 6)
-    input_ids = torch.randint(1, 64, (2, 6))
-    attn = model.model.layers[0].self_attn
-    store = {}
-
-    def grab_rope(module, args, kwargs):
-        store["rope"] = kwargs["position_embeddings"]  # returns None: inputs unchanged
-
-    hooks = [
-        _capture(attn.q_proj, store, "q"),
-        _capture(attn.k_proj, store, "k"),
-        attn.register_forward_pre_hook(grab_rope, with_kwargs=True),
-    ]
-    with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=mask, output_attentions=True, use_cache=False)
-    for h in hooks:
-        h.remove()
-    cos, sin = store["rope"]
-    q, k = apply_rotary_pos_emb(_heads(store["q"], d), _heads(store["k"], d), cos, sin)
-    assert k.shape[1] == 2  # grouped-query: 2 kv heads for 4 query heads
-    keep = mask[:, None, None, :] & torch.ones(6, 6, dtype=torch.bool).tril()
-    ours = attention_log_probs(q, k, keep, scaling=d**-0.5)
-    _assert_real_rows(ours, out.attentions[0], mask)
-
-
-@pytest.mark.parametrize("chunk_elements", [1, 40, 10_000])  # one row, a few rows, all rows at once
-def test_map_kl_in_row_chunks_equals_the_whole_maps(chunk_elements):
-    """Attention maps (GQA, a learned bias that takes gradient, causal+padding mask) and MiniLMv2
-    relations: value and every input's gradient equal the unchunked distribution_kl, float64."""
-    from distill.losses.features import map_kl, row_slice
-
-    torch.manual_seed(0)
-    b, h, h_kv, t, d = 2, 4, 2, 5, 3
-    q = torch.randn(b, h, t, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(b, h_kv, t, d, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(1, h, t, t, dtype=torch.float64, requires_grad=True)
-    qt, kt = torch.randn(b, h, t, d, dtype=torch.float64), torch.randn(b, h_kv, t, d, dtype=torch.float64)
-    pad = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
-    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
-
-    whole = distribution_kl(attention_log_probs(q, k, keep, 0.7, bias), attention_log_probs(qt, kt, keep, 0.7), pad)
-    expected = torch.autograd.grad(whole, (q, k, bias))
-    chunked = map_kl(lambda ins, sl: attention_log_probs(ins[0][:, :, sl], ins[1], row_slice(keep, sl), 0.7,
-                                                         row_slice(ins[2], sl)),
-                     lambda sl: attention_log_probs(qt[:, :, sl], kt, row_slice(keep, sl), 0.7),
-                     (q, k, bias), pad, t, h, chunk_elements=chunk_elements)
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(chunked, (q, k, bias)), expected):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-    x = torch.randn(b, t, 12, dtype=torch.float64, requires_grad=True)
-    xt = torch.randn(b, t, 8, dtype=torch.float64)
-    whole = distribution_kl(relation_log_probs(x, 4, keep), relation_log_probs(xt, 4, keep), pad)
-    (want,) = torch.autograd.grad(whole, x)
-    chunked = map_kl(lambda ins, sl: relation_log_probs(ins[0], 4, keep, rows=sl),
-                     lambda sl: relation_log_probs(xt, 4, keep, rows=sl), (x,), pad, t, 4,
-                     chunk_elements=chunk_elements)
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.autograd.grad(chunked, x)[0], want, rtol=1e-10, atol=1e-12)

@@ -1,14 +1,19 @@
-"""Losses against plain float64 references written independently (explicit softmax, loops)."""
+"""Losses against plain float64 references written independently (explicit softmax, loops). Every
+loss is a sum over the rows picked by a LongTensor of flat indices."""
 
 import math
+from typing import get_args
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from distill.config.settings import Divergence, HiddenMetric, Schedule, TaidMode
 from distill.errors import DistillError
-from distill.losses.divergences import DIVERGENCES, TaidLambda, crop_vocab, cross_entropy, logit_divergence, per_token_divergence
-from distill.losses.schedules import lr_multiplier, schedule_value
+from distill.losses.divergences import DIVERGENCES, crop_vocab, cross_entropy, logit_divergence, per_token_divergence
+from distill.losses.features import HIDDEN_METRICS
+from distill.losses.schedules import SCHEDULES
+from distill.losses.taid import TAID_MODES
 
 B, T, V = 3, 7, 11
 PARAMS = {"beta": 0.3, "alpha": 0.2, "lam": 0.6}
@@ -47,27 +52,31 @@ def ref_token(kind, zs, zt, beta, alpha, lam):
 
 
 def ref_loss(kind, s, t, mask, temperature=1.0, beta=0.5, alpha=0.1, lam=0.0):
+    """τ² · the sum over the masked tokens."""
     s, t = s.double(), t.double()
     v = min(s.shape[-1], t.shape[-1])
-    total, n = 0.0, 0
+    total = 0.0
     for b in range(s.shape[0]):
         for i in range(s.shape[1]):
             if mask[b, i]:
                 total += ref_token(kind, s[b, i, :v] / temperature, t[b, i, :v] / temperature, beta, alpha, lam)
-                n += 1
-    return torch.tensor(temperature**2 * total / max(n, 1), dtype=torch.float64)
+    return torch.tensor(temperature**2 * total, dtype=torch.float64)
 
 
 def ref_ce(logits, labels, ignore_index=-100, eps=0.0):
     logits = logits.double().reshape(-1, logits.shape[-1])
-    total, n = 0.0, 0
+    total = 0.0
     for row, y in zip(logits, labels.reshape(-1).tolist()):
         if y == ignore_index:
             continue
         logq = torch.log(_softmax(row))
         total += (1 - eps) * -logq[y].item() + eps * -logq.mean().item()
-        n += 1
-    return torch.tensor(total / max(n, 1), dtype=torch.float64)
+    return torch.tensor(total, dtype=torch.float64)
+
+
+def idx(mask):
+    """Flat indices of a mask's True entries, as the collator's target_index/source_index."""
+    return mask.reshape(-1).nonzero().squeeze(1)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -86,19 +95,23 @@ def make_batch(seed, vs=V, vt=V, dtype=torch.float32, scale=3.0):
 # ---------------------------------------------------------------- divergences
 
 
-def test_divergence_names():
+def test_option_names_come_from_the_config_types():
+    assert DIVERGENCES == get_args(Divergence)
     assert DIVERGENCES == ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid")
+    assert TAID_MODES == get_args(TaidMode) == ("constant", "linear", "adaptive")
+    assert HIDDEN_METRICS == get_args(HiddenMetric) == ("mse", "cosine")
+    assert SCHEDULES == get_args(Schedule) == ("constant", "linear", "cosine")
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_matches_reference(kind, seed):
     s, t, mask = make_batch(seed)
-    got = logit_divergence(s, t, mask, kind, temperature=2.0, **PARAMS)
+    got = logit_divergence(s, t, idx(mask), kind, temperature=2.0, **PARAMS)
     assert got.dtype == torch.float32 and got.ndim == 0
     assert_close(got.double(), ref_loss(kind, s, t, mask, 2.0, **PARAMS), rtol=1e-5, atol=1e-6)
     # float64 input stays float64 and matches tightly
-    got64 = logit_divergence(s.double(), t.double(), mask, kind, temperature=2.0, **PARAMS)
+    got64 = logit_divergence(s.double(), t.double(), idx(mask), kind, temperature=2.0, **PARAMS)
     assert got64.dtype == torch.float64
     assert_close(got64, ref_loss(kind, s, t, mask, 2.0, **PARAMS), rtol=1e-10, atol=1e-12)
 
@@ -107,7 +120,7 @@ def test_matches_reference(kind, seed):
 def test_bf16_inputs_computed_in_float32(kind):
     s, t, mask = make_batch(2)
     s16, t16 = s.bfloat16(), t.bfloat16()
-    got = logit_divergence(s16, t16, mask, kind, **PARAMS)
+    got = logit_divergence(s16, t16, idx(mask), kind, **PARAMS)
     assert got.dtype == torch.float32
     assert_close(got.double(), ref_loss(kind, s16.float(), t16.float(), mask, **PARAMS), rtol=1e-5, atol=1e-6)
 
@@ -115,18 +128,18 @@ def test_bf16_inputs_computed_in_float32(kind):
 @pytest.mark.parametrize("kind", DIVERGENCES)
 def test_padding_values_never_matter(kind):
     s, t, mask = make_batch(3)
-    base = logit_divergence(s, t, mask, kind, **PARAMS)
+    base = logit_divergence(s, t, idx(mask), kind, **PARAMS)
     s2, t2 = s.clone(), t.clone()
     s2[~mask] = 1e4  # garbage, even extreme, at padded positions
     t2[~mask] = float("nan")
-    assert_close(logit_divergence(s2, t2, mask, kind, **PARAMS), base, rtol=0, atol=0)
+    assert_close(logit_divergence(s2, t2, idx(mask), kind, **PARAMS), base, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
-def test_empty_mask_is_zero_with_graph(kind):
+def test_no_token_is_zero_with_graph(kind):
     s, t, _ = make_batch(4)
     s.requires_grad_(True)
-    loss = logit_divergence(s, t, torch.zeros(B, T, dtype=torch.bool), kind, temperature=2.0, **PARAMS)
+    loss = logit_divergence(s, t, torch.zeros(0, dtype=torch.long), kind, temperature=2.0, **PARAMS)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.count_nonzero(s.grad) == 0
@@ -137,7 +150,7 @@ def test_gradient_reaches_student_only(kind):
     s, t, mask = make_batch(5)
     s.requires_grad_(True)
     t.requires_grad_(True)
-    logit_divergence(s, t, mask, kind, temperature=2.0, **PARAMS).backward()
+    logit_divergence(s, t, idx(mask), kind, temperature=2.0, **PARAMS).backward()
     assert t.grad is None
     assert torch.isfinite(s.grad).all()
     assert s.grad[mask].abs().sum() > 0
@@ -149,8 +162,8 @@ def test_gradient_matches_float64_autograd(kind):
     s, t, mask = make_batch(6)
     s32 = s.clone().requires_grad_(True)
     s64 = s.double().requires_grad_(True)
-    logit_divergence(s32, t, mask, kind, temperature=1.5, **PARAMS).backward()
-    logit_divergence(s64, t.double(), mask, kind, temperature=1.5, **PARAMS).backward()
+    logit_divergence(s32, t, idx(mask), kind, temperature=1.5, **PARAMS).backward()
+    logit_divergence(s64, t.double(), idx(mask), kind, temperature=1.5, **PARAMS).backward()
     assert_close(s32.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -158,40 +171,39 @@ def test_gradient_matches_float64_autograd(kind):
 def test_temperature_squared_factor(kind):
     s, t, mask = make_batch(7)
     tau = 3.0
-    scaled = logit_divergence(s, t, mask, kind, temperature=tau, **PARAMS)
+    scaled = logit_divergence(s, t, idx(mask), kind, temperature=tau, **PARAMS)
     # same distributions at τ=1 from pre-divided logits: the only difference is τ²
-    plain = logit_divergence(s / tau, t / tau, mask, kind, temperature=1.0, **PARAMS)
+    plain = logit_divergence(s / tau, t / tau, idx(mask), kind, temperature=1.0, **PARAMS)
     assert_close(scaled, tau**2 * plain, rtol=1e-5, atol=1e-6)
 
 
 def test_jsd_half_is_symmetric():
     s, t, mask = make_batch(8)
-    assert_close(logit_divergence(s, t, mask, "jsd", beta=0.5), logit_divergence(t, s, mask, "jsd", beta=0.5))
+    assert_close(logit_divergence(s, t, idx(mask), "jsd", beta=0.5), logit_divergence(t, s, idx(mask), "jsd", beta=0.5))
 
 
 def test_jsd_beta_swaps_with_arguments():
     s, t, mask = make_batch(8)
-    assert_close(logit_divergence(s, t, mask, "jsd", beta=0.2), logit_divergence(t, s, mask, "jsd", beta=0.8))
+    assert_close(logit_divergence(s, t, idx(mask), "jsd", beta=0.2), logit_divergence(t, s, idx(mask), "jsd", beta=0.8))
 
 
 def test_skew_alpha_zero_is_plain_kl():
     s, t, mask = make_batch(9)
-    assert_close(logit_divergence(s, t, mask, "skew_kl", alpha=0.0), logit_divergence(s, t, mask, "forward_kl"))
-    assert_close(
-        logit_divergence(s, t, mask, "skew_reverse_kl", alpha=0.0), logit_divergence(s, t, mask, "reverse_kl")
-    )
+    rows = idx(mask)
+    assert_close(logit_divergence(s, t, rows, "skew_kl", alpha=0.0), logit_divergence(s, t, rows, "forward_kl"))
+    assert_close(logit_divergence(s, t, rows, "skew_reverse_kl", alpha=0.0), logit_divergence(s, t, rows, "reverse_kl"))
 
 
 def test_taid_endpoints():
     s, t, mask = make_batch(10)
-    assert_close(logit_divergence(s, t, mask, "taid", lam=1.0), logit_divergence(s, t, mask, "forward_kl"))
-    assert logit_divergence(s, t, mask, "taid", lam=0.0).abs().item() < 1e-6  # target = student itself
+    assert_close(logit_divergence(s, t, idx(mask), "taid", lam=1.0), logit_divergence(s, t, idx(mask), "forward_kl"))
+    assert logit_divergence(s, t, idx(mask), "taid", lam=0.0).abs().item() < 1e-6  # target = student itself
 
 
 def test_divergences_vanish_when_equal():
     s, _, mask = make_batch(11)
     for kind in DIVERGENCES:
-        assert logit_divergence(s, s.clone(), mask, kind, **PARAMS).abs().item() < 1e-6
+        assert logit_divergence(s, s.clone(), idx(mask), kind, **PARAMS).abs().item() < 1e-6
 
 
 def test_vocab_crop_padding_rows():
@@ -200,49 +212,57 @@ def test_vocab_crop_padding_rows():
     cs, ct = crop_vocab(s, t)
     assert cs.shape[-1] == ct.shape[-1] == V
     for kind in DIVERGENCES:
-        got = logit_divergence(s, t, mask, kind, **PARAMS)
-        assert_close(got, logit_divergence(s, t[..., :V], mask, kind, **PARAMS))
+        got = logit_divergence(s, t, idx(mask), kind, **PARAMS)
+        assert_close(got, logit_divergence(s, t[..., :V], idx(mask), kind, **PARAMS))
         assert_close(got.double(), ref_loss(kind, s, t, mask, **PARAMS), rtol=1e-5, atol=1e-6)
     # and the other way round (student padded)
     cs, ct = crop_vocab(t, s)
     assert cs.shape[-1] == ct.shape[-1] == V
 
 
-def test_no_mask_means_all_tokens_and_flat_rows():
+def test_no_index_means_all_tokens_and_flat_rows():
     s, t, _ = make_batch(13)
     full = torch.ones(B, T, dtype=torch.bool)
-    assert_close(logit_divergence(s, t, None, "jsd"), logit_divergence(s, t, full, "jsd"))
-    # per-token function on pre-selected rows, averaged, equals the masked loss at τ=1
+    assert_close(logit_divergence(s, t, None, "jsd"), logit_divergence(s, t, idx(full), "jsd"))
+    # per-token function on pre-selected rows, summed, equals the loss at τ=1
     rows = per_token_divergence(s.reshape(-1, V), t.reshape(-1, V), "jsd")
     assert rows.shape == (B * T,)
-    assert_close(rows.mean(), logit_divergence(s, t, full, "jsd"))
+    assert_close(rows.sum(), logit_divergence(s, t, idx(full), "jsd"))
+
+
+def test_rows_are_picked_by_index_in_any_order_and_repeated():
+    """The index is a list of rows, not a mask: a permuted index gives the same sum, a repeated row counts twice."""
+    s, t, mask = make_batch(16)
+    rows = idx(mask)
+    base = logit_divergence(s, t, rows, "forward_kl")
+    assert_close(logit_divergence(s, t, rows.flip(0), "forward_kl"), base)
+    twice = logit_divergence(s, t, torch.cat([rows, rows[:1]]), "forward_kl")
+    assert_close(twice - base, logit_divergence(s, t, rows[:1], "forward_kl"))
 
 
 def test_infinite_logits_do_not_give_nan():
     s, t, mask = make_batch(14)
     t[..., 0] = float("-inf")  # a banned token in the teacher: p = 0 there
     for kind in DIVERGENCES:
-        loss = logit_divergence(s, t, mask, kind, **PARAMS)
+        loss = logit_divergence(s, t, idx(mask), kind, **PARAMS)
         # KL(q ‖ p) with p = 0 < q is truly infinite; every other kind stays finite (0·log 0 = 0)
         assert torch.isinf(loss) if kind == "reverse_kl" else torch.isfinite(loss), kind
         if kind != "reverse_kl":
             s1 = s.clone().requires_grad_(True)
-            logit_divergence(s1, t, mask, kind, **PARAMS).backward()
+            logit_divergence(s1, t, idx(mask), kind, **PARAMS).backward()
             assert torch.isfinite(s1.grad).all(), kind
 
 
 def test_bad_arguments():
     s, t, mask = make_batch(15)
     with pytest.raises(DistillError, match="unknown divergence"):
-        logit_divergence(s, t, mask, "kl")
+        logit_divergence(s, t, idx(mask), "kl")
     with pytest.raises(DistillError):
-        logit_divergence(s, t, mask, "jsd", beta=1.0)
+        logit_divergence(s, t, idx(mask), "jsd", beta=1.0)
     with pytest.raises(DistillError):
-        logit_divergence(s, t, mask, "forward_kl", temperature=0.0)
+        logit_divergence(s, t, idx(mask), "forward_kl", temperature=0.0)
     with pytest.raises(ValueError):
-        logit_divergence(s, t[:, :-1], mask, "forward_kl")
-    with pytest.raises(ValueError):
-        logit_divergence(s, t, mask[:, :-1], "forward_kl")
+        logit_divergence(s, t[:, :-1], idx(mask), "forward_kl")
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -255,126 +275,28 @@ def test_cross_entropy_matches_reference(eps):
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0] = -100
     labels[2, 3:] = -100
-    got = cross_entropy(logits, labels, label_smoothing=eps)
+    rows = idx(labels != -100)
+    got = cross_entropy(logits, labels, rows, label_smoothing=eps)
     assert_close(got.double(), ref_ce(logits, labels, eps=eps), rtol=1e-5, atol=1e-6)
+    got64 = cross_entropy(logits.double(), labels, rows, label_smoothing=eps)
+    assert_close(got64, ref_ce(logits, labels, eps=eps), rtol=1e-10, atol=1e-12)
     # padding logits are never read
     logits2 = logits.clone()
     logits2[labels == -100] = float("nan")
-    assert_close(cross_entropy(logits2, labels, label_smoothing=eps), got, rtol=0, atol=0)
-    # custom ignore index, bf16 input computed in float32
-    labels5 = labels.masked_fill(labels == -100, -5)
-    got16 = cross_entropy(logits.bfloat16(), labels5, ignore_index=-5, label_smoothing=eps)
+    assert_close(cross_entropy(logits2, labels, rows, label_smoothing=eps), got, rtol=0, atol=0)
+    # bf16 input computed in float32
+    got16 = cross_entropy(logits.bfloat16(), labels, rows, label_smoothing=eps)
     assert got16.dtype == torch.float32
-    ref16 = ref_ce(logits.bfloat16().float(), labels5, ignore_index=-5, eps=eps)
-    assert_close(got16.double(), ref16, rtol=1e-5, atol=1e-6)
+    assert_close(got16.double(), ref_ce(logits.bfloat16().float(), labels, eps=eps), rtol=1e-5, atol=1e-6)
 
 
-def test_cross_entropy_all_ignored_is_zero_not_nan():
+def test_cross_entropy_no_token_is_zero_not_nan():
     logits = torch.randn(2, 4, V, requires_grad=True)
     labels = torch.full((2, 4), -100)
-    loss = cross_entropy(logits, labels, label_smoothing=0.1)
+    loss = cross_entropy(logits, labels, idx(labels != -100), label_smoothing=0.1)
     assert loss.item() == 0.0 and not torch.isnan(loss)
     loss.backward()
     assert torch.count_nonzero(logits.grad) == 0
-
-
-# ---------------------------------------------------------------- schedules
-
-
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
-def test_schedule_endpoints_and_clamp(kind):
-    assert schedule_value(kind, 0.2, 1.0, 0, 100) == pytest.approx(0.2)
-    assert schedule_value(kind, 0.2, 1.0, 100, 100) == pytest.approx(1.0)
-    assert schedule_value(kind, 0.2, 1.0, 500, 100) == pytest.approx(1.0)
-    assert schedule_value(kind, 0.2, 1.0, -5, 100) == pytest.approx(0.2)
-    assert schedule_value(kind, 0.2, 1.0, 50, 100) == pytest.approx(0.6)  # both pass the midpoint
-    assert schedule_value(kind, 1.0, 0.0, 100, 100) == pytest.approx(0.0)  # decay works too
-    vals = [schedule_value(kind, 0.2, 1.0, i, 100) for i in range(101)]
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
-
-
-def test_schedule_constant_and_bad_kind():
-    assert schedule_value("constant", 0.3, 1.0, 70, 100) == 0.3
-    assert schedule_value("cosine", 0.2, 1.0, 25, 100) == pytest.approx(0.2 + 0.8 * (1 - math.cos(math.pi / 4)) / 2)
-    with pytest.raises(DistillError):
-        schedule_value("exp", 0, 1, 0, 10)
-
-
-# ---------------------------------------------------------------- TAID λ
-
-
-def _losses(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    # a loss that falls fast, then plateaus, with noise and a spike
-    out = [5.0 * math.exp(-i / 20) + 0.5 + 0.05 * torch.rand(1, generator=g).item() for i in range(n)]
-    out[n // 2] = 50.0
-    return out
-
-
-def test_taid_lambda_constant_and_linear():
-    c = TaidLambda(0.3, 1.0, mode="constant")
-    for i in range(1, 10):
-        c.update(i, 1.0)
-    assert c.value == 0.3
-    lin = TaidLambda(0.1, 1.0, 100, mode="linear")
-    assert lin.value == 0.1
-    vals = [lin.update(i, 1.0) for i in range(1, 151)]
-    assert vals[49] == pytest.approx(0.55) and vals[99] == pytest.approx(1.0) and vals[-1] == 1.0
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
-
-
-def test_taid_lambda_adaptive_monotone_bounded_above_linear():
-    lam = TaidLambda(0.1, 0.9, 200, mode="adaptive", adaptive_rate=0.01)
-    vals = [lam.update(i, loss) for i, loss in enumerate(_losses(300), start=1)]
-    assert all(a <= b for a, b in zip(vals, vals[1:]))
-    assert all(v <= 0.9 for v in vals) and vals[-1] == pytest.approx(0.9)
-    assert all(v >= schedule_value("linear", 0.1, 0.9, i, 200) - 1e-12 for i, v in enumerate(vals, start=1))
-    lam.update(301, float("nan"))  # a bad step never breaks λ
-    assert math.isfinite(lam.value)
-
-
-def test_taid_lambda_adaptive_faster_when_loss_falls_fast():
-    fast = TaidLambda(0.1, 1.0, 1000, mode="adaptive", adaptive_rate=0.01)
-    flat = TaidLambda(0.1, 1.0, 1000, mode="adaptive", adaptive_rate=0.01)
-    for i in range(1, 51):
-        fast.update(i, 10.0 * 0.9**i)
-        flat.update(i, 1.0)
-    assert fast.value > flat.value > schedule_value("linear", 0.1, 1.0, 50, 1000)
-
-
-def test_taid_lambda_state_dict_round_trip():
-    losses = _losses(120, seed=1)
-    ref = TaidLambda(0.2, 1.0, 100, mode="adaptive", adaptive_rate=0.02)
-    expected = [ref.update(i, x) for i, x in enumerate(losses, start=1)]
-    first = TaidLambda(0.2, 1.0, 100, mode="adaptive", adaptive_rate=0.02)
-    for i, x in enumerate(losses[:60], start=1):
-        first.update(i, x)
-    resumed = TaidLambda(0.2, 1.0, 100, mode="adaptive", adaptive_rate=0.02)
-    resumed.load_state_dict(first.state_dict())
-    assert resumed.value == first.value
-    got = [resumed.update(i, x) for i, x in enumerate(losses[60:], start=61)]
-    assert got == expected[60:]  # exactly, not approximately
-
-
-def test_taid_lambda_accepts_tensor_loss_and_rejects_bad_config():
-    lam = TaidLambda(0.1, 1.0, 10, mode="adaptive")
-    lam.update(1, torch.tensor(2.0))
-    assert 0.1 <= lam.value <= 1.0
-    with pytest.raises(DistillError):
-        TaidLambda(0.1, 1.0, None, mode="linear")
-    with pytest.raises(DistillError):
-        TaidLambda(0.5, 0.2, 10)
-    with pytest.raises(DistillError):
-        TaidLambda(0.1, 1.0, 10, mode="cosine")
-
-
-def test_lr_multiplier_warmup_then_decay():
-    assert lr_multiplier("linear", 0, 4, 104, 0.0) == pytest.approx(0.25)
-    assert lr_multiplier("linear", 3, 4, 104, 0.0) == pytest.approx(1.0)
-    assert lr_multiplier("linear", 4, 4, 104, 0.0) == pytest.approx(1.0)
-    assert lr_multiplier("linear", 54, 4, 104, 0.1) == pytest.approx(0.55)
-    assert lr_multiplier("cosine", 104, 4, 104, 0.1) == pytest.approx(0.1)
-    assert lr_multiplier("constant", 90, 0, 104, 0.1) == 1.0
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"])
@@ -391,11 +313,11 @@ def test_chunked_divergence_equals_unchunked_with_gradients(kind):
 
     ref_in = student.clone().requires_grad_()
     values = per_token_divergence(ref_in[mask] / tau, teacher[mask][:, :11] / tau, kind, **params)
-    reference = tau**2 * values.mean()
+    reference = tau**2 * values.sum()
     reference.backward()
     for chunk_elements in (11, 33, 10_000):  # 1 row, 3 rows, everything at once
         x = student.clone().requires_grad_()
-        loss = logit_divergence(x, teacher, mask, kind, tau, chunk_elements=chunk_elements, **params)
+        loss = logit_divergence(x, teacher, idx(mask), kind, tau, chunk_elements=chunk_elements, **params)
         loss.backward()
         torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-10, atol=1e-12)

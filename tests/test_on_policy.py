@@ -38,7 +38,7 @@ def test_causal_batch_rebuilds_what_the_collator_gives(tok):
     assert prompts[1] == [tok.bos_token_id] + tok("Peter owns", add_special_tokens=False)["input_ids"]
     assert all(r[-1] == tok.eos_token_id for r in responses)
     rebuilt = causal_batch(prompts, responses, tok.pad_token_id)
-    for key in ("input_ids", "attention_mask", "labels"):
+    for key in ("input_ids", "attention_mask", "labels", "target_index", "source_index"):
         assert torch.equal(rebuilt[key], batch[key]), key
     real = batch["attention_mask"].bool()
     assert torch.equal(rebuilt["position_ids"][real], batch["position_ids"][real])
@@ -50,6 +50,7 @@ def test_seq2seq_targets_equal_the_collators(tok):
     sampled = seq2seq_targets(targets, tok.eos_token_id, tok.pad_token_id)
     assert torch.equal(sampled["labels"], batch["labels"])
     assert torch.equal(sampled["decoder_input_ids"], batch["decoder_input_ids"])
+    assert torch.equal(sampled["target_index"], batch["target_index"])
 
 
 def test_until_eos():
@@ -80,6 +81,10 @@ def test_on_policy_draws_are_seeded_and_near_the_fraction():
     assert not any(is_on_policy(0.0, 0, s, 0) for s in range(50)) and all(is_on_policy(1.0, 0, s, 0) for s in range(50))
 
 
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask.flatten()).flatten()
+
+
 def _sampling(model, tok, n=6):
     return sampling_config(model.generation_config, n, 1.0, tok.pad_token_id, tok.eos_token_id)
 
@@ -99,6 +104,10 @@ def test_seq2seq_sample_batch_keeps_sources_and_replaces_targets(tok):
     reference = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                generation_config=_sampling(model, tok))
     assert torch.equal(out["input_ids"], batch["input_ids"]) and torch.equal(out["weight"], batch["weight"])
+    # the row indices follow the sampled labels; the sources, and so their index, are the collator's
+    assert torch.equal(out["target_index"], _flat_nonzero(out["labels"] != IGNORE_INDEX))
+    assert torch.equal(out["source_index"], batch["source_index"])
+    assert not torch.equal(out["labels"], batch["labels"])
     for i, row in enumerate(reference.tolist()):
         target = until_eos(row[1:], [tok.eos_token_id])
         assert target[0] == tok.bos_token_id  # the forced BOS is kept
@@ -127,3 +136,5 @@ def test_causal_sample_batch_keeps_prompts_and_masks_them(tok):
         targets = (out["labels"][i] != IGNORE_INDEX).nonzero().flatten().tolist()
         assert targets == list(range(len(prompt) - 1, n - 1))  # the sampled response only
         assert out["labels"][i, targets].tolist() == out["input_ids"][i, len(prompt):n].tolist()
+    assert torch.equal(out["target_index"], _flat_nonzero(out["labels"] != IGNORE_INDEX))
+    assert torch.equal(out["source_index"], _flat_nonzero(out["attention_mask"] == 1))

@@ -18,6 +18,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
 
+TaidMode = Literal["constant", "linear", "adaptive"]
+
+HiddenMetric = Literal["mse", "cosine"]
+
 
 @dataclass
 class ModelConfig:
@@ -135,9 +139,6 @@ Site = Literal["encoder_self", "decoder_self", "decoder_cross"]
 
 HiddenMap = Literal["copied", "supervise_forward", "last", "uniform", "uniform_consecutive", "uniform_last", "custom"]
 
-WEIGHTS = ("w_ce", "w_kd", "w_hid", "w_attn", "w_rel")
-
-
 @dataclass
 class HiddenLossConfig:
     """Hidden-state matching (methods.md 1 and 3): which stacks, which layer pairs, which distance."""
@@ -145,7 +146,7 @@ class HiddenLossConfig:
     map: HiddenMap = "copied"
     teacher_layers: Optional[list[int]] = None  # map=custom: 0-based teacher layer per student layer
     stacks: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["encoder", "decoder"])
-    metric: Literal["mse", "cosine"] = "mse"
+    metric: HiddenMetric = "mse"
     normalize: bool = False  # layer-norm both hidden states (no affine) before the distance
     projection: bool = False  # learned linear map student width -> teacher width (dropped at export)
 
@@ -189,10 +190,12 @@ class RelationLossConfig:
 @dataclass
 class LossConfig:
     """The interpolated objective (methods.md 4):
-    L = w_ce·CE + w_kd·τ²·D(teacher ‖ student) + w_hid·L_hid + w_attn·L_attn + w_rel·L_rel.
+    L = w_ce·CE + w_kd·τ²·D(teacher ‖ student) + w_hid·L_hid + w_attn·L_attn + w_rel·L_rel
+        + w_mse·‖z_S − z_T‖².
 
     Each weight ``w_X`` is its value at step 0; with ``w_X_schedule`` linear or cosine it moves to
-    ``w_X_end`` by the last step.
+    ``w_X_end`` by the last step. ``w_X`` weighs the loss term named X (``distill.losses.terms``);
+    ``WEIGHTS`` is read off these fields.
     """
 
     w_ce: float = 1.0
@@ -200,23 +203,26 @@ class LossConfig:
     w_hid: float = 0.0
     w_attn: float = 0.0
     w_rel: float = 0.0
+    w_mse: float = 0.0
     w_ce_schedule: Schedule = "constant"
     w_kd_schedule: Schedule = "constant"
     w_hid_schedule: Schedule = "constant"
     w_attn_schedule: Schedule = "constant"
     w_rel_schedule: Schedule = "constant"
+    w_mse_schedule: Schedule = "constant"
     w_ce_end: Optional[float] = None
     w_kd_end: Optional[float] = None
     w_hid_end: Optional[float] = None
     w_attn_end: Optional[float] = None
     w_rel_end: Optional[float] = None
+    w_mse_end: Optional[float] = None
     temperature: float = 2.0
     divergence: Divergence = "forward_kl"
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
     taid_lambda_start: float = 0.1
     taid_lambda_end: float = 1.0
-    taid_schedule: Literal["constant", "linear", "adaptive"] = "linear"
+    taid_schedule: TaidMode = "linear"
     label_smoothing: float = 0.0
     # Run the teacher's decoder on the student's encoder output, skipping the teacher's encoder
     # (distilBART's KD with an unshrunk, frozen encoder); needs equal hidden sizes.
@@ -271,6 +277,11 @@ class LossConfig:
     @property
     def uses_teacher(self) -> bool:
         return any(self.active(key) for key in WEIGHTS if key != "w_ce")
+
+
+# Every term's weight, in the order the fields are declared: adding a term's three fields adds it here.
+WEIGHTS = tuple(f.name for f in dataclasses.fields(LossConfig)
+                if f.name.startswith("w_") and not f.name.endswith(("_schedule", "_end")))
 
 
 @dataclass

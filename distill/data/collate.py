@@ -28,9 +28,25 @@ def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id:
     return out.masked_fill_(out == IGNORE_INDEX, pad_token_id)
 
 
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """The flat indices into ``labels.view(-1)`` of the targets (labels not IGNORE_INDEX), ascending.
+
+    Collators compute them on the host, so the losses gather target rows with an index the device
+    already has, instead of boolean indexing or ``nonzero``, which wait for the device to count them.
+    """
+    return torch.nonzero(labels.reshape(-1) != IGNORE_INDEX).view(-1)
+
+
+def source_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The flat indices into ``attention_mask.view(-1)`` of the real tokens (mask 1), ascending; the
+    host-side counterpart of ``target_index`` for the input side."""
+    return torch.nonzero(attention_mask.reshape(-1) == 1).view(-1)
+
+
 @dataclass
 class Seq2SeqCollator:
-    """Rows of text to a padded batch: input ids, attention mask, labels and decoder inputs."""
+    """Rows of text to a padded batch: input ids, attention mask, labels, decoder inputs, the row weights
+    and the host-side ``target_index`` / ``source_index``."""
 
     tokenizer: Any
     cfg: DataConfig
@@ -55,6 +71,8 @@ class Seq2SeqCollator:
             "attention_mask": enc["attention_mask"],
             "labels": labels,
             "decoder_input_ids": shift_right(labels, self.decoder_start_token_id, tok.pad_token_id),
+            "target_index": target_index(labels),
+            "source_index": source_index(enc["attention_mask"]),
             # Padding rows added to even out evaluation shards across ranks weigh nothing.
             "weight": torch.tensor([float(r.get(WEIGHT_KEY, 1.0)) for r in rows]),
         }
@@ -67,8 +85,8 @@ class CausalCollator:
     examples to a row (``data.packing``).
 
     Keys: ``input_ids``, ``attention_mask`` (1 on real tokens), ``position_ids`` (0, 1, ... from the
-    start of each example; padding continues the count of the example before it), ``labels`` and
-    ``weight`` (B,). Labels are aligned with the logits, not with the inputs: ``labels[:, t]`` is the
+    start of each example; padding continues the count of the example before it), ``labels``,
+    ``weight`` (B,), ``target_index`` and ``source_index`` (every real token). Labels are aligned with the logits, not with the inputs: ``labels[:, t]`` is the
     token at t+1 when that token is a target, else IGNORE_INDEX, so the losses take logits and labels
     as they are, ``labels != IGNORE_INDEX`` is the distillation mask, and no label crosses from one
     packed example into the next. Targets are the response with what ends it (EOS, or the chat
@@ -76,7 +94,7 @@ class CausalCollator:
 
     A prompt is cut to ``max_source_length`` tokens from its end (the part next to the response
     matters; a leading BOS stays), a response to ``max_target_length`` from its start, plain text to
-    their sum from its start. Give the model ``causal_model_inputs(batch)``, not the batch.
+    their sum from its start. Give the model ``causal_model_inputs(batch, cfg.packing)``, not the batch.
     """
 
     tokenizer: Any
@@ -194,27 +212,24 @@ class CausalCollator:
             "position_ids": position_ids,
             "labels": labels,
             "weight": torch.tensor([weights[g[0]] for g in groups]),
+            "target_index": target_index(labels),
+            "source_index": source_index(attention_mask),
         }
 
 
-def is_packed(batch: dict[str, torch.Tensor]) -> bool:
-    """Whether some row of a ``CausalCollator`` batch holds more than one example (its position ids restart)."""
-    pos = batch["position_ids"]
-    return bool((pos[:, 1:] != pos[:, :-1] + 1).any())
-
-
-def causal_model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def causal_model_inputs(batch: dict[str, torch.Tensor], packed: bool) -> dict[str, Any]:
     """The keyword arguments a decoder-only model's forward gets for a ``CausalCollator`` batch:
-    ``input_ids``, ``position_ids``, ``attention_mask`` (the 2-D padding mask, or None for packed
-    batches) and ``use_cache=False`` (so a caller must not pass ``use_cache`` again).
+    ``input_ids``, ``position_ids``, ``attention_mask`` (the 2-D padding mask, or None when ``packed``:
+    ``data.packing`` is on) and ``use_cache=False`` (so a caller must not pass ``use_cache`` again).
 
     Why None and no cache: transformers 5 keeps packed examples apart only through its own detection
     (``masking_utils._preprocess_mask_arguments``): when the 2-D mask is None *and* there is no cache,
     it reads sequence boundaries from where ``position_ids`` restart (``find_packed_sequence_indices``)
     and builds a block-causal mask. A 2-D mask, or the empty cache a model creates for the config's
     default ``use_cache=True``, turns that off and every token of a row would see the examples before
-    it. Padding needs no mask in packed rows: it only follows real tokens, which cannot see it.
+    it. Padding needs no mask in packed rows: it only follows real tokens, which cannot see it. So None
+    is right for every batch of a packing run, whether or not a row of it holds two examples, and the
+    flag comes from the config rather than from the batch (which would cost a device sync per forward).
     """
-    packed = is_packed(batch)
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"],
             "attention_mask": None if packed else batch["attention_mask"], "use_cache": False}

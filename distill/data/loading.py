@@ -8,6 +8,7 @@ from typing import Any, Iterator, Optional
 
 from distill.config.settings import DataConfig
 from distill.errors import DistillError, first_line
+from distill.paths import is_local_path
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -60,7 +61,8 @@ def _load(cfg: DataConfig, path: Path, split: str):
         return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)
     if path.is_dir():
         return datasets.load_dataset(str(path), name=cfg.name, split=split)
-    if cfg.path.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS:
+    # A data file's suffix marks a path too: "data/x.jsonl" that is missing is not a hub dataset.
+    if is_local_path(cfg.path) or path.suffix.lower() in _BUILDERS:
         raise DistillError(f"data.path not found: {cfg.path}")
     return datasets.load_dataset(cfg.path, name=cfg.name, split=split)
 

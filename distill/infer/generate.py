@@ -26,12 +26,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from distill.dtypes import torch_dtype
 from distill.errors import DistillError, first_line
 from distill.infer.outputs import _parts_dir, _read_records, done_records
 from distill.paths import is_local_path
 from distill.runtime.cluster import join_process_group
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 DEFAULT_SOURCE_LENGTH = 1024  # for a model that states no input limit
 
@@ -103,9 +102,7 @@ def device_for_rank() -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise DistillError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def model_location(path: str) -> str:

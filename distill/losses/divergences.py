@@ -1,19 +1,23 @@
-"""Pure functions over logits: the divergences, chunked over tokens, cross-entropy, TAID's λ."""
+"""Pure functions over logits: the divergences and cross-entropy, chunked over tokens.
+
+Each loss is a SUM over the rows (tokens) it is given as a LongTensor of flat indices; the caller
+divides by a count (``distill.losses.objective``). Selecting by index keeps the loss free of host
+syncs (no boolean indexing, no ``nonzero``) and lets padding cost nothing.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.config.settings import Divergence
 from distill.errors import DistillError
-from distill.losses.schedules import schedule_value
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid")
-
-TAID_MODES = ("constant", "linear", "adaptive")
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
 
 def crop_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -27,15 +31,11 @@ def crop_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, 
     return student_logits[..., :v], teacher_logits[..., :v]
 
 
-def _select_rows(a: Tensor, b: Tensor, mask: Tensor | None, what: str) -> tuple[Tensor, Tensor]:
-    """The (N, last-dim) rows of both where ``mask`` is True (all rows when None). Selecting before
-    any math means padding costs no compute and cannot leak into a result."""
-    if mask is None:
-        return a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    if mask.shape != a.shape[:-1]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match {what} {tuple(a.shape[:-1])}")
-    mask = mask.to(device=a.device, dtype=torch.bool)
-    return a[mask], b[mask]
+def select_rows(x: Tensor, index: Optional[Tensor]) -> Tensor:
+    """The (N, last-dim) rows of ``x`` at the flat indices ``index`` into its leading dims (all rows
+    when None). Selecting before any math means padding costs no compute and cannot leak into a result."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if index is None else rows.index_select(0, index.to(rows.device))
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -100,18 +100,19 @@ def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float
     return _kl(log_q, _log_mix(log_q, log_p, alpha))
 
 
-def taid(student_logits: Tensor, teacher_logits: Tensor, lam: float = 0.0) -> Tensor:
+def taid(student_logits: Tensor, teacher_logits: Tensor, lam: float | Tensor = 0.0) -> Tensor:
     """TAID: KL(r ‖ q), r = softmax((1−λ)·sg(z_S) + λ·z_T).
 
     The target starts at the student's own distribution (λ=0, zero loss) and moves to the teacher
-    (λ=1, forward KL); the student part of the target is stop-gradient so only q is trained.
+    (λ=1, forward KL); the student part of the target is stop-gradient so only q is trained. ``lam``
+    may be a 0-d tensor: TAID's adaptive λ lives on the device.
     """
     log_q, _ = _log_probs(student_logits, teacher_logits)
     target = (1.0 - lam) * student_logits.detach() + lam * teacher_logits.detach()
     return _kl(F.log_softmax(target, dim=-1), log_q)
 
 
-def _check_params(kind: str, beta: float, alpha: float, lam: float) -> None:
+def _check_params(kind: str, beta: float, alpha: float, lam: float | Tensor) -> None:
     # degenerate values make the loss identically 0 (β∈{0,1}, α=1): refuse rather than train on nothing
     if kind not in DIVERGENCES:
         raise DistillError(f"unknown divergence {kind!r}; choose one of {', '.join(DIVERGENCES)}")
@@ -119,7 +120,8 @@ def _check_params(kind: str, beta: float, alpha: float, lam: float) -> None:
         raise DistillError(f"jsd beta must be in (0, 1), got {beta}")
     if kind in ("skew_kl", "skew_reverse_kl") and not 0.0 <= alpha < 1.0:
         raise DistillError(f"skew alpha must be in [0, 1), got {alpha}")
-    if kind == "taid" and not 0.0 <= lam <= 1.0:
+    # a tensor λ is bounded where it is made (TaidLambda); comparing it here would be a host sync
+    if kind == "taid" and not isinstance(lam, Tensor) and not 0.0 <= lam <= 1.0:
         raise DistillError(f"taid lambda must be in [0, 1], got {lam}")
 
 
@@ -129,7 +131,7 @@ def per_token_divergence(
     kind: str = "forward_kl",
     beta: float = 0.5,
     alpha: float = 0.1,
-    lam: float = 0.0,
+    lam: float | Tensor = 0.0,
 ) -> Tensor:
     """Dispatch to the per-token function of ``kind``: (N, V) scaled logits -> (N,)."""
     _check_params(kind, beta, alpha, lam)
@@ -149,54 +151,57 @@ def per_token_divergence(
 # Elements of one chunk's (rows × vocabulary) block: each float32 intermediate of a chunk is 4 MB.
 CHUNK_ELEMENTS = 1 << 20
 
+PerToken = Callable[[Tensor, Tensor], Tensor]
 
-def logit_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    lam: float = 0.0,
-    chunk_elements: int = CHUNK_ELEMENTS,
-) -> Tensor:
-    """τ² · mean over masked tokens of the per-token divergence between softmax(z/τ) distributions.
 
-    ``student_logits``/``teacher_logits``: (..., V) with the same leading shape (vocab sizes may
-    differ by padding rows); ``mask``: (...) True on real tokens (None = all). The τ² factor keeps
-    gradient magnitudes comparable across temperatures (Hinton et al.). Returns 0, still attached
-    to the student's graph, when no token is selected.
+def row_sum(student_logits: Tensor, teacher_logits: Tensor, index: Optional[Tensor], per_token: PerToken,
+            chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+    """Σ over the rows ``index`` of ``per_token(student_rows, teacher_rows)``, over the shared vocabulary.
 
-    Computed over chunks of tokens (``_ChunkedDivergence``): the float32 probabilities of the two
-    models exist for one chunk at a time, in the forward and the backward.
+    ``student_logits``/``teacher_logits``: (..., V) with the same leading shape (vocabulary sizes may
+    differ by padding rows, which are never tokens); ``index``: LongTensor of flat indices into the
+    leading dims (None = all rows); ``per_token``: (n, V) rows of both, float32 or wider -> (n,). The
+    teacher is a constant target. Computed a chunk of rows at a time (``_ChunkedRows``), so no float32
+    tensor of tokens × vocabulary exists, in the forward or the backward. 0, still attached to the
+    student's graph, when no row is selected.
     """
-    _check_params(kind, beta, alpha, lam)  # fail before any tensor work
-    if not temperature > 0:
-        raise DistillError(f"temperature must be > 0, got {temperature}")
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
             "logits differ in their leading (token) dims"
         )
-    if mask is not None and mask.shape != student_logits.shape[:-1]:
-        raise ValueError(f"mask {tuple(mask.shape)} does not match logits {tuple(student_logits.shape[:-1])}")
     s = student_logits.reshape(-1, student_logits.shape[-1])  # views: nothing vocabulary-sized is copied
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    rows = (mask.reshape(-1).to(s.device).nonzero().squeeze(1) if mask is not None
-            else torch.arange(s.shape[0], device=s.device))
+    rows = torch.arange(s.shape[0], device=s.device) if index is None else index.to(s.device)
     vocab = min(s.shape[-1], t.shape[-1])  # padding rows of an embedding matrix are no tokens
+    return _ChunkedRows.apply(s, t, rows, vocab, max(1, chunk_elements // vocab), per_token)
+
+
+def logit_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    index: Optional[Tensor],
+    kind: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    lam: float | Tensor = 0.0,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Tensor:
+    """τ² · Σ over the tokens ``index`` of the divergence between softmax(z/τ) distributions
+    (``row_sum``). The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    _check_params(kind, beta, alpha, lam)  # fail before any tensor work
+    if not temperature > 0:
+        raise DistillError(f"temperature must be > 0, got {temperature}")
 
     def per_token(s_rows: Tensor, t_rows: Tensor) -> Tensor:
         return per_token_divergence(s_rows / temperature, t_rows / temperature, kind, beta=beta, alpha=alpha, lam=lam)
 
-    chunk = max(1, chunk_elements // vocab)
-    total = _ChunkedDivergence.apply(s, t, rows, vocab, chunk, per_token)
-    # sum/max(n,1) rather than mean(): an empty selection gives 0 (not NaN) with the graph intact
-    return (temperature**2) * total / max(rows.numel(), 1)
+    return (temperature**2) * row_sum(student_logits, teacher_logits, index, per_token, chunk_elements)
 
 
-class _ChunkedDivergence(torch.autograd.Function):
+class _ChunkedRows(torch.autograd.Function):
     """Sum over ``rows`` of ``per_token(student[rows, :vocab], teacher[rows, :vocab])``, a chunk of
     rows at a time. Each chunk's gradient is taken right after its forward (one forward and one
     backward per chunk, as an unchunked loss would do) and written into one gradient buffer of the
@@ -232,105 +237,18 @@ class _ChunkedDivergence(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
 
 
-def cross_entropy(
-    logits: Tensor, labels: Tensor, ignore_index: int = -100, label_smoothing: float = 0.0
-) -> Tensor:
-    """Token-mean cross-entropy over labels != ignore_index (label-smoothed NLL as in torch).
+def cross_entropy(logits: Tensor, labels: Tensor, index: Optional[Tensor], label_smoothing: float = 0.0) -> Tensor:
+    """Σ over the tokens ``index`` of the cross-entropy (label-smoothed NLL as in torch).
 
-    ``logits`` (..., V) and ``labels`` (...) must already be aligned (shift causal LMs first).
-    Returns 0 attached to the graph, never NaN, when every label is ignored.
+    ``logits`` (..., V) and ``labels`` (...) must already be aligned (shift causal LMs first);
+    ``index``: flat indices into ``labels`` of real targets (None = all). 0, still attached to the
+    graph, when no token is selected.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
     if not 0.0 <= label_smoothing < 1.0:
         raise DistillError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    valid = labels != ignore_index
     # select first so padding costs nothing, then up-cast only the real rows
-    rows = logits[valid]
-    rows = rows.to(_compute_dtype(rows))
-    total = F.cross_entropy(rows, labels[valid], reduction="sum", label_smoothing=label_smoothing)
-    return total / max(rows.shape[0], 1)
-
-
-class TaidLambda:
-    """The TAID interpolation weight λ, stepped once per optimizer step.
-
-    Modes: ``constant`` (λ = start), ``linear`` (start → end over total_steps), ``adaptive``
-    (Shing et al. 2025, Alg. 1): with δ_n the relative drop of the loss since the previous step and
-    m_n = momentum·m_{n−1} + (1−momentum)·δ_n,
-        λ ← min(end, max(linear(n), λ + adaptive_rate·sigmoid(m_n)·(1−λ))).
-    A fast-falling loss means the student keeps up, so the target moves on to the teacher faster;
-    the linear schedule is a floor so λ always reaches ``end`` by total_steps.
-
-    ``update(step, loss)``: ``step`` = optimizer steps completed (1 after the first), ``loss`` the
-    step's distillation loss. All ranks must pass the same (reduced) loss so λ stays identical.
-    """
-
-    def __init__(
-        self,
-        start: float = 0.1,
-        end: float = 1.0,
-        total_steps: int | None = None,
-        mode: str = "linear",
-        momentum: float = 0.99,
-        adaptive_rate: float = 5e-4,
-        eps: float = 1e-8,
-    ):
-        if mode not in TAID_MODES:
-            raise DistillError(f"unknown taid lambda mode {mode!r}; choose one of {', '.join(TAID_MODES)}")
-        if not 0.0 <= start <= end <= 1.0:
-            raise DistillError(f"taid lambda needs 0 <= start <= end <= 1, got start={start} end={end}")
-        if mode != "constant" and (total_steps is None or total_steps <= 0):
-            raise DistillError(f"taid lambda mode {mode!r} needs total_steps > 0, got {total_steps}")
-        if not 0.0 <= momentum < 1.0:
-            raise DistillError(f"taid momentum must be in [0, 1), got {momentum}")
-        if adaptive_rate < 0:
-            raise DistillError(f"taid adaptive_rate must be >= 0, got {adaptive_rate}")
-        self.start, self.end, self.total_steps = float(start), float(end), total_steps
-        self.mode, self.momentum, self.adaptive_rate, self.eps = mode, momentum, adaptive_rate, eps
-        self._value = float(start)
-        self._step = 0
-        self._m = 0.0  # momentum of the relative loss change
-        self._prev_loss: float | None = None
-
-    @property
-    def value(self) -> float:
-        """λ to use for the next forward pass."""
-        return self._value
-
-    def update(self, step: int, loss: float | Tensor) -> float:
-        """Advance λ after optimizer step ``step``; returns the new value."""
-        self._step = int(step)
-        if self.mode == "constant":
-            return self._value
-        floor = schedule_value("linear", self.start, self.end, self._step, self.total_steps)
-        if self.mode == "linear":
-            self._value = floor
-            return self._value
-        loss = float(loss)
-        delta = 0.0  # no evidence on the first step, or from a non-finite loss
-        if math.isfinite(loss):
-            if self._prev_loss is not None:
-                delta = (self._prev_loss - loss) / (abs(self._prev_loss) + self.eps)
-            self._prev_loss = loss
-        self._m = self.momentum * self._m + (1.0 - self.momentum) * delta
-        grow = self.adaptive_rate * _sigmoid(self._m) * (1.0 - self._value)
-        self._value = min(self.end, max(floor, self._value + grow))
-        return self._value
-
-    def state_dict(self) -> dict:
-        return {"value": self._value, "step": self._step, "m": self._m, "prev_loss": self._prev_loss}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._value = float(state["value"])
-        self._step = int(state["step"])
-        self._m = float(state["m"])
-        self._prev_loss = None if state["prev_loss"] is None else float(state["prev_loss"])
-
-
-def _sigmoid(x: float) -> float:
-    # overflow-safe for large |x| (math.exp(800) raises)
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    e = math.exp(x)
-    return e / (1.0 + e)
+    rows = select_rows(logits, index)
+    targets = select_rows(labels.unsqueeze(-1), index).squeeze(-1)  # the labels as one-column rows
+    return F.cross_entropy(rows.to(_compute_dtype(rows)), targets, reduction="sum", label_smoothing=label_smoothing)

@@ -1,18 +1,24 @@
 """Pure functions over features: hidden-state distances, attention and relation distributions
-and their KL, computed a slice of query rows at a time."""
+and their KL, computed a slice of query rows at a time.
+
+Like the logit losses, each loss is a SUM over the rows (tokens) given as a LongTensor of flat
+indices, with no host sync; the caller divides by a count.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.config.settings import HiddenMetric
 from distill.errors import DistillError
-from distill.losses.divergences import CHUNK_ELEMENTS, _compute_dtype, _kl, _select_rows
+from distill.losses.divergences import CHUNK_ELEMENTS, _compute_dtype, _kl, select_rows
 
-HIDDEN_METRICS = ("mse", "cosine")
+HIDDEN_METRICS: tuple[str, ...] = get_args(HiddenMetric)
 
 
 def _common_dtype(*xs: Tensor) -> torch.dtype:
@@ -24,13 +30,13 @@ def _common_dtype(*xs: Tensor) -> torch.dtype:
 
 
 def hidden_distance(
-    student: Tensor, teacher: Tensor, mask: Tensor | None, metric: str = "mse", normalize: bool = False
+    student: Tensor, teacher: Tensor, index: Optional[Tensor], metric: str = "mse", normalize: bool = False
 ) -> Tensor:
-    """Distance between student and teacher hidden states, averaged over real tokens.
+    """Σ over the tokens ``index`` of the distance between student and teacher hidden states.
 
     ``student``/``teacher``: (B, T, d), the student already projected to the teacher's width;
-    ``mask``: (B, T) True on real tokens (None = all). ``mse`` = Σ (s − t)² / (n_tokens · d);
-    ``cosine`` = mean of 1 − cos(s, t). ``normalize`` layer-norms both over d (no affine) first
+    ``index``: flat indices into (B, T) of real tokens (None = all). Per token, ``mse`` = Σ_d (s − t)² / d
+    and ``cosine`` = 1 − cos(s, t). ``normalize`` layer-norms both over d (no affine) first
     (methods.md "normalize hidden"), so the loss ignores each layer's scale and offset, which
     differ between teacher and student. Returns 0, still attached to the graph, when no token
     is selected.
@@ -42,18 +48,16 @@ def hidden_distance(
             f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} hidden states differ; "
             "project the student to the teacher's width first"
         )
-    teacher = teacher.detach()  # a constant target
     d = student.shape[-1]
-    s, t = _select_rows(student, teacher, mask, "hidden states")
+    s, t = select_rows(student, index), select_rows(teacher.detach(), index)  # the teacher: a constant target
     dtype = _common_dtype(s, t)
     s, t = s.to(dtype), t.to(dtype)
     if normalize:
         s = F.layer_norm(s, (d,), eps=1e-5)
         t = F.layer_norm(t, (d,), eps=1e-5)
-    n = s.shape[0]
     if metric == "mse":
-        return (s - t).pow(2).sum() / max(n * d, 1)
-    return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).sum() / max(n, 1)
+        return (s - t).pow(2).sum() / d
+    return (1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).sum()
 
 
 def _masked_log_softmax(scores: Tensor, keep: Tensor | None) -> Tensor:
@@ -146,13 +150,21 @@ def concat_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
-def distribution_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: Tensor | None) -> Tensor:
-    """KL(teacher ‖ student) per query row, summed over heads and real rows / (A · n_rows).
+def row_mask(index: Optional[Tensor], b: int, t: int, device: torch.device) -> Optional[Tensor]:
+    """(B, T) bool, True at the flat indices ``index`` (None stays None: every row). A scatter, not a
+    boolean selection: nothing waits for the device to learn how many rows there are."""
+    if index is None:
+        return None
+    return torch.zeros(b * t, dtype=torch.bool, device=device).index_fill_(0, index.to(device), True).view(b, t)
 
-    Inputs (B, A, Tq, Tk) log-probabilities over the last dim (A heads); ``rows`` (B, Tq) True on
-    real query rows (None = all). The 1/(A·n) normalisation is MiniLM's/MiniLMv2's. Entries with
-    p_T = 0 count 0, so masked keys (-inf or finfo.min on both sides) give neither NaN nor inf.
-    Returns 0, still attached to the graph, when no row is selected.
+
+def distribution_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, index: Optional[Tensor]) -> Tensor:
+    """Σ over the query rows ``index`` of KL(teacher ‖ student) averaged over the A heads.
+
+    Inputs (B, A, Tq, Tk) log-probabilities over the last dim; ``index`` flat indices into (B, Tq) of
+    real query rows (None = all). Per row, 1/A · Σ_heads KL is MiniLM's/MiniLMv2's normalisation.
+    Entries with p_T = 0 count 0, so masked keys (-inf or finfo.min on both sides) give neither NaN
+    nor inf. Returns 0, still attached to the graph, when no row is selected.
     """
     if student_log_probs.shape != teacher_log_probs.shape:
         raise ValueError(
@@ -162,55 +174,42 @@ def distribution_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: 
     if student_log_probs.dim() != 4:
         raise ValueError(f"expected (B, heads, Tq, Tk) log-probabilities, got {tuple(student_log_probs.shape)}")
     b, a, tq, _ = student_log_probs.shape
-    if rows is not None and rows.shape != (b, tq):
-        raise ValueError(f"rows {tuple(rows.shape)} does not match (B, Tq) = {(b, tq)}")
-    total = _map_kl_sum(student_log_probs, teacher_log_probs, rows)
-    return total / max(a * _count_rows(rows, b, tq), 1)
+    rows = row_mask(index, b, tq, student_log_probs.device)
+    return _map_kl_sum(student_log_probs, teacher_log_probs, rows) / a
 
 
-def _count_rows(rows: Tensor | None, b: int, tq: int) -> int:
-    return b * tq if rows is None else int(rows.sum())
-
-
-def _map_kl_sum(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: Tensor | None) -> Tensor:
-    """Sum of KL(teacher ‖ student) over heads and the selected rows of (B, A, Tq, Tk) maps."""
-    teacher_log_probs = teacher_log_probs.detach()  # a constant target
-    b, a, tq, tk = student_log_probs.shape
+def _map_kl_sum(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: Optional[Tensor]) -> Tensor:
+    """Sum of KL(teacher ‖ student) over heads and the rows (B, Tq) True in ``rows`` (None = all) of
+    (B, A, Tq, Tk) maps. Other rows are computed but replaced by 0 (``where``, not a product: a NaN
+    there cannot leak, and their gradient is exactly 0)."""
+    dtype = _common_dtype(student_log_probs, teacher_log_probs)
+    per_row = _kl(teacher_log_probs.detach().to(dtype), student_log_probs.to(dtype)).sum(1)  # the teacher: constant
     if rows is not None:
-        # (B, A, Tq, Tk) -> (B, Tq, A, Tk)[rows] -> (n, A, Tk): padding rows never enter the math
-        rows = rows.to(device=student_log_probs.device, dtype=torch.bool)
-        s = student_log_probs.transpose(1, 2)[rows]
-        t = teacher_log_probs.transpose(1, 2)[rows]
-    else:
-        s = student_log_probs.transpose(1, 2).reshape(b * tq, a, tk)
-        t = teacher_log_probs.transpose(1, 2).reshape(b * tq, a, tk)
-    dtype = _common_dtype(s, t)
-    return _kl(t.to(dtype), s.to(dtype)).sum()
+        per_row = torch.where(rows.to(per_row.device), per_row, 0.0)
+    return per_row.sum()
 
 
-def map_kl(student_maps, teacher_maps, student_inputs: tuple[Tensor, ...], rows: Tensor | None,
-           n_query: int, heads: int, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
+def map_kl(student_maps, teacher_maps, student_inputs: tuple[Tensor, ...], index: Optional[Tensor], n_query: int,
+           chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """``distribution_kl`` of two families of (B, A, Tq, Tk) maps, built and compared a slice of
     query rows at a time, so only one slice of each map exists at once, in the forward and the
     backward (attention maps and MiniLMv2 relations are Tq × Tk per head).
 
     ``student_maps(inputs, rows_slice)`` builds the student's log-probabilities for those rows from
     ``student_inputs`` (the tensors the gradient flows to); ``teacher_maps(rows_slice)`` the
-    teacher's. ``rows`` (B, Tq) True on real query rows (None = all).
+    teacher's. ``index`` flat indices into (B, n_query) of real query rows (None = all).
     """
     probe = teacher_maps(slice(0, 1))
     b, a, _, tk = probe.shape
-    if rows is not None and rows.shape != (b, n_query):
-        raise ValueError(f"rows {tuple(rows.shape)} does not match (B, Tq) = {(b, n_query)}")
+    rows = row_mask(index, b, n_query, probe.device)
     chunk = max(1, chunk_elements // max(b * a * tk, 1))
-    total = _ChunkedMapKL.apply(student_maps, teacher_maps, rows, n_query, chunk, *student_inputs)
-    return total / max(a * _count_rows(rows, b, n_query), 1)
+    return _ChunkedMapKL.apply(student_maps, teacher_maps, rows, n_query, chunk, *student_inputs) / a
 
 
 class _ChunkedMapKL(torch.autograd.Function):
-    """Sum of ``_map_kl_sum`` over query-row chunks; like ``_ChunkedDivergence``, each chunk's
-    gradient (towards every student input: a row of a map depends on all keys) is taken right after
-    its forward and summed into buffers the backward only scales."""
+    """Sum of ``_map_kl_sum`` over query-row chunks; like ``_ChunkedRows``, each chunk's gradient
+    (towards every student input: a row of a map depends on all keys) is taken right after its
+    forward and summed into buffers the backward only scales."""
 
     @staticmethod
     def forward(ctx, student_maps, teacher_maps, rows, n_query: int, chunk: int, *inputs: Tensor) -> Tensor:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
+from distill.config.settings import Schedule
 from distill.errors import DistillError
 
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
 def schedule_value(kind: str, start: float, end: float, step: int, total_steps: int) -> float:

@@ -14,13 +14,9 @@ from typing import Any, Optional
 import torch
 
 from distill.config.settings import ModelConfig
+from distill.dtypes import torch_dtype
 from distill.errors import DistillError, first_line
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+from distill.paths import is_local_path
 
 
 def load_model_config(mc: ModelConfig, role: str):
@@ -28,7 +24,7 @@ def load_model_config(mc: ModelConfig, role: str):
     from transformers import AutoConfig
 
     path = Path(mc.path).expanduser()
-    if _looks_local(mc.path) and not (path / "config.json").is_file():
+    if is_local_path(mc.path) and not (path / "config.json").is_file():
         what = "not found" if not path.exists() else "has no config.json"
         raise DistillError(f"{role}.path {mc.path} {what}")
     try:
@@ -41,7 +37,7 @@ def load_tokenizer(mc: ModelConfig, role: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path,
+        return AutoTokenizer.from_pretrained(str(Path(mc.path).expanduser()) if is_local_path(mc.path) else mc.path,
                                              revision=mc.revision)
     except Exception as exc:
         raise DistillError(f"cannot load the {role} tokenizer from '{mc.path}': {first_line(exc)}") from None
@@ -96,9 +92,9 @@ def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: st
 
     keep_alive = HfDeepSpeedConfig(ds_config)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    path = str(Path(mc.path).expanduser()) if _looks_local(mc.path) else mc.path
+    path = str(Path(mc.path).expanduser()) if is_local_path(mc.path) else mc.path
     with _gather_for_late_init():
-        model = auto.from_pretrained(path, revision=mc.revision, dtype=DTYPES[precision],
+        model = auto.from_pretrained(path, revision=mc.revision, dtype=torch_dtype(precision),
                                      attn_implementation=attn_implementation or mc.attn_implementation)
     return model, keep_alive
 

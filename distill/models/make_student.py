@@ -6,26 +6,11 @@ import copy
 import os
 from typing import Any
 
+from distill.dtypes import torch_dtype
 from distill.errors import DistillError, first_line
 from distill.models.architectures import ArchSpec, arch_spec, layer_stacks, stack_depths
 from distill.models.layer_maps import layers_to_copy
-
-_DTYPES = {
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-}
-
-
-def _parse_dtype(dtype: Any):
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = _DTYPES.get(str(dtype).lower().replace("torch.", ""))
-    if name is None:
-        raise DistillError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16")
-    return getattr(torch, name)
+from distill.paths import is_local_path
 
 
 def _positive(name: str, value: Any) -> None:
@@ -38,8 +23,7 @@ def _positive(name: str, value: Any) -> None:
 def _load_teacher(teacher_path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    looks_local = teacher_path.startswith((".", "~", os.sep)) or teacher_path.count("/") > 1
-    if looks_local and not os.path.exists(os.path.expanduser(teacher_path)):
+    if is_local_path(teacher_path) and not os.path.exists(os.path.expanduser(teacher_path)):
         raise DistillError(f"teacher not found: {teacher_path}")
     try:
         config = AutoConfig.from_pretrained(teacher_path)
@@ -179,7 +163,7 @@ def make_student(
     Without width options: shrink by layer copy (``None`` depth keeps the teacher's). With any of
     ``hidden_size``/``num_heads``/``ffn_size``: a randomly initialised student at that width
     (seeded by ``seed``) with the teacher's vocabulary and tokenizer; nothing is copied.
-    ``dtype`` (float32/float16/bfloat16) defaults to the teacher's.
+    ``dtype`` (a torch dtype, float32/float16/bfloat16 or fp32/fp16/bf16) defaults to the teacher's.
 
     Returns {"out_dir", "teacher", "mode" ("layer_copy"|"width"), "init", "layer_map",
     "depths", "teacher_depths", "teacher_params", "student_params", "copied_tensors", "width"}.
@@ -191,7 +175,7 @@ def make_student(
     out_dir = os.fspath(out_dir)
     for name, value in (("hidden_size", hidden_size), ("num_heads", num_heads), ("ffn_size", ffn_size)):
         _positive(name, value)
-    torch_dtype = _parse_dtype(dtype)
+    dtype = dtype if dtype is None or isinstance(dtype, torch.dtype) else torch_dtype(dtype)
     if os.path.exists(teacher_path) and os.path.exists(out_dir) and os.path.samefile(teacher_path, out_dir):
         raise DistillError(f"the student directory must differ from the teacher's: {out_dir}")
 
@@ -222,7 +206,7 @@ def make_student(
     except (TypeError, ValueError) as exc:
         raise DistillError(f"the student config is not valid: {first_line(exc)}") from None
 
-    target_dtype = torch_dtype or next(teacher.parameters()).dtype
+    target_dtype = dtype or next(teacher.parameters()).dtype
     if width_mode:
         torch.manual_seed(seed)
     student = auto.from_config(s_config)

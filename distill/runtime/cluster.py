@@ -293,3 +293,34 @@ class StopRequest:
         self._closed.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopVote:
+    """Agree over ranks, once per step, whether any rank was asked to stop, without waiting on the
+    accelerator: the vote is a CPU tensor on a gloo group, started at one step and read at the next,
+    so every rank learns the same answer at the same step and no rank blocks on the others mid-step."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        cpu = get_accelerator().device_name() == "cpu"
+        self.group = None if cpu else dist.new_group(backend="gloo")  # every rank creates it, in the same order
+        self.pending = None
+
+    def poll(self, requested: bool) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(requested)])
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        previous, self.pending = self.pending, (work, flag)
+        if previous is None:
+            return False
+        previous[0].wait()
+        return bool(previous[1].numpy()[0])  # a CPU tensor: reading it waits on no device
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None

@@ -1,14 +1,13 @@
 """The distillation trainer: a frozen ZeRO-3 teacher and a trainable student on the same ranks.
 
-``setup`` does every cheap check before anything expensive (models, data columns, configs,
-checkpoint to resume), then builds both engines; ``train`` is the loop. Per micro-batch:
-teacher forward without gradients, student forward, loss, backward, step.
+``setup`` does every cheap check before anything expensive (models, data columns, configs, the output
+directory and the checkpoint to resume), then builds both engines; ``train`` is the loop around
+``step.train_step``: step, log, evaluate, save, stop.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -18,26 +17,28 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers.modeling_outputs import BaseModelOutput
 
-from distill.train import checkpoint, run_dir
-from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
-from distill.runtime.cluster import StopRequest, join_process_group
-from distill.config.settings import RunConfig
 from distill.config.resume import resume_changes
-from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator, causal_model_inputs
-from distill.data.stream import BatchStream, eval_loader
+from distill.config.settings import RunConfig
+from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
-from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
+from distill.data.stream import BatchStream
 from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
-from distill.models.loading import DTYPES, check_pair, hidden_size, load_model, load_model_config, load_tokenizer, rank_param_counts
-from distill.train.monitor import Monitor, agreement_sums, peak_memory_gb, reduce_max, reduce_mean
-from distill.losses.objective import Objective, Output, teacher_forced_sums
-from distill.train.on_policy import is_on_policy, sample_batch, sampling_config
+from distill.losses.objective import Objective
 from distill.losses.schedules import lr_multiplier
-
-SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
+from distill.dtypes import torch_dtype
+from distill.models.loading import (check_pair, hidden_size, load_model, load_model_config, load_tokenizer,
+                                    rank_param_counts)
+from distill.runtime.cluster import StopRequest, StopVote, join_process_group
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
+from distill.train import checkpoint, run_dir
+from distill.train.evaluator import Evaluator
+from distill.train.monitor import Monitor, memory_report, peak_memory_gb, reduce_max, reduce_mean
+from distill.train.on_policy import is_on_policy, sample_batch, sampling_config
+from distill.train.state import TrainState
+from distill.train.step import DivergenceWatch, Models, PhaseTimer, Window, forward, train_step
 
 
 def _world() -> tuple[int, int, int]:
@@ -50,14 +51,16 @@ class Trainer:
         self.out = Path(cfg.training.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.teacher = None
-        self.step = 0
-        self.best: dict[str, Any] | None = None  # best evaluation so far (eval.best_metric)
+        self.state: TrainState | None = None
         self.stop: StopRequest | None = None  # armed by the launcher before set-up
         self.stopped = False
         self.lock: run_dir.RunLock | None = None  # rank 0 holds the output directory
         self.run_id = checkpoint.new_run_id()  # a resumed run keeps its checkpoint's: pruning stays in the run
         self.resume_tag: str | None = None
-        self.nonfinite_streak = 0
+
+    @property
+    def step(self) -> int:
+        return self.state.step if self.state is not None else 0
 
     # ---- set-up --------------------------------------------------------------------------------
 
@@ -134,7 +137,7 @@ class Trainer:
             CAPTURE_ATTENTION if objective.student_request.attention else None)
         _freeze(model, t.freeze_embeddings, t.freeze_encoder)
         student = FeatureModel(model, objective.student_request, "student",
-                               objective.build_projections(DTYPES[t.precision]), objective.project)
+                               objective.build_projections(torch_dtype(t.precision)), objective.project)
         # Keep the schedule in the run config: one name for it everywhere, no DeepSpeed scheduler section.
         schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
             opt, lambda s: lr_multiplier(t.lr_schedule, s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
@@ -142,16 +145,22 @@ class Trainer:
             model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
             config=self.ds["student"], lr_scheduler=schedule)
 
+        encoder_decoder = self.student_config.is_encoder_decoder
         collate = (Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
-                   if self.student_config.is_encoder_decoder else CausalCollator(self.tokenizer, cfg.data))
-        self.collate = collate
+                   if encoder_decoder else CausalCollator(self.tokenizer, cfg.data))
         self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed)
+        self.state = TrainState(self.stream, self.objective, self.run_id)
         if self.resume_tag is not None:
-            state = checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank)
-            self.step = state["step"]
-            self.stream.load_state_dict(state["data"])
-            self.objective.load_state_dict(state["objective"])
-            self.best = state.get("best")
+            self.state.load_state_dict(checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank))
+        self.models = Models(self.student, self.teacher, encoder_decoder, cfg.data.packing and not encoder_decoder,
+                             cfg.loss.teacher_uses_student_encoder, loss_scale=self.world * t.gradient_accumulation_steps,
+                             check_grad_norm=t.precision != "fp16")
+        self.evaluator = Evaluator(cfg, self.student, self.tokenizer, self.eval_data, collate,
+                                   lambda engine, batch: forward(engine, self.models, batch), self.device, self.out,
+                                   self._partitioned_student)
+        self.stop_vote = StopVote()
+        self.divergence = DivergenceWatch(t.max_nonfinite_steps, self.device, self._all_reduce_max,
+                                          lambda: checkpoint.read_latest(self.ckpt_dir))
         self._report_setup()
 
     def _claim_output_dir(self) -> None:
@@ -196,6 +205,8 @@ class Trainer:
 
     def close(self) -> None:
         """Release the output directory (every exit path of the launcher calls this)."""
+        if getattr(self, "stop_vote", None) is not None:
+            self.stop_vote.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -228,63 +239,33 @@ class Trainer:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def _forward(self, engine, batch: dict[str, torch.Tensor], features: bool = False, **extra) -> tuple[Output, Any]:
-        if self.student_config.is_encoder_decoder:
-            inputs = {**{k: batch[k] for k in SEQ2SEQ_INPUTS}, "use_cache": False}
-        else:
-            inputs = causal_model_inputs(batch)  # packed rows: position ids mark the example boundaries
-        outputs, captured = engine(features=features, **inputs, **extra)
-        return Output(outputs.logits, captured), outputs
-
-    def _sync(self) -> float:
-        self.accelerator.synchronize()
-        return time.perf_counter()
-
     def train(self) -> dict[str, float]:
-        t = self.cfg.training
-        monitor = Monitor(self.out, self.rank, t.max_steps, self.step, self.cfg.flat())
+        """Step, log, evaluate, save, stop. Only log steps read values from the device."""
+        t, state = self.cfg.training, self.state
+        monitor = Monitor(self.out, self.rank, t.max_steps, state.step, self.cfg.flat())
         self.student.train()
-        window = _Window()
-        needs_teacher = self.objective.needs_teacher
-        teacher_first = needs_teacher and not self.cfg.loss.teacher_uses_student_encoder
-        while self.step < t.max_steps:
-            nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # read with the stop request
-            for micro in range(t.gradient_accumulation_steps):
-                batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
-                gold = not is_on_policy(self.cfg.loss.on_policy_fraction, t.seed, self.step, micro)
-                if not gold:
-                    batch = self._sample_targets(batch)
-                t0 = self._sync()
-                teacher = self._teacher_forward(batch) if teacher_first else None
-                t1 = self._sync()
-                student, student_outputs = self._forward(self.student, batch, features=True)
-                t2 = self._sync()
-                if needs_teacher and not teacher_first:  # on the student's encoder output
-                    encoded = BaseModelOutput(last_hidden_state=student_outputs.encoder_last_hidden_state.detach())
-                    teacher = self._teacher_forward(batch, encoder_outputs=encoded)
-                t3 = self._sync()
-                total, terms = self.objective(batch, student, teacher, gold=gold)
-                t4 = self._sync()
-                nonfinite |= ~torch.isfinite(total.detach())
-                self.student.backward(total)
-                self.student.step()
-                t5 = self._sync()
-                window.add(terms, total, batch, (t1 - t0) + (t3 - t2), (t2 - t1) + (t5 - t4), t4 - t3, gold)
-                if teacher is not None and self._logs_next_step():
-                    window.agreement += agreement_sums(student.logits, teacher.logits,
-                                                       batch["labels"] != IGNORE_INDEX).cpu()
-            self.step += 1
-            step_losses = window.step_losses()
-            # The per-step collective only when some state needs the step's losses (TAID's λ).
-            self.objective.step_end(self.step, reduce_mean(step_losses, self.device) if self.objective.tracks_losses else None)
+        window, timer = Window(), PhaseTimer(self.device)
+        while state.step < t.max_steps:
+            logs = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+            golds = [not is_on_policy(self.cfg.loss.on_policy_fraction, t.seed, state.step, m)
+                     for m in range(t.gradient_accumulation_steps)]
+            batches = [self._next_batch(gold) for gold in golds]
+            result = train_step(self.models, self.objective, batches, golds, self._all_reduce, timer, agreement=logs)
+            state.step += 1
+            window.add(result, golds)
+            self.divergence.add(result.nonfinite)
+            # TAID's adaptive λ reads the step's global losses: a device all-reduce, no host sync
+            self.objective.step_end(state.step, self._all_reduce_dict(result.terms) if self.objective.tracks_losses
+                                    else None)
             monitor.advance()
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                monitor.log(self.step, self._train_scalars(window))
-                window = _Window()
-            if t.eval_every and self.step % t.eval_every == 0 and self.step != t.max_steps:
+            if logs:
+                monitor.log(state.step, self._train_scalars(window, timer))
+                window = Window()
+                self.divergence.check(state.step, self._say)
+            if t.eval_every and state.step % t.eval_every == 0 and state.step != t.max_steps:
                 self._evaluation(monitor)
-            stop = self._stop_agreed(nonfinite)
-            if self.step % t.save_every == 0 or self.step == t.max_steps or stop:
+            stop = self.stop_vote.poll(self.stop.requested)
+            if state.step % t.save_every == 0 or state.step == t.max_steps or stop:
                 self._save()
             if stop:  # Slurm's warning before a time limit or preemption: the job requeues and resumes here
                 monitor.close({})
@@ -292,27 +273,31 @@ class Trainer:
                 return {}
         final = self._evaluation(monitor)
         if self.rank == 0:
-            _write_json(self.out / "eval_results.json", {"step": self.step, **final})
+            _write_json(self.out / "eval_results.json", {"step": state.step, **final})
         if t.export:
             model = self.student.module.model
             export_student(model, self.tokenizer, self.out / "final",
-                           card=model_card(model.config, self.cfg.to_dict(), {"step": self.step, **final}))
-        self._memory_report()
+                           card=model_card(model.config, self.cfg.to_dict(), {"step": state.step, **final}))
+        memory_report(self.out / "memory.json", self.teacher, self.student, self.device, self.cfg.training.precision)
         monitor.close(final)
         return final
 
-    def _memory_report(self) -> None:
-        """Bytes each rank holds for the teacher, the student and its optimizer (``memory.json``): what
-        ZeRO-3 partitioned, to check the per-rank arithmetic of BENCHMARKS.md against a real run."""
-        mine = {"teacher_param_bytes": _param_bytes(self.teacher.module) if self.teacher is not None else 0,
-                "student_param_bytes": _param_bytes(self.student.module),
-                "optimizer_bytes": _tensor_bytes(self.student.optimizer.state_dict()),
-                "peak_memory_gb": peak_memory_gb(self.device)}
-        ranks: list = [None] * self.world
-        dist.all_gather_object(ranks, mine)
-        if self.rank == 0:
-            _write_json(self.out / "memory.json", {"world_size": self.world, "precision": self.cfg.training.precision,
-                                                   "per_rank": ranks})
+    def _next_batch(self, gold: bool) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.stream).items()}
+        return batch if gold else self._sample_targets(batch)
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    def _all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def _all_reduce_dict(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keys = sorted(values)
+        summed = self._all_reduce(torch.stack([values[k].float() for k in keys]))
+        return dict(zip(keys, summed.unbind()))
 
     def _sample_targets(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch with targets the student samples itself (GKD), all ranks in step under ZeRO-3."""
@@ -327,203 +312,54 @@ class Trainer:
         return batch
 
     def _save(self) -> None:
-        checkpoint.save(self.student, self.ckpt_dir, self.step, self._trainer_state(), self.cfg.training.keep_checkpoints,
-                        self.run_id, self.rank, self.world, self._gather, dist.barrier,
-                        lambda d: save_model_files(self.student.module.model, self.tokenizer, self.cfg.to_dict(),
-                                                   d / MODEL_FILES))
-
-    def _stop_agreed(self, nonfinite: torch.Tensor) -> bool:
-        """Whether any rank was asked to stop, every rank getting the same answer at the same step. The
-        same collective carries whether the step's loss or gradient norm was not finite (DeepSpeed skips
-        the update of such a step), so divergence costs no sync of its own; a streak of
-        ``training.max_nonfinite_steps`` such steps ends the run."""
-        if self.cfg.training.precision != "fp16":  # fp16's loss scaler overflows routinely: only the loss counts
-            norm = self.student.get_global_grad_norm()
-            if norm is not None:
-                nonfinite = nonfinite | ~torch.isfinite(torch.as_tensor(norm, device=self.device))
-        flags = torch.stack([torch.tensor(float(self.stop.requested), device=self.device), nonfinite.float()])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, bad = flags.tolist()
-        self.nonfinite_streak = self.nonfinite_streak + 1 if bad else 0
-        limit = self.cfg.training.max_nonfinite_steps
-        if self.nonfinite_streak:
-            self._say(f"distill: step {self.step}: the loss or gradient norm is not finite; the update was skipped "
-                      f"({self.nonfinite_streak} of training.max_nonfinite_steps={limit} in a row)")
-        if self.nonfinite_streak >= limit:
-            raise DistillError(f"training diverged: the loss or gradient norm was not finite for {self.nonfinite_streak} "
-                               f"steps in a row, up to step {self.step}; the last finite checkpoint is "
-                               f"{checkpoint.read_latest(self.ckpt_dir) or 'none'} (lower training.learning_rate, "
-                               "or raise training.max_nonfinite_steps)")
-        return bool(stop)
-
-    @torch.no_grad()
-    def _teacher_forward(self, batch: dict[str, torch.Tensor], **extra) -> Output:
-        return self._forward(self.teacher, batch, features=True, **extra)[0]
-
-    def _trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "data": self.stream.state_dict(), "objective": self.objective.state_dict(),
-                "best": self.best}
+        checkpoint.save(self.student, self.ckpt_dir, self.state.step, self.state.state_dict(),
+                        self.cfg.training.keep_checkpoints, self.state.run_id, self.rank, self.world, self._gather,
+                        dist.barrier, lambda d: save_model_files(self.student.module.model, self.tokenizer,
+                                                                 self.cfg.to_dict(), d / MODEL_FILES))
 
     def _evaluation(self, monitor: Monitor) -> dict[str, float]:
-        """Evaluate, log scalars and samples, and export the student when it is the best so far."""
-        metrics, samples = self.evaluate()
-        monitor.log(self.step, metrics)
+        """Evaluate, log scalars and samples; the evaluator exports the best student so far."""
+        metrics, samples, self.state.best = self.evaluator.run(self.state.step, self.state.best)
+        monitor.log(self.state.step, metrics)
         if samples:
-            monitor.text("eval/samples", samples, self.step)
-        name = self.cfg.eval.best_metric
-        if name and name in metrics and math.isfinite(metrics[name]):
-            value = metrics[name]
-            lower = self.cfg.eval.lower_is_better
-            if self.best is None or (value < self.best["value"] if lower else value > self.best["value"]):
-                self.best = {"step": self.step, "metric": name, "value": value}
-                model = self.student.module.model
-                export_student(model, self.tokenizer, self.out / "best",
-                               card=model_card(model.config, self.cfg.to_dict(), {"step": self.step, **metrics}))
-                if self.rank == 0:
-                    _write_json(self.out / "best.json", self.best)
+            monitor.text("eval/samples", samples, self.state.step)
         return metrics
 
-    def _train_scalars(self, window: "_Window") -> dict[str, float]:
-        scalars = reduce_mean(window.means(), self.device)
-        if not self.objective.needs_teacher:
-            scalars.pop("perf/teacher_sec_per_step")
-        if self.cfg.loss.on_policy_fraction == 0:
-            scalars.pop("train/on_policy_share")
-        counts = torch.tensor([window.tokens], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts)
-        scalars["perf/tokens_per_sec"] = counts.item() / max(window.elapsed(), 1e-9)
+    def _train_scalars(self, window: Window, timer: PhaseTimer) -> dict[str, float]:
+        """The window's losses (the mean over its steps of each step's global token average), speed, the
+        schedule, memory and teacher-student agreement; every value reduced over ranks."""
+        keys = sorted(window.terms)
+        local = torch.cat([torch.stack([window.terms[k].double() for k in keys]), torch.tensor(
+            [window.source_tokens, window.target_tokens], dtype=torch.float64, device=self.device)])
+        values = self._all_reduce(local).tolist()
+        scalars = {f"loss/{k}": v / window.steps for k, v in zip(keys, values)}
+        source, target = values[-2:]
+        seconds = max(time.perf_counter() - window.start, 1e-9)
+        scalars["perf/tokens_per_sec"] = (source + target) / seconds
+        scalars["perf/source_tokens_per_sec"] = source / seconds
+        scalars["perf/target_tokens_per_sec"] = target / seconds
+        phases = timer.read()
+        scalars.update(reduce_mean({f"perf/{phase}_sec_per_step": phases.get(phase, 0.0) / window.steps
+                                    for phase in ("teacher", "student", "loss")
+                                    if phase != "teacher" or self.objective.needs_teacher}, self.device))
+        if self.cfg.loss.on_policy_fraction > 0:
+            scalars["train/on_policy_share"] = window.on_policy / window.micro_batches
         for name, w in self.objective.weights().items():
             scalars[f"weight/{name}"] = w
         for name, v in self.objective.schedule_values().items():
-            scalars[f"schedule/{name}"] = v
+            scalars[f"schedule/{name}"] = float(v)
         scalars["train/lr"] = self.scheduler.get_last_lr()[0]
         norm = self.student.get_global_grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         scalars["train/epoch"] = self.stream.epoch + self.stream.position / self.stream.batches_per_epoch
         scalars.update(reduce_max({"perf/peak_memory_gb": peak_memory_gb(self.device)}, self.device))
-        if self.objective.needs_teacher:
-            sums = window.agreement.to(self.device)
-            dist.all_reduce(sums)
-            agree, h_teacher, h_student, n = sums.tolist()
+        if window.agreement is not None:
+            agree, h_teacher, h_student, n = self._all_reduce(window.agreement).tolist()
             if n > 0:
                 scalars.update({"agreement/top1": agree / n, "agreement/teacher_entropy": h_teacher / n,
                                 "agreement/student_entropy": h_student / n})
         return scalars
-
-    def _logs_next_step(self) -> bool:
-        """Whether the step in progress ends with a log line (agreement is measured on those only)."""
-        t = self.cfg.training
-        return (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-
-    @torch.no_grad()
-    def evaluate(self) -> tuple[dict[str, float], str]:
-        """Teacher-forced loss and token accuracy of the student on the evaluation split; with
-        ``eval.generate``, ROUGE of its generations too, and a few of them as markdown."""
-        if self.eval_data is None:
-            return {}, ""
-        self.student.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        loader = eval_loader(self.eval_data, self.collate, self.cfg.training.micro_batch_size, self.rank, self.world)
-        for batch in loader:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            sums += teacher_forced_sums(self._forward(self.student, batch)[0].logits, batch["labels"],
-                                        batch["weight"]).double()
-        dist.all_reduce(sums)
-        nll, count, correct = sums.tolist()
-        metrics = {"eval/ce": nll / max(count, 1.0), "eval/token_accuracy": correct / max(count, 1.0)}
-        samples = ""
-        if self.cfg.eval.generate:
-            scores, samples = self._generation_eval()
-            metrics.update(scores)
-        self.student.train()
-        return metrics, samples
-
-    def _generation_eval(self) -> tuple[dict[str, float], str]:
-        """The student generates for the first ``eval.max_samples`` eval examples, each rank a shard.
-
-        Under ZeRO-3 every forward pass gathers weights from all ranks, so generation is synchronized
-        (``synced_gpus``: a rank that finished keeps stepping until all have) and every rank runs the
-        same number of batches (short shards repeat their last example), so none can leave early and
-        deadlock the next collective."""
-        from distill.infer.evaluate import rouge
-        from distill.infer.generate import GenerateSettings, generate_batch, generation_config_for
-
-        cfg, e = self.cfg, self.cfg.eval
-        data = self.eval_data.select(range(min(e.max_samples, len(self.eval_data))))
-        sources, references = list(data[cfg.data.source_column]), list(data[cfg.data.target_column])
-        per_rank = -(-len(data) // self.world)
-        mine = list(range(self.rank * per_rank, min(len(data), (self.rank + 1) * per_rank)))
-        padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
-        model = self.student.module.model
-        settings = GenerateSettings(max_source_length=cfg.data.max_source_length, source_prefix=cfg.data.source_prefix,
-                                    progress=False, chat_template=cfg.data.chat_template)
-        generation = generation_config_for(model, {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens})
-        synced = self._partitioned_student and self.world > 1
-        predictions: list[str] = []
-        step = cfg.training.micro_batch_size
-        for i in range(0, per_rank, step):
-            texts, _ = generate_batch(model, self.tokenizer, [sources[j] for j in padded[i:i + step]], settings,
-                                      generation, self.device, synced)
-            predictions += texts
-        shards: list = [None] * self.world
-        dist.all_gather_object(shards, list(zip(mine, predictions[:len(mine)])))
-        pairs = sorted(p for shard in shards for p in shard)
-        texts = [text for _, text in pairs]
-        scores = rouge(texts, references, samples=200)
-        metrics = {f"eval/{k}": v for k, v in scores.items() if k.startswith("rouge") and "_" not in k}
-        shown = "\n\n".join(f"**source** {sources[i][:400]}\n\n**reference** {references[i]}\n\n"
-                              f"**student** {texts[i]}" for i in range(min(e.text_samples, len(texts))))
-        return metrics, shown
-
-
-class _Window:
-    """Sums over the micro-batches since the last log line."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}  # per term: on-policy micro-batches have no CE
-        self.step_sums: dict[str, float] = {}
-        self.step_counts: dict[str, int] = {}
-        self.n = self.steps = self.on_policy = 0
-        self.tokens = 0
-        self.teacher_s = self.student_s = self.loss_s = 0.0
-        self.agreement = torch.zeros(4, dtype=torch.float64)  # see monitor.agreement_sums
-
-    def add(self, terms, total, batch, teacher_s: float, student_s: float, loss_s: float, gold: bool = True) -> None:
-        values = {k: v.item() for k, v in terms.items()}
-        values["total"] = total.item()
-        for k, v in values.items():
-            for sums, counts in ((self.sums, self.counts), (self.step_sums, self.step_counts)):
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-        self.teacher_s += teacher_s
-        self.student_s += student_s
-        self.loss_s += loss_s
-        self.n += 1
-        self.on_policy += not gold
-        self.tokens += int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
-
-    def step_losses(self) -> dict[str, float]:
-        """Mean loss terms of the micro-batches of the step that just ended."""
-        out = {k: v / self.step_counts[k] for k, v in self.step_sums.items()}
-        self.step_sums, self.step_counts = {}, {}
-        self.steps += 1
-        return out
-
-    def means(self) -> dict[str, float]:
-        """Loss terms per micro-batch; seconds per optimizer step of the teacher (forward), the student
-        (forward, backward, optimizer step) and the loss (features and logits into the objective)."""
-        out = {f"loss/{k}": v / self.counts[k] for k, v in self.sums.items()}
-        out["train/on_policy_share"] = self.on_policy / max(self.n, 1)
-        out["perf/teacher_sec_per_step"] = self.teacher_s / max(self.steps, 1)
-        out["perf/student_sec_per_step"] = self.student_s / max(self.steps, 1)
-        out["perf/loss_sec_per_step"] = self.loss_s / max(self.steps, 1)
-        return out
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 def _freeze(model: torch.nn.Module, embeddings: bool, encoder: bool) -> None:
@@ -535,28 +371,6 @@ def _freeze(model: torch.nn.Module, embeddings: bool, encoder: bool) -> None:
                 module.requires_grad_(False)
     if encoder:
         model.get_encoder().requires_grad_(False)
-
-
-def _param_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the parameters this rank holds: its ZeRO-3 partitions, or whole tensors."""
-    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes for p in module.parameters())
-
-
-def _tensor_bytes(tree: Any) -> int:
-    """Bytes of every distinct tensor in a nested state dict."""
-    seen: dict[int, int] = {}
-
-    def walk(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            seen[x.data_ptr() if x.numel() else id(x)] = x.nbytes
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-    walk(tree)
-    return sum(seen.values())
 
 
 def _seed_everything(seed: int) -> None:

@@ -33,13 +33,13 @@ def reduce_max(values: dict[str, float], device) -> dict[str, float]:
 
 
 @torch.no_grad()
-def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(top-1 agreements, teacher entropy sum, student entropy sum, tokens) over the masked tokens,
-    float64 so sums over ranks and steps stay exact; the vocabularies are cropped to the shared size."""
+def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(top-1 agreements, teacher entropy sum, student entropy sum, tokens) over the target positions
+    ``index`` (flat, as the collator's ``target_index``), float64 so sums over ranks and steps stay
+    exact; the vocabularies are cropped to the shared size. Runs on log steps only."""
     v = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    s, t = student_logits[..., :v][mask].float(), teacher_logits[..., :v][mask].float()
-    if s.shape[0] == 0:
-        return torch.zeros(4, dtype=torch.float64, device=s.device)
+    s = student_logits[..., :v].flatten(0, -2).index_select(0, index).float()
+    t = teacher_logits[..., :v].flatten(0, -2).index_select(0, index).float()
 
     def entropy(logits: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(logits, dim=-1)
@@ -47,7 +47,7 @@ def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, m
 
     agree = (s.argmax(-1) == t.argmax(-1)).sum()
     return torch.stack([agree.double(), entropy(t).double(), entropy(s).double(),
-                        torch.tensor(float(s.shape[0]), dtype=torch.float64, device=s.device)])
+                        torch.tensor(float(index.numel()), dtype=torch.float64, device=s.device)])
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -129,3 +129,41 @@ def _drop_rows_after(path: Path, step: int) -> None:
             continue  # a row torn by a kill
     if len(kept) != len(lines):
         write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def memory_report(path: Path, teacher, student, device: torch.device, precision: str) -> None:
+    """Bytes each rank holds for the teacher, the student and its optimizer (``memory.json``): what
+    ZeRO-3 partitioned, to check the per-rank arithmetic of BENCHMARKS.md against a real run."""
+    from distill.train.checkpoint import write_atomic
+
+    mine = {"teacher_param_bytes": _param_bytes(teacher.module) if teacher is not None else 0,
+            "student_param_bytes": _param_bytes(student.module),
+            "optimizer_bytes": _tensor_bytes(student.optimizer.state_dict()),
+            "peak_memory_gb": peak_memory_gb(device)}
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    if dist.get_rank() == 0:
+        write_atomic(path, json.dumps({"world_size": len(ranks), "precision": precision, "per_rank": ranks}, indent=2)
+                     + "\n")
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its ZeRO-3 partitions, or whole tensors."""
+    return sum((p.ds_tensor if hasattr(p, "ds_tensor") else p).nbytes for p in module.parameters())
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of every distinct tensor in a nested state dict."""
+    seen: dict[int, int] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            seen[x.data_ptr() if x.numel() else id(x)] = x.nbytes
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(tree)
+    return sum(seen.values())

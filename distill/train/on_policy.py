@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from distill.data.collate import IGNORE_INDEX, shift_right
+from distill.data.collate import IGNORE_INDEX, shift_right, source_index, target_index
 
 
 def is_on_policy(fraction: float, seed: int, step: int, micro: int) -> bool:
@@ -63,7 +63,7 @@ def prompts_of(batch: dict[str, torch.Tensor]) -> list[list[int]]:
 
 def causal_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """A ``CausalCollator``-style batch from prompts and responses: the labels cover the responses only,
-    aligned with the logits (``labels[t]`` = the token at t+1)."""
+    aligned with the logits (``labels[t]`` = the token at t+1); the row indices are built on the host."""
     rows = [p + r for p, r in zip(prompts, responses)]
     width = max(len(r) for r in rows)
     out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
@@ -75,15 +75,17 @@ def causal_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: i
         out["input_ids"][i, :len(row)] = torch.tensor(row)
         out["attention_mask"][i, :len(row)] = 1
         out["labels"][i, len(prompt) - 1:len(row) - 1] = torch.tensor(row[len(prompt):], dtype=torch.long)
-    return out
+    return {**out, "target_index": target_index(out["labels"]), "source_index": source_index(out["attention_mask"])}
 
 
 def seq2seq_targets(targets: list[list[int]], decoder_start_token_id: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Decoder labels and inputs for target token lists: what ``Seq2SeqCollator`` makes of target text."""
+    """Decoder labels, inputs and ``target_index`` for target token lists: what ``Seq2SeqCollator`` makes of
+    target text."""
     labels = torch.full((len(targets), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)
     for i, target in enumerate(targets):
         labels[i, :len(target)] = torch.tensor(target, dtype=torch.long)
-    return {"labels": labels, "decoder_input_ids": shift_right(labels, decoder_start_token_id, pad_id)}
+    return {"labels": labels, "decoder_input_ids": shift_right(labels, decoder_start_token_id, pad_id),
+            "target_index": target_index(labels)}
 
 
 @torch.no_grad()

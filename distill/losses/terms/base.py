@@ -1,0 +1,152 @@
+"""What every loss term is: ``Term``, the normalizers it may average over (``COUNTS``), the registry
+(``TERMS``, filled by ``register``) and the checks terms share against the two model configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Optional
+
+from torch import Tensor, nn
+
+from distill.config.settings import LossConfig
+from distill.errors import DistillError
+from distill.losses.schedules import schedule_value
+from distill.models.architectures import attention_dims, stack_depths
+from distill.models.capture import Features, Request
+
+
+@dataclass
+class Output:
+    """What one forward pass gives the objective."""
+
+    logits: Tensor
+    features: Optional[Features] = None
+
+
+@dataclass(frozen=True)
+class Count:
+    """A normalizer: the rows of ``index`` (a batch key holding flat indices), summed over the
+    micro-batches of an optimizer step and over the ranks."""
+
+    index: str
+    gold_only: bool = False  # counted in gold micro-batches only: the terms it divides are absent on-policy
+
+
+# In a fixed order: Objective.count_names lists the ones its terms use, in this order.
+COUNTS: dict[str, Count] = {
+    "target": Count("target_index"),  # flat indices into labels where labels != -100
+    "target_gold": Count("target_index", gold_only=True),
+    "source": Count("source_index"),  # flat indices into attention_mask where it is 1
+}
+
+SITE_STACK = {"encoder_self": "encoder", "decoder_self": "decoder", "decoder_cross": "decoder"}
+STACK_COUNT = {"encoder": "source", "decoder": "target"}  # the tokens a stack's features are averaged over
+QKV = {"q": "query", "k": "key", "v": "value"}
+
+
+class Term:
+    """One loss term, weighted by ``loss.w_<name>`` (with ``w_<name>_schedule`` and ``w_<name>_end``).
+
+    A subclass sets the class attributes below and, in ``__init__`` (configs only, before any model
+    loads), checks the two model configs and fills:
+
+    * ``parts``: part name -> the ``COUNTS`` entry it is averaged over. One part named ``name``, or
+      several named ``name/...`` (their sum is the term);
+    * ``student_request`` / ``teacher_request``: what each model must capture;
+    * ``projection_shapes``: learned maps it needs, name -> (student width, teacher width), trained
+      with the student and applied by ``project`` inside the student's forward.
+
+    ``__call__`` returns each part's SUM over this micro-batch's rows, selected with the batch's flat
+    indices (``target_index``, ``source_index``) and never read back to the host; the Objective divides.
+    The docstring says what each part averages over.
+    """
+
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = True
+    gold_only: ClassVar[bool] = False  # left out of on-policy micro-batches (no gold targets there)
+    uses_logits: ClassVar[bool] = False  # the gradient reaches the student's logits (ZeRO-3: see Objective)
+    tracks_losses: bool = False  # whether step_end needs the step's losses (state such as TAID's adaptive λ)
+
+    def __init__(self, cfg: LossConfig, total_steps: int, student_config: Any, teacher_config: Any):
+        self.cfg, self.total_steps = cfg, total_steps
+        self.parts: dict[str, str] = {}
+        self.student_request = self.teacher_request = Request()
+        self.projection_shapes: dict[str, tuple[int, int]] = {}
+
+    def weight(self, step: int) -> float:
+        key = f"w_{self.name}"
+        start, end = getattr(self.cfg, key), getattr(self.cfg, f"{key}_end")
+        return schedule_value(getattr(self.cfg, f"{key}_schedule"), start, start if end is None else end, step,
+                              self.total_steps)
+
+    def project(self, features: Features, projections: nn.ModuleDict) -> None:
+        """Apply this term's ``projection_shapes`` maps to the student's features (in place)."""
+
+    def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    # State across steps (TAID's λ): none by default.
+    def step_end(self, step: int, losses: Optional[dict[str, Tensor]]) -> None:
+        pass
+
+    def schedule_values(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+TERMS: dict[str, type[Term]] = {}
+
+
+def register(cls: type[Term]) -> type[Term]:
+    """Add a term class to ``TERMS`` (the order of registration is the order terms are summed and logged)."""
+    if cls.name in TERMS:
+        raise TypeError(f"a loss term named {cls.name!r} is registered twice")
+    TERMS[cls.name] = cls
+    return cls
+
+
+# ---- shared checks against the model configs ----------------------------------------------------
+
+
+def stack_depths_of(student_config: Any, teacher_config: Any, stack: str, what: str) -> tuple[int, int]:
+    """(student, teacher) layer counts of ``stack``; refused when either model lacks it."""
+    depths = []
+    for role, config in (("student", student_config), ("teacher", teacher_config)):
+        found = stack_depths(config)
+        if stack not in found:
+            raise DistillError(f"{what} needs a {stack}, and the {role} has none")
+        depths.append(found[stack])
+    return depths[0], depths[1]
+
+
+def qkv_width(config: Any, stack: str, kind: str) -> int:
+    """Width of the concatenated queries (``q``), keys or values of ``stack``'s attention."""
+    heads, kv_heads, head_dim = attention_dims(config, stack)
+    return (heads if kind == "q" else kv_heads) * head_dim
+
+
+def layer_request(hidden: Iterable[tuple[str, int]] = (), attention: Iterable[tuple[str, int]] = ()) -> Request:
+    """A ``Request`` from (stack, hidden index) and (site, layer) pairs."""
+    def group(pairs: Iterable[tuple[str, int]]) -> dict[str, tuple[int, ...]]:
+        out: dict[str, set[int]] = {}
+        for key, i in pairs:
+            out.setdefault(key, set()).add(i)
+        return {k: tuple(sorted(v)) for k, v in out.items()}
+    return Request(group(hidden), group(attention))
+
+
+def merge_requests(requests: Iterable[Request]) -> Request:
+    """One model's request for several terms: the union of their layers."""
+    requests = list(requests)
+    return layer_request([(k, i) for r in requests for k, v in r.hidden.items() for i in v],
+                         [(k, i) for r in requests for k, v in r.attention.items() for i in v])
+
+
+def stack_index(batch: dict[str, Tensor], stack: str) -> Tensor:
+    """The flat indices of the rows a stack's features are averaged over."""
+    return batch[COUNTS[STACK_COUNT[stack]].index]

@@ -1,0 +1,49 @@
+"""The logit divergence (KD), with TAID's interpolation weight λ as its state."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor
+
+from distill.losses.divergences import logit_divergence
+from distill.losses.taid import TaidLambda
+from distill.losses.terms.base import Output, Term, register
+
+
+@register
+class LogitDivergence(Term):
+    """``kd``: τ² · D(teacher ‖ student) between softmax(z/τ) of both models over the shared
+    vocabulary (``loss.divergence``: forward/reverse KL, generalized JSD, skew KLs, TAID), a mean
+    over target tokens. With ``taid`` the target interpolates towards the teacher by λ
+    (``loss.taid_*``), stepped after every optimizer step on the device."""
+
+    name = "kd"
+    uses_logits = True
+
+    def __init__(self, cfg, total_steps, student_config, teacher_config):
+        super().__init__(cfg, total_steps, student_config, teacher_config)
+        self.parts = {"kd": "target"}
+        self.taid = (TaidLambda(cfg.taid_lambda_start, cfg.taid_lambda_end, total_steps, cfg.taid_schedule)
+                     if cfg.divergence == "taid" else None)
+        self.tracks_losses = self.taid is not None and self.taid.adaptive
+
+    def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
+        cfg = self.cfg
+        return {"kd": logit_divergence(student.logits, teacher.logits, batch["target_index"], kind=cfg.divergence,
+                                       temperature=cfg.temperature, beta=cfg.jsd_beta, alpha=cfg.skew_alpha,
+                                       lam=0.0 if self.taid is None else self.taid.value)}
+
+    def step_end(self, step: int, losses: Optional[dict[str, Tensor]]) -> None:
+        if self.taid is not None:
+            self.taid.update(step, losses["kd"] if self.tracks_losses else None)
+
+    def schedule_values(self) -> dict[str, Any]:
+        return {} if self.taid is None else {"taid_lambda": self.taid.value}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.taid is None else {"taid": self.taid.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.taid is not None and "taid" in state:
+            self.taid.load_state_dict(state["taid"])

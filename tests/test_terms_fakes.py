@@ -1,0 +1,98 @@
+"""Shared by the tests/test_terms*.py files (no tests here): two tiny model configs, random batches
+carrying the collator's flat indices, and hand-made model outputs (logits and captured features) for
+any request, so the objective runs without a model."""
+
+import torch
+from transformers import BartConfig
+
+from distill.config.settings import LossConfig
+from distill.losses.objective import Output
+from distill.losses.terms.base import SITE_STACK
+from distill.models.architectures import attention_dims
+from distill.models.capture import AttentionInputs, Features
+from distill.models.loading import hidden_size
+
+V = 11  # the student's vocabulary; the teacher's head has 3 padding rows more
+
+_BART = dict(encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4, decoder_attention_heads=4,
+             pad_token_id=1, decoder_start_token_id=2)
+TEACHER = BartConfig(vocab_size=V + 3, d_model=32, encoder_layers=3, decoder_layers=2, **_BART)
+STUDENT = BartConfig(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=1, **_BART)
+
+
+def all_terms(**weights) -> LossConfig:
+    """Every term at once, across widths (projections) and depths."""
+    cfg = LossConfig(**{"w_ce": 0.3, "w_kd": 1.0, "w_hid": 0.5, "w_attn": 0.7, "w_rel": 0.2, "w_mse": 0.1,
+                        **weights})
+    cfg.hidden.map, cfg.hidden.projection = "uniform", True
+    cfg.relation.heads = 4
+    cfg.relation.sites = ["encoder_self", "decoder_self"]
+    return cfg
+
+
+def with_indices(batch: dict) -> dict:
+    """The collator's ``target_index`` and ``source_index``."""
+    return {**batch, "target_index": (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1),
+            "source_index": (batch["attention_mask"].reshape(-1) == 1).nonzero().squeeze(1)}
+
+
+def make_batch(seed: int, b: int = 5, t_enc: int = 7, t_dec: int = 6, enc_lengths=None, dec_lengths=None) -> dict:
+    """Right-padded rows of random lengths (a row may have no target at all)."""
+    g = torch.Generator().manual_seed(seed)
+    enc = torch.tensor(enc_lengths) if enc_lengths else torch.randint(1, t_enc + 1, (b,), generator=g)
+    dec = torch.tensor(dec_lengths) if dec_lengths else torch.randint(0, t_dec + 1, (b,), generator=g)
+    labels = torch.randint(3, V, (len(dec), t_dec), generator=g)
+    labels = labels.masked_fill(torch.arange(t_dec)[None] >= dec[:, None], -100)
+    return with_indices({"attention_mask": (torch.arange(t_enc)[None] < enc[:, None]).long(), "labels": labels})
+
+
+def fake_output(config, request, batch: dict, seed: int, dtype=torch.float64, grad: bool = False) -> Output:
+    """Random logits and the features ``request`` names, shaped as ``config``'s model would give them,
+    on the batch's device."""
+    g = torch.Generator().manual_seed(seed)
+    device = batch["labels"].device
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).to(device).requires_grad_(grad)
+
+    b, t_enc = batch["attention_mask"].shape
+    t_dec = batch["labels"].shape[1]
+    length = {"encoder": t_enc, "decoder": t_dec}
+    real = {"encoder": batch["attention_mask"].bool(), "decoder": batch["labels"] != -100}
+    features = Features()
+    for stack, indices in request.hidden.items():
+        for i in indices:
+            features.hidden[(stack, i)] = rand(b, length[stack], hidden_size(config))
+    for site, layers in request.attention.items():
+        stack = SITE_STACK[site]
+        keys = "decoder" if site == "decoder_self" else "encoder"
+        heads, kv_heads, head_dim = attention_dims(config, stack)
+        keep = real[keys][:, None, None, :]
+        if site == "decoder_self":
+            keep = keep & torch.ones(t_dec, t_dec, dtype=torch.bool, device=device).tril()
+        for layer in layers:
+            features.attention[(site, layer)] = AttentionInputs(
+                rand(b, heads, length[stack], head_dim), rand(b, kv_heads, length[keys], head_dim),
+                rand(b, kv_heads, length[keys], head_dim), keep, head_dim**-0.5, None)
+    return Output(rand(b, t_dec, config.vocab_size, scale=3.0), features)
+
+
+def outputs(objective, batch: dict, seed: int, dtype=torch.float64, projections=None):
+    """(student, teacher) outputs for ``objective``'s requests; the student's features pass through
+    its projections as in the student's forward."""
+    student = fake_output(STUDENT, objective.student_request, batch, seed, dtype, grad=True)
+    teacher = fake_output(TEACHER, objective.teacher_request, batch, seed + 1000, dtype)
+    if projections is not None:
+        objective.project(student.features, projections)
+    return student, teacher
+
+
+def rows(batch: dict, out: Output, start: int, stop: int) -> tuple[dict, Output]:
+    """Rows start:stop of a batch and of one model's output: a micro-batch."""
+    features = Features(
+        hidden={k: v[start:stop] for k, v in out.features.hidden.items()},
+        attention={k: AttentionInputs(a.query[start:stop], a.key[start:stop], a.value[start:stop], a.keep[start:stop],
+                                      a.scaling, None) for k, a in out.features.attention.items()},
+        projected={k: v[start:stop] for k, v in out.features.projected.items()})
+    micro = with_indices({k: batch[k][start:stop] for k in ("attention_mask", "labels")})
+    return micro, Output(out.logits[start:stop], features)
