@@ -297,15 +297,17 @@ class StopRequest:
 
 class StopVote:
     """Agree over ranks, once per step, whether any rank was asked to stop, without waiting on the
-    accelerator: the vote is a CPU tensor on a gloo group, started at one step and read at the next,
-    so every rank learns the same answer at the same step and no rank blocks on the others mid-step."""
+    accelerator. On a GPU the vote is a CPU tensor on a gloo group of its own, started at one step and
+    read at the next, so every rank learns the same answer at the same step and no rank's host blocks
+    on the others mid-step. On CPU ranks (gloo already) the vote is a plain blocking all-reduce: there
+    is no device queue to keep fed, and nothing is left in flight when the run exits."""
 
     def __init__(self):
         import torch.distributed as dist
         from deepspeed.accelerator import get_accelerator
 
-        cpu = get_accelerator().device_name() == "cpu"
-        self.group = None if cpu else dist.new_group(backend="gloo")  # every rank creates it, in the same order
+        self.lagged = get_accelerator().device_name() != "cpu"
+        self.group = dist.new_group(backend="gloo") if self.lagged else None  # every rank, in the same order
         self.pending = None
 
     def poll(self, requested: bool) -> bool:
@@ -313,12 +315,14 @@ class StopVote:
         import torch.distributed as dist
 
         flag = torch.tensor([float(requested)])
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=self.lagged)
+        if not self.lagged:
+            return bool(flag.numpy()[0])  # a CPU tensor: reading it waits on no device
         previous, self.pending = self.pending, (work, flag)
         if previous is None:
             return False
         previous[0].wait()
-        return bool(previous[1].numpy()[0])  # a CPU tensor: reading it waits on no device
+        return bool(previous[1].numpy()[0])
 
     def close(self) -> None:
         if self.pending is not None:
