@@ -46,6 +46,8 @@ def other_vocab_teacher(tmp_path):
     ("teacher.ds_config=ds_configs/student_zero2.json", "the teacher must use ZeRO stage 3"),
     ("student.ds_config=/nonexistent.json", "student.ds_config not found"),
     ("data.max_source_length=0", "data.max_source_length must be >= 1"),
+    ("training.precision=fp16", "training.precision=fp16 needs a GPU"),
+    ("data.max_train_samples=1", "the training split has 1 examples, fewer than one global batch"),
 ])
 def test_one_line_errors(capsys, args, override, message, tmp_path):
     code, err = run(capsys, [*args, override])

@@ -25,6 +25,13 @@ def epoch_order(n: int, epoch: int, seed: int, rank: int, world_size: int, batch
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
 
 
+def check_enough_examples(n: int, batch_size: int, world_size: int) -> None:
+    """Every rank needs one micro-batch per step; the trainer asks before any model loads."""
+    if n < batch_size * world_size:
+        raise DistillError(f"the training split has {n} examples, fewer than one global batch "
+                           f"(training.micro_batch_size {batch_size} x {world_size} ranks)")
+
+
 class BatchStream:
     """An endless, resumable stream of this rank's training micro-batches.
 
@@ -34,9 +41,7 @@ class BatchStream:
 
     def __init__(self, dataset, collate, batch_size: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 0):
-        if len(dataset) < batch_size * world_size:
-            raise DistillError(f"the training split has {len(dataset)} examples, fewer than one global batch "
-                               f"(training.micro_batch_size {batch_size} x {world_size} ranks)")
+        check_enough_examples(len(dataset), batch_size, world_size)
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
         self.num_workers = num_workers

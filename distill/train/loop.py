@@ -22,7 +22,7 @@ from distill.config.resume import resume_changes
 from distill.config.settings import RunConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
-from distill.data.stream import BatchStream
+from distill.data.stream import BatchStream, check_enough_examples
 from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.losses.objective import Objective
@@ -98,10 +98,7 @@ class Trainer:
             self.train_data = drop_overlong(self.train_data, cfg.data, self.tokenizer)
             if self.eval_data is not None:
                 self.eval_data = drop_overlong(self.eval_data, cfg.data, self.tokenizer)
-        per_step = cfg.training.micro_batch_size * world
-        if len(self.train_data) < per_step:
-            raise DistillError(f"the train split has {len(self.train_data)} examples, fewer than one micro-batch "
-                               f"per rank ({cfg.training.micro_batch_size} x {world} ranks)")
+        check_enough_examples(len(self.train_data), cfg.training.micro_batch_size, world)
         # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
         self.ds = {role: resolve_ds_config(raw, cfg, role, world,
                                            hidden_size(self.student_config if role == "student" else self.teacher_config),
