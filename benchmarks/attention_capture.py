@@ -33,7 +33,7 @@ from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_att
 from distill.config.parsing import _build  # noqa: E402
 from distill.config.settings import LossConfig  # noqa: E402
 from distill.data.collate import source_index, target_index  # noqa: E402
-from distill.losses.objective import Objective, Output  # noqa: E402
+from distill.losses.objective import Objective  # noqa: E402
 
 METHODS = {
     "miniend_d": {"w_ce": 0.0, "w_attn": 1.0, "attention": {"sites": ["decoder_self", "decoder_cross"]}},
@@ -118,9 +118,9 @@ def run_variant(args) -> dict:
             loss = _naive_loss(args.method, cfg, s_out, t_out, s_model, t_model, batch)
         else:
             with torch.no_grad():
-                t_out, t_feats = teacher(features=True, **inputs)
-            s_out, s_feats = student(features=True, **inputs)
-            loss, _ = objective(batch, Output(s_out.logits, s_feats), Output(t_out.logits, t_feats), True, totals)
+                t_out = teacher(rows=batch["target_index"], features=True, **inputs)
+            s_out = student(rows=batch["target_index"], features=True, **inputs)
+            loss = objective(batch, s_out, t_out, True, totals)[0]
         loss.backward()
         s_model.zero_grad(set_to_none=True)
         return float(loss)

@@ -66,6 +66,7 @@ def main() -> None:
     copied = layers_to_copy(s_config.decoder_layers, engines["teacher"][2].decoder_layers)
     timings = {"teacher": 0.0, "student": 0.0, "loss": 0.0}
     tokens, start = 0, None
+    peak_memory_gb(device)  # from here: the steps' peak, loading excluded (as the trainer measures it)
     warmup = 2
     for step in range(t.max_steps):
         if step == warmup:

@@ -17,7 +17,7 @@ from distill.config.settings import LossConfig
 from distill.data.collate import source_index, target_index
 from distill.errors import DistillError
 from distill.losses.features import attention_log_probs
-from distill.losses.objective import Objective, Output
+from distill.losses.objective import Objective
 from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, Request, register_attention
 
 register_attention()
@@ -74,8 +74,10 @@ def test_capture_matches_transformers_outputs(case, tmp_path):
     wrapped = FeatureModel(capturing, Request(hidden, attention), "student")
     with torch.no_grad():
         reference = eager(**batch, output_hidden_states=True, output_attentions=True)
-        outputs, features = wrapped(features=True, **batch)
-    torch.testing.assert_close(outputs.logits, reference.logits, atol=1e-5, rtol=1e-4)
+        out = wrapped(features=True, **batch)
+        logits = out.head.logits(out.hidden)
+    features = out.features
+    torch.testing.assert_close(logits, reference.logits.reshape(logits.shape), atol=1e-5, rtol=1e-4)
 
     tuples = {"encoder": getattr(reference, "encoder_hidden_states", None),
               "decoder": getattr(reference, "decoder_hidden_states", None) or reference.hidden_states}
@@ -102,8 +104,8 @@ def test_capture_matches_transformers_outputs(case, tmp_path):
 def test_capture_records_only_when_asked(tmp_path):
     _, model = _models(BartForConditionalGeneration, BartConfig(**BART), tmp_path)
     wrapped = FeatureModel(model, Request({"encoder": (1,)}, {"encoder_self": (0,)}), "student")
-    outputs, features = wrapped(**_batch(True))
-    assert features is None and outputs.logits.shape[:2] == (2, 4)
+    out = wrapped(**_batch(True))
+    assert out.features is None and out.hidden.shape == (2 * 4, BART["d_model"])
     generated = model.generate(input_ids=_batch(True)["input_ids"], max_new_tokens=3, do_sample=False)
     assert generated.shape[0] == 2
 
@@ -135,13 +137,13 @@ def _wrap(objective, student, teacher):
 def _step(objective, s_model, t_model, batch):
     """Teacher and student forward, then the objective: (total, terms, student features, teacher features)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
-    with torch.no_grad():
-        t_out, t_feats = t_model(features=True, **inputs)
-    s_out, s_feats = s_model(features=True, **inputs)
     batch = {**batch, "target_index": target_index(batch["labels"]), "source_index": source_index(batch["attention_mask"])}
+    with torch.no_grad():
+        t_out = t_model(rows=batch["target_index"], features=True, **inputs)
+    s_out = s_model(rows=batch["target_index"], features=True, **inputs)
     totals = torch.tensor(objective.counts(batch, True), dtype=torch.float32)  # the step is this one batch
-    total, terms = objective(batch, Output(s_out.logits, s_feats), Output(t_out.logits, t_feats), True, totals)
-    return total, terms, s_feats, t_feats
+    total, terms, _ = objective(batch, s_out, t_out, True, totals)
+    return total, terms, s_out.features, t_out.features
 
 
 LABELS = torch.tensor([[11, 12, 13, 3], [11, 3, -100, -100]])
@@ -253,7 +255,7 @@ def test_relations_use_the_keys_the_model_attends_with(tmp_path):
                                              with_kwargs=True)]
     wrapped = FeatureModel(model, Request({}, {"decoder_self": (1,)}), "student")
     with torch.no_grad():
-        _, features = wrapped(features=True, **batch)
+        features = wrapped(features=True, **batch).features
     for h in hooks:
         h.remove()
     b, t, _ = seen["k"].shape

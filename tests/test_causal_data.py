@@ -11,7 +11,7 @@ from distill.data.collate import IGNORE_INDEX, CausalCollator, Seq2SeqCollator, 
 from distill.data.stream import eval_loader
 from distill.data.loading import load_split
 from distill.errors import DistillError
-from distill.losses.divergences import cross_entropy, logit_divergence
+from test_losses import cross_entropy, logit_divergence  # the fused pass with identity heads
 
 SENTENCES = ["Anna Berg lives in Oslo.", "The weather in Oslo was warm.", "Peter owns 12 cats and 3 dogs.",
              "Maria works as a baker in Lisbon.", "Summarize the text about Peter and his cats."]

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from distill.train import checkpoint, run_dir
-from distill.config.resume import resume_changes
+from distill.config.resume import fit_accumulation, resume_changes
 from distill.errors import DistillError
 
 ONE = dict(rank=0, world=1, gather=lambda x: [x], barrier=lambda: None)
@@ -89,10 +89,10 @@ def test_no_intact_checkpoint_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_resume_refuses_other_world_size_and_missing_tag(tmp_path):
+def test_resume_takes_any_world_size_and_refuses_a_missing_tag(tmp_path):
     tag = save(tmp_path, 4)
-    with pytest.raises(DistillError, match="written by 1 ranks and this run has 4"):
-        checkpoint.resolve_resume(tmp_path, tag, 4, gather=lambda x: [x] * 4)
+    assert checkpoint.resolve_resume(tmp_path, tag, 4, gather=lambda x: [x] * 4) == tag
+    assert checkpoint.world_size_of(tmp_path / tag) == 1
     with pytest.raises(DistillError, match="checkpoint 'step-00000009' not found"):
         checkpoint.resolve_resume(tmp_path, "step-00000009", 1)
     assert checkpoint.resolve_resume(tmp_path, "never", 1) is None
@@ -230,14 +230,29 @@ def test_resume_changes_refuses_data_order_and_logs_the_rest():
     new["training"]["max_steps"] = 40
     new["loss"]["w_kd"] = 0.5
     new["training"]["resume"] = "step-00000030"
+    new["training"]["micro_batch_size"] = 4  # how the global batch is split: fit_accumulation's business
     assert resume_changes(old, new) == ["loss.w_kd: 0.0 -> 0.5", "training.max_steps: 1000 -> 40"]
-    new["training"]["micro_batch_size"] = 4
-    with pytest.raises(DistillError, match="training.micro_batch_size=8 and this run sets 4"):
+    new["training"]["seed"] = 4
+    with pytest.raises(DistillError, match="training.seed=42 and this run sets 4"):
         resume_changes(old, new)
     new = RunConfig().to_dict()
     new["loss"]["hidden"]["map"] = "last"
     with pytest.raises(DistillError, match="loss.hidden.map"):
         resume_changes(old, new)
+
+
+def test_accumulation_follows_the_world_size_to_keep_the_global_batch():
+    assert fit_accumulation(16, 4, 2, 2) == 2  # as saved
+    assert fit_accumulation(16, 4, 2, 1) == 4
+    assert fit_accumulation(16, 4, 1, 4) == 1
+    assert fit_accumulation(16, 2, 2, 2) == 4  # a smaller micro-batch, more accumulation
+    with pytest.raises(DistillError) as info:
+        fit_accumulation(16, 3, 1, 2)
+    assert str(info.value) == ("the checkpoint's global batch is 16 examples per step, which 2 ranks of "
+                               "training.micro_batch_size 3 cannot split evenly: set training.micro_batch_size to "
+                               "1, 2, 4 or 8 (training.gradient_accumulation_steps then follows)")
+    with pytest.raises(DistillError, match="which 3 ranks .* resume it on 1, 2, 4, 8 or 16 ranks"):
+        fit_accumulation(16, 4, 1, 3)
 
 
 def test_a_save_killed_halfway_is_never_resumed_and_is_cleared_by_the_next(tmp_path):

@@ -7,19 +7,34 @@ import torch
 
 from distill.config.settings import DataConfig
 from distill.data.collate import IGNORE_INDEX, Seq2SeqCollator, shift_right
-from distill.data.stream import BatchStream, epoch_order, eval_loader
+from distill.data.stream import BatchStream, epoch_order, eval_loader, rank_batches
 from distill.data.loading import load_split
 from distill.errors import DistillError
 
 
 def test_epoch_order_splits_evenly_and_deterministically():
-    orders = [epoch_order(103, 0, 7, r, 2, 4) for r in range(2)]
-    assert len(orders[0]) == len(orders[1]) == 103 // 8
-    flat = [i for o in orders for b in o for i in b]
-    assert len(flat) == len(set(flat))  # no example twice in an epoch
-    assert orders[0] == epoch_order(103, 0, 7, 0, 2, 4)
-    assert orders[0] != epoch_order(103, 1, 7, 0, 2, 4)  # reshuffled each epoch
-    assert orders[0] != epoch_order(103, 0, 8, 0, 2, 4)
+    order = epoch_order(103, 0, 7)
+    assert sorted(order) == list(range(103)) and order == epoch_order(103, 0, 7)
+    assert order != epoch_order(103, 1, 7) and order != epoch_order(103, 0, 8)  # reshuffled each epoch and seed
+    ranks = [rank_batches(order, 4, 1, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 103 // 8
+    flat = [i for batches in ranks for b in batches for i in b]
+    assert len(flat) == len(set(flat)) == 96  # no example twice in an epoch, the remainder dropped
+
+
+def _steps(order, micro, accumulation, world):
+    """Each optimizer step's examples, gathered over the ranks' micro-batches."""
+    per_rank = [rank_batches(order, micro, accumulation, r, world) for r in range(world)]
+    return [sorted(i for batches in per_rank for b in batches[s * accumulation:(s + 1) * accumulation] for i in b)
+            for s in range(len(per_rank[0]) // accumulation)]
+
+
+def test_every_split_of_a_global_batch_gives_each_step_the_same_examples():
+    order = epoch_order(50, 3, 1)
+    reference = _steps(order, 12, 1, 1)
+    assert len(reference) == 4
+    for micro, accumulation, world in [(6, 2, 1), (6, 1, 2), (3, 2, 2), (1, 4, 3), (2, 1, 6), (4, 3, 1)]:
+        assert _steps(order, micro, accumulation, world) == reference, (micro, accumulation, world)
 
 
 def test_batch_stream_resumes_exactly():
@@ -32,6 +47,38 @@ def test_batch_stream_resumes_exactly():
     resumed = BatchStream(data, collate, 3, 1, 2, seed=5)
     resumed.load_state_dict(first.state_dict())
     assert head + [next(resumed) for _ in range(11)] == reference
+
+
+def test_batch_stream_resumes_on_another_number_of_ranks():
+    """2 ranks x 2 examples for 7 steps, then 1 rank x 2 x 2 accumulation, then 4 ranks x 1: every step
+    sees the examples an uninterrupted 2-rank run sees, across epoch boundaries (3 steps per epoch)."""
+    data = [{"i": i} for i in range(14)]
+    collate = lambda rows: [r["i"] for r in rows]  # noqa: E731
+
+    def run(streams, steps):
+        out = []
+        for _ in range(steps):
+            step = []
+            for s in streams:
+                for _ in range(s.accumulation):
+                    step += next(s)
+                    assert s.last_ids == step[-len(s.last_ids):]
+            out.append(sorted(step))
+        return out
+
+    reference = run([BatchStream(data, collate, 2, r, 2, seed=3) for r in range(2)], 12)
+    two = [BatchStream(data, collate, 2, r, 2, seed=3) for r in range(2)]
+    got = run(two, 7)
+    one = BatchStream(data, collate, 2, 0, 1, seed=3, accumulation=2)
+    one.load_state_dict(two[0].state_dict())
+    got += run([one], 2)
+    four = [BatchStream(data, collate, 1, r, 4, seed=3) for r in range(4)]
+    for s in four:
+        s.load_state_dict(one.state_dict())
+    assert got + run(four, 3) == reference
+    assert one.state_dict() == {"epoch": 2, "samples": 12, "global_batch": 4}  # the end of the third epoch
+    with pytest.raises(DistillError, match="does not fit this run's global batch of 6"):
+        BatchStream(data, collate, 3, 0, 2, seed=3).load_state_dict(one.state_dict())
 
 
 def test_batch_stream_needs_one_global_batch():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from distill.config.parsing import load_config
-from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config, with_universal_load
 from distill.errors import DistillError
 
 ROOT = Path(__file__).parents[1]
@@ -69,6 +69,7 @@ def test_explicit_value_must_agree():
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update({"zero_optimization.stage3_param_persistence_threshold": 1}), "dotted key"),
     (lambda d: d.update({"scheduler": {"type": "WarmupLR"}}), "remove the \"scheduler\" section"),
+    (lambda d: d.update({"checkpoint": {"load_universal": True}}), "remove checkpoint.load_universal"),
     (lambda d: d["zero_optimization"].update(stage=7), "zero_optimization.stage must be 0-3"),
     (lambda d: d["zero_optimization"].update(overlap_comm="sometimes"), "invalid zero_optimization"),
     (lambda d: d.update({"steps_per_print": "auto"}), "no run-config value fills \"auto\" at steps_per_print"),
@@ -80,6 +81,17 @@ def test_bad_student_configs(mutate, message):
     with pytest.raises(DistillError) as err:
         resolve(raw)
     assert message in str(err.value)
+
+
+def test_universal_load_is_nested():
+    """deepspeed.initialize reads only the nested form; other checkpoint settings stay."""
+    raw = read_ds_config(ROOT / "ds_configs/student_zero3.json", "student")
+    raw["checkpoint"] = {"tag_validation": "Warn"}
+    ds = with_universal_load(resolve(raw, world=1))
+    assert ds["checkpoint"] == {"tag_validation": "Warn", "load_universal": True}
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    assert DeepSpeedConfig(ds).load_universal_checkpoint is True
 
 
 def test_unreadable_files(tmp_path):

@@ -125,15 +125,15 @@ def _one_error(proc) -> str:
 
 
 def test_a_new_run_never_touches_an_earlier_one(kd_run, tmp_path):
-    """resume=never on a directory holding a run, or a resumed run changing the data order: one line each,
-    before any model loads, and the earlier run's checkpoints are all still there."""
+    """resume=never on a directory holding a run, or a resumed run that cannot keep the global batch: one line
+    each, before any model loads, and the earlier run's checkpoints are all still there."""
     run = tmp_path / "run"
     shutil.copytree(kd_run[0], run)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "already holds a run and training.resume is never" in _one_error(
         launch([f"training.output_dir={run}", "training.resume=never"], recipe=run / "config.yaml"))
-    assert "training.micro_batch_size=4 and this run sets 2" in _one_error(
-        launch([f"training.output_dir={run}", "training.micro_batch_size=2"], recipe=run / "config.yaml"))
+    assert "which 2 ranks of training.micro_batch_size 3 cannot split evenly" in _one_error(
+        launch([f"training.output_dir={run}", "training.micro_batch_size=3"], recipe=run / "config.yaml"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 

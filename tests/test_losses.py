@@ -1,5 +1,6 @@
 """Losses against plain float64 references written independently (explicit softmax, loops). Every
-loss is a sum over the rows picked by a LongTensor of flat indices."""
+logit loss runs through the fused head pass (``head_pass``) with identity heads, so the logits are the
+hidden rows: a sum over the rows picked by a LongTensor of flat indices, chunk by chunk."""
 
 import math
 from typing import get_args
@@ -10,10 +11,12 @@ from torch.testing import assert_close
 
 from distill.config.settings import Divergence, HiddenMetric, Schedule, TaidMode
 from distill.errors import DistillError
-from distill.losses.divergences import DIVERGENCES, crop_vocab, cross_entropy, logit_divergence, per_token_divergence
+from distill.losses.divergences import DIVERGENCES, crop_vocab, per_token_divergence, scaled_divergence
 from distill.losses.features import HIDDEN_METRICS
+from distill.losses.fused_head import LIVE_ROW_TENSORS, RowSum, Side, head_pass
 from distill.losses.schedules import SCHEDULES
 from distill.losses.taid import TAID_MODES
+from test_terms_fakes import logits_output
 
 B, T, V = 3, 7, 11
 PARAMS = {"beta": 0.3, "alpha": 0.2, "lam": 0.6}
@@ -77,6 +80,31 @@ def ref_ce(logits, labels, ignore_index=-100, eps=0.0):
 def idx(mask):
     """Flat indices of a mask's True entries, as the collator's target_index/source_index."""
     return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def budget_for(rows, *vocabs):
+    """The ``logit_chunk_mib`` that makes chunks of ``rows`` rows."""
+    return rows * LIVE_ROW_TENSORS * 4 * sum(vocabs) / 2**20
+
+
+def _pass(student, teacher, index, fn, budget_mib):
+    index = torch.arange(student[..., 0].numel()) if index is None else index
+    s = logits_output(student, index)
+    t = None if teacher is None else logits_output(teacher, index)
+    return head_pass(Side(s.hidden, s.head), None if t is None else Side(t.hidden, t.head), [RowSum(fn, 1.0)],
+                     budget_mib)[0]
+
+
+def logit_divergence(student, teacher, index, kind="forward_kl", temperature=1.0, budget_mib=1.0, **params):
+    """τ² · Σ over the rows ``index`` (None: all) of the divergence, through the fused pass."""
+    return _pass(student, teacher, index, lambda s, t, rows: scaled_divergence(s, t, kind, temperature, **params),
+                 budget_mib)
+
+
+def cross_entropy(logits, labels, index, label_smoothing=0.0, budget_mib=1.0):
+    target = labels.reshape(-1).index_select(0, index)
+    return _pass(logits, None, index, lambda s, t, rows: torch.nn.functional.cross_entropy(
+        s, target[rows], reduction="none", label_smoothing=label_smoothing), budget_mib)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -241,15 +269,17 @@ def test_rows_are_picked_by_index_in_any_order_and_repeated():
 
 
 def test_infinite_logits_do_not_give_nan():
+    """The row functions themselves (an identity matmul would turn -inf into NaN before them)."""
     s, t, mask = make_batch(14)
     t[..., 0] = float("-inf")  # a banned token in the teacher: p = 0 there
+    s, t = s[mask], t[mask]
     for kind in DIVERGENCES:
-        loss = logit_divergence(s, t, idx(mask), kind, **PARAMS)
+        loss = scaled_divergence(s, t, kind, **PARAMS).sum()
         # KL(q ‖ p) with p = 0 < q is truly infinite; every other kind stays finite (0·log 0 = 0)
         assert torch.isinf(loss) if kind == "reverse_kl" else torch.isfinite(loss), kind
         if kind != "reverse_kl":
             s1 = s.clone().requires_grad_(True)
-            logit_divergence(s1, t, idx(mask), kind, **PARAMS).backward()
+            scaled_divergence(s1, t, kind, **PARAMS).sum().backward()
             assert torch.isfinite(s1.grad).all(), kind
 
 
@@ -261,8 +291,6 @@ def test_bad_arguments():
         logit_divergence(s, t, idx(mask), "jsd", beta=1.0)
     with pytest.raises(DistillError):
         logit_divergence(s, t, idx(mask), "forward_kl", temperature=0.0)
-    with pytest.raises(ValueError):
-        logit_divergence(s, t[:, :-1], idx(mask), "forward_kl")
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -303,8 +331,6 @@ def test_cross_entropy_no_token_is_zero_not_nan():
 def test_chunked_divergence_equals_unchunked_with_gradients(kind):
     """Chunks of 1 and 3 tokens against the whole-tensor computation: loss and gradient, float64,
     with padding and a teacher vocabulary padded by 3 rows."""
-    from distill.losses.divergences import logit_divergence, per_token_divergence
-
     torch.manual_seed(0)
     student = torch.randn(2, 5, 11, dtype=torch.float64) * 3
     teacher = torch.randn(2, 5, 14, dtype=torch.float64) * 3
@@ -315,52 +341,10 @@ def test_chunked_divergence_equals_unchunked_with_gradients(kind):
     values = per_token_divergence(ref_in[mask] / tau, teacher[mask][:, :11] / tau, kind, **params)
     reference = tau**2 * values.sum()
     reference.backward()
-    for chunk_elements in (11, 33, 10_000):  # 1 row, 3 rows, everything at once
+    for rows in (1, 3, 100):  # 1 row, 3 rows, everything at once
         x = student.clone().requires_grad_()
-        loss = logit_divergence(x, teacher, idx(mask), kind, tau, chunk_elements=chunk_elements, **params)
+        loss = logit_divergence(x, teacher, idx(mask), kind, tau, budget_for(rows, 11, 14), **params)
         loss.backward()
         torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(x.grad, ref_in.grad, rtol=1e-10, atol=1e-12)
         assert torch.all(x.grad[~mask] == 0)
-
-
-def test_chunked_divergence_holds_no_full_vocabulary_float32_copy():
-    """bf16 logits: the gradient buffer stays bf16; nothing of (tokens x vocab) in float32 survives."""
-    from distill.losses.divergences import logit_divergence
-
-    torch.manual_seed(0)
-    student = torch.randn(64, 1000, dtype=torch.bfloat16, requires_grad=True)
-    teacher = torch.randn(64, 1000, dtype=torch.bfloat16)
-    loss = logit_divergence(student, teacher, None, "forward_kl", 2.0, chunk_elements=8000)
-    assert loss.dtype == torch.float32
-    saved = [t for node in [loss.grad_fn] for t in _saved_tensors(node)]
-    assert all(t.numel() < 64 * 1000 for t in saved)  # the graph holds nothing vocabulary-sized in float32
-    buffer = _chunk_node(loss.grad_fn).grad
-    assert buffer.dtype == torch.bfloat16 and buffer.shape == (64, 1000)
-    loss.backward()
-    assert student.grad.data_ptr() == buffer.data_ptr()  # adopted as the gradient, not copied
-    assert torch.isfinite(student.grad.float()).all()
-
-
-def _chunk_node(node):
-    while node is not None and not hasattr(node, "grad"):
-        node = node.next_functions[0][0]
-    return node
-
-
-def _saved_tensors(node, seen=None):
-    """Tensors the autograd graph keeps from ``node`` down."""
-    seen = set() if seen is None else seen
-    if node is None or id(node) in seen:
-        return []
-    seen.add(id(node))
-    out = [getattr(node, "saved_tensors", ())] if hasattr(node, "saved_tensors") else []
-    found = [t for group in out for t in group if isinstance(t, torch.Tensor)]
-    for attr in dir(node):
-        if attr.startswith("_saved_"):
-            value = getattr(node, attr)
-            if isinstance(value, torch.Tensor):
-                found.append(value)
-    for child, _ in node.next_functions:
-        found += _saved_tensors(child, seen)
-    return found

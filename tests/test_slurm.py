@@ -106,3 +106,56 @@ def test_warned_job_checkpoints_requeues_and_resumes(slurm, assets, tmp_path):
     state = torch.load(run / "checkpoints" / f"step-{total:08d}" / "trainer_state_rank0.pt", weights_only=False)
     assert state["step"] == total
     assert (run / "final" / "model.safetensors").exists()
+
+
+def test_job_preempted_on_2_tasks_resumes_on_1(slurm, assets, tmp_path):
+    """A job warned on 2 tasks (srun, one task per rank) checkpoints and requeues itself; while it waits it
+    is cut to 1 task, as a requeue onto a smaller allocation would be. It converts the checkpoint, takes
+    the same global batch as 1 rank x 2 accumulation steps, and resumes at the saved step and example."""
+    run = tmp_path / "run"
+    total = 30
+    job, log = submit(slurm, tmp_path, "srun", [*assets, f"training.max_steps={total}", "training.save_every=100",
+                                                "data.max_train_samples=24", "training.record_example_ids=true",
+                                                "training.eval_every=0", "eval.best_metric=null",
+                                                f"training.output_dir={run}"],
+                      "--ntasks-per-node=2", "--cpus-per-task=1")
+    slurm.wait_state(job, ("RUNNING",))
+    deadline = time.time() + 300
+    while len(steps_logged(run)) < 3:
+        assert time.time() < deadline and slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
+        time.sleep(0.3)
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
+    deadline = time.time() + 300
+    while slurm.job(job).get("Restarts", "0") == "0":
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+    # the requeued job waits for its old credential to expire (10 s): time to change its size
+    slurm.run("scontrol", "hold", str(job))
+    slurm.run("scontrol", "update", f"JobId={job}", "TasksPerNode=1")
+    slurm.run("scontrol", "update", f"JobId={job}", "NumTasks=1")
+    slurm.run("scontrol", "release", str(job))
+    info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NumTasks"] == "1", text[-3000:]
+
+    stopped = int(text.split("distill: stopped at step ")[1].split()[0])
+    assert 3 <= stopped < total
+    tag = f"step-{stopped:08d}"
+    assert f"checkpoint {tag} was written by 2 ranks and this run has 1: converted it to a universal checkpoint" \
+        in text
+    assert "this run takes them as 1 ranks x training.micro_batch_size 4 x training.gradient_accumulation_steps 2" \
+        in text
+    assert f"resumed from {run / 'checkpoints' / tag} at step {stopped}" in text
+    assert f"distill: done at step {total}" in text
+    assert steps_logged(run) == list(range(1, total + 1))
+    assert json.loads((run / "run_info.json").read_text())["world_size"] == 1
+    # every step took 8 examples; within each epoch (3 steps of the 24) none twice
+    ids: dict[int, list[int]] = {}
+    for path in (run / "example_ids").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            ids.setdefault(row["step"], []).extend(row["ids"])
+    assert sorted(ids) == list(range(1, total + 1))
+    for epoch in range(total // 3):
+        seen = [i for step in range(3 * epoch + 1, 3 * epoch + 4) for i in ids[step]]
+        assert sorted(seen) == list(range(24))

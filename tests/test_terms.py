@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 from transformers import LlamaConfig
-from test_terms_fakes import STUDENT, TEACHER, V, all_terms, fake_output, make_batch
+from test_terms_fakes import STUDENT, TEACHER, V, all_terms, fake_output, logit_sums, logits_output, make_batch
 
 from distill.config.settings import WEIGHTS, LossConfig, Schedule
 from distill.errors import DistillError
@@ -112,14 +112,14 @@ def test_cross_entropy_and_logit_terms_sum_over_target_tokens():
     real = batch["labels"] != -100
     cfg = all_terms(label_smoothing=0.1, temperature=2.0)
     s, t, _ = term_outputs(make("kd"), batch)
-    ce = make("ce", cfg)(batch, s, None)["ce"]
+    ce = logit_sums(make("ce", cfg), batch, s, None)["ce"]
     assert_close(ce, F.cross_entropy(s.logits.reshape(-1, V), batch["labels"].reshape(-1), reduction="sum",
                                      label_smoothing=0.1), rtol=1e-12, atol=1e-12)
     p = torch.softmax(t.logits[..., :V] / 2.0, -1)
     q_log = torch.log_softmax(s.logits / 2.0, -1)
-    kd = make("kd", cfg)(batch, s, t)["kd"]
+    kd = logit_sums(make("kd", cfg), batch, s, t)["kd"]
     assert_close(kd, 4.0 * (p * (p.log() - q_log)).sum(-1)[real].sum(), rtol=1e-12, atol=1e-12)
-    mse = make("mse", cfg)(batch, s, t)["mse"]
+    mse = logit_sums(make("mse", cfg), batch, s, t)["mse"]
     assert_close(mse, (s.logits - t.logits[..., :V]).pow(2).sum(-1)[real].sum(), rtol=1e-12, atol=1e-12)
     (ce + kd + mse).backward()
     assert t.logits.grad is None and (s.logits.grad[~real] == 0).all() and s.logits.grad[real].abs().sum() > 0
@@ -211,29 +211,33 @@ def idx(mask):
 
 def test_logit_mse_matches_reference_and_ignores_padding():
     s, t, mask = _logits(0)
-    got = logit_mse(s, t, idx(mask))
+    term = make("mse")
+    batch = {"labels": torch.where(mask, 3, -100), "target_index": idx(mask)}
+    got = logit_sums(term, batch, logits_output(s, idx(mask)), logits_output(t, idx(mask)))["mse"]
     assert got.dtype == torch.float32 and got.item() == pytest.approx(ref_mse(s, t, mask), rel=1e-5)
-    got64 = logit_mse(s.double(), t.double(), idx(mask))
+    got64 = logit_sums(term, batch, logits_output(s.double(), idx(mask)), logits_output(t.double(), idx(mask)))["mse"]
     assert got64.dtype == torch.float64 and got64.item() == pytest.approx(ref_mse(s, t, mask), rel=1e-12)
-    assert logit_mse(s.bfloat16(), t.bfloat16(), idx(mask)).dtype == torch.float32
+    assert logit_mse(s.bfloat16(), t.bfloat16()).shape == (3, 6)
     s2, t2 = s.clone(), t.clone()
-    s2[~mask], t2[~mask] = 1e4, float("nan")
-    t2[..., V:] = float("nan")  # the teacher's padding rows are never tokens
-    assert_close(logit_mse(s2, t2, idx(mask)), got, rtol=0, atol=0)
-    assert_close(logit_mse(s, t, None), logit_mse(s, t, idx(torch.ones_like(mask))))
+    s2[~mask], t2[~mask] = 1e4, float("nan")  # padding rows are never selected
+    assert_close(logit_sums(term, batch, logits_output(s2, idx(mask)), logits_output(t2, idx(mask)))["mse"], got,
+                 rtol=0, atol=0)
 
 
 def test_logit_mse_gradient_reaches_the_student_only_and_chunks_change_nothing():
     s, t, mask = (x.double() if x.is_floating_point() else x for x in _logits(1))
     t.requires_grad_(True)
-    whole = s.clone().requires_grad_(True)
+    batch = {"labels": torch.where(mask, 3, -100), "target_index": idx(mask)}
     expected = 2 * (s - t.detach()[..., :V]) * mask[..., None]  # d/dz_S of Σ (z_S − z_T)²
-    for chunk_elements in (V, 3 * V, 10_000):
+    for budget_mib in (1e-4, 1e-3, 1.0):  # a row per chunk, a few, all at once
         x = s.clone().requires_grad_(True)
-        logit_mse(x, t, idx(mask), chunk_elements=chunk_elements).backward()
+        logit_sums(make("mse"), batch, logits_output(x, idx(mask)), logits_output(t, idx(mask)), budget_mib)["mse"].backward()
         assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
     assert t.grad is None
-    empty = logit_mse(whole, t, torch.zeros(0, dtype=torch.long))
+    whole = s.clone().requires_grad_(True)
+    none = torch.zeros(0, dtype=torch.long)
+    empty = logit_sums(make("mse"), {"labels": batch["labels"], "target_index": none}, logits_output(whole, none),
+                       logits_output(t, none))["mse"]
     empty.backward()
     assert empty.item() == 0.0 and (whole.grad == 0).all()
 
@@ -307,7 +311,7 @@ def test_a_term_added_by_the_recipe_joins_the_objective(registered):
     student = fake_output(TEACHER, objective.student_request, batch, 0, grad=True)
     teacher = fake_output(TEACHER, objective.teacher_request, batch, 1)
     totals = torch.tensor(objective.counts(batch, True), dtype=torch.float64)
-    total, terms = objective(batch, student, teacher, True, totals)
+    total, terms, _ = objective(batch, student, teacher, True, totals)
     real = batch["attention_mask"].bool()
     diff = student.features.hidden[("encoder", 0)] - teacher.features.hidden[("encoder", 0)]
     assert_close(terms["emb"], diff.pow(2).mean(-1)[real].mean(), rtol=1e-12, atol=0)

@@ -1,12 +1,22 @@
 """Shared by the tests/test_terms*.py files (no tests here): two tiny model configs, random batches
 carrying the collator's flat indices, and hand-made model outputs (logits and captured features) for
-any request, so the objective runs without a model."""
+any request, so the objective runs without a model.
+
+A fake output's logits are random; its ``Output`` is their target rows with an identity head (the
+head of the real models is tested in tests/test_fused_head.py), so the references are written
+directly in terms of ``logits``."""
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import Tensor, nn
 from transformers import BartConfig
 
 from distill.config.settings import LossConfig
+from distill.losses.fused_head import RowSum, Side, head_pass
 from distill.losses.objective import Output
+from distill.models.lm_head import Head
 from distill.losses.terms.base import SITE_STACK
 from distill.models.architectures import attention_dims
 from distill.models.capture import AttentionInputs, Features
@@ -46,6 +56,32 @@ def make_batch(seed: int, b: int = 5, t_enc: int = 7, t_dec: int = 6, enc_length
     return with_indices({"attention_mask": (torch.arange(t_enc)[None] < enc[:, None]).long(), "labels": labels})
 
 
+@dataclass
+class FakeOutput(Output):
+    logits: Optional[Tensor] = None  # (B, T, V): ``hidden`` holds its target rows
+
+
+def identity_head(vocab: int, dtype: torch.dtype, device) -> Head:
+    linear = nn.Linear(vocab, vocab, bias=False, dtype=dtype, device=device)
+    linear.weight.data.copy_(torch.eye(vocab, dtype=dtype))
+    linear.weight.requires_grad_(False)
+    return Head(linear)
+
+
+def logits_output(logits: Tensor, target_index: Tensor, features: Optional[Features] = None) -> FakeOutput:
+    """An ``Output`` whose head gives back ``logits`` at the target rows (gradients reach ``logits``)."""
+    rows = logits.reshape(-1, logits.shape[-1]).index_select(0, target_index)
+    return FakeOutput(rows, identity_head(logits.shape[-1], logits.dtype, logits.device), features, None, logits)
+
+
+def logit_sums(term, batch: dict, student: Output, teacher: Optional[Output], budget_mib: float = 1.0) -> dict:
+    """A logit term's parts, each summed over the target rows by the fused pass (differentiable)."""
+    labels = batch["labels"].reshape(-1).index_select(0, batch["target_index"])
+    t = None if teacher is None else Side(teacher.hidden, teacher.head)
+    return {part: head_pass(Side(student.hidden, student.head), t, [RowSum(fn, 1.0)], budget_mib)[0]
+            for part, fn in term.row_values(labels).items()}
+
+
 def fake_output(config, request, batch: dict, seed: int, dtype=torch.float64, grad: bool = False) -> Output:
     """Random logits and the features ``request`` names, shaped as ``config``'s model would give them,
     on the batch's device."""
@@ -74,7 +110,7 @@ def fake_output(config, request, batch: dict, seed: int, dtype=torch.float64, gr
             features.attention[(site, layer)] = AttentionInputs(
                 rand(b, heads, length[stack], head_dim), rand(b, kv_heads, length[keys], head_dim),
                 rand(b, kv_heads, length[keys], head_dim), keep, head_dim**-0.5, None)
-    return Output(rand(b, t_dec, config.vocab_size, scale=3.0), features)
+    return logits_output(rand(b, t_dec, config.vocab_size, scale=3.0), batch["target_index"], features)
 
 
 def outputs(objective, batch: dict, seed: int, dtype=torch.float64, projections=None):
@@ -95,4 +131,4 @@ def rows(batch: dict, out: Output, start: int, stop: int) -> tuple[dict, Output]
                                       a.scaling, None) for k, a in out.features.attention.items()},
         projected={k: v[start:stop] for k, v in out.features.projected.items()})
     micro = with_indices({k: batch[k][start:stop] for k in ("attention_mask", "labels")})
-    return micro, Output(out.logits[start:stop], features)
+    return micro, logits_output(out.logits[start:stop], micro["target_index"], features)

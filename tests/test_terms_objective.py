@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
-from test_terms_fakes import STUDENT, TEACHER, all_terms, make_batch, outputs, rows, with_indices
+from test_terms_fakes import STUDENT, TEACHER, all_terms, logit_sums, logits_output, make_batch, outputs, rows, with_indices
 
 from distill.config.settings import LossConfig
-from distill.losses.divergences import logit_divergence
 from distill.losses.objective import Objective
+from distill.losses.terms import TERMS
 
 
 def totals_of(objective, micro_batches, dtype=torch.float64):
@@ -45,13 +45,13 @@ def test_micro_batches_add_up_to_the_whole_batch(splits, seed):
     projections = objective.build_projections(torch.float64)
     batch = make_batch(seed, dec_lengths=[3, 0, 6, 1, 4])
     student, teacher = outputs(objective, batch, seed, projections=projections)
-    whole, whole_terms = objective(batch, student, teacher, True, totals_of(objective, [(batch, True)]))
+    whole, whole_terms, _ = objective(batch, student, teacher, True, totals_of(objective, [(batch, True)]))
     micro = [(rows(batch, student, a, b), rows(batch, teacher, a, b)[1]) for a, b in splits]
     totals = totals_of(objective, [(m, True) for (m, _), _ in micro])
     results = [objective(m, s, t, True, totals) for (m, s), t in micro]
-    assert_close(sum(total for total, _ in results), whole, rtol=1e-10, atol=1e-12)
+    assert_close(sum(total for total, _, _ in results), whole, rtol=1e-10, atol=1e-12)
     for name, value in whole_terms.items():
-        assert_close(sum(terms[name] for _, terms in results), value, rtol=1e-10, atol=1e-12)
+        assert_close(sum(terms[name] for _, terms, _ in results), value, rtol=1e-10, atol=1e-12)
     # and it is the weighted sum of the terms
     weights = objective.weights()
     assert_close(whole, sum(w * whole_terms[k] for k, w in weights.items()), rtol=1e-12, atol=0)
@@ -66,9 +66,10 @@ def test_a_micro_batch_with_one_target_weighs_one_token_of_the_step():
     totals = totals_of(objective, [(m, True) for (m, _), _ in micro])
     assert totals.tolist() == [12.0]
     (one, s1), t1 = micro[0]
-    per_token = logit_divergence(s1.logits, t1.logits, one["target_index"], temperature=2.0)
+    kd = TERMS["kd"](LossConfig(w_ce=0.0, w_kd=1.0), 10, STUDENT, TEACHER)
+    per_token = logit_sums(kd, one, s1, t1)["kd"]
     assert_close(objective(one, s1, t1, True, totals)[0], per_token / 12, rtol=1e-12, atol=0)  # 1/N, not 1/k
-    mean = logit_divergence(student.logits, teacher.logits, batch["target_index"], temperature=2.0) / 12
+    mean = logit_sums(kd, batch, student, teacher)["kd"] / 12
     assert_close(sum(objective(m, s, t, True, totals)[0] for (m, s), t in micro), mean, rtol=1e-12, atol=0)
 
 
@@ -82,8 +83,8 @@ def test_on_policy_micro_batches_leave_cross_entropy_to_the_gold_ones():
     assert totals.tolist()[:2] == [17.0, 10.0]  # targets: 2+5+6+1+3; gold targets: rows 0-1 and 4 only
     results = [objective(m, s, t, g, totals)[1] for ((m, s), t), g in zip(micro, gold)]
     assert "ce" not in results[1] and "kd" in results[1]
-    ce_gold = objective.terms[0](*rows(batch, student, 0, 2), None)["ce"] + \
-        objective.terms[0](*rows(batch, student, 4, 5), None)["ce"]
+    ce_gold = logit_sums(objective.terms[0], *rows(batch, student, 0, 2), None)["ce"] + \
+        logit_sums(objective.terms[0], *rows(batch, student, 4, 5), None)["ce"]
     assert_close(results[0]["ce"] + results[2]["ce"], ce_gold / 10, rtol=1e-12, atol=0)
 
 
@@ -128,7 +129,7 @@ def test_the_loss_path_never_syncs(monkeypatch):
     _forbid_host_reads(monkeypatch)
     objective.project(student.features, projections)
     counts = objective.counts(batch, True)
-    total, terms = objective(batch, student, teacher, True, totals)
+    total, terms, _ = objective(batch, student, teacher, True, totals)
     total.backward()
     objective.step_end(1, {k: v.detach() for k, v in terms.items()})
     objective.step_end(2, {k: v.detach() * 0.5 for k, v in terms.items()})
@@ -154,7 +155,7 @@ def test_the_loss_path_never_syncs_on_a_gpu():
     try:
         for step, (student, teacher) in enumerate(steps, start=1):
             objective.project(student.features, projections)
-            total, terms = objective(batch, student, teacher, True, totals)
+            total, terms, _ = objective(batch, student, teacher, True, totals)
             total.backward()
             objective.step_end(step, {k: v.detach() for k, v in terms.items()})
         lam = objective.schedule_values()["taid_lambda"]
@@ -172,7 +173,7 @@ def test_gradients_reach_the_student_and_projections_never_the_teacher():
     for h in teacher.features.hidden.values():
         h.requires_grad_(True)
     objective.project(student.features, projections)
-    total, terms = objective(batch, student, teacher, True, totals_of(objective, [(batch, True)], torch.float32))
+    total, terms, _ = objective(batch, student, teacher, True, totals_of(objective, [(batch, True)], torch.float32))
     assert all(torch.isfinite(v) and v > 0 for v in terms.values())
     total.backward()
     assert teacher.logits.grad is None and all(h.grad is None for h in teacher.features.hidden.values())
@@ -197,6 +198,7 @@ def test_padding_never_changes_the_loss():
                       for k in small.features.attention for x in ("query", "key", "value")]
             for x, y in pairs:
                 y.fill_(float("nan"))[tuple(slice(0, n) for n in x.shape)] = x
+    s_wide, t_wide = (logits_output(o.logits, wide["target_index"], o.features) for o in (s_wide, t_wide))
     losses = []
     for b_, s_, t_ in ((batch, s, t), (wide, s_wide, t_wide)):
         objective.project(s_.features, projections)
@@ -204,7 +206,7 @@ def test_padding_never_changes_the_loss():
     assert set(losses[0]) == set(losses[1])
     for name, value in losses[0].items():
         assert torch.isfinite(value) and value > 0
-        assert_close(losses[1][name], value, rtol=1e-12, atol=0)
+        assert_close(losses[1][name], value, rtol=1e-12, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("partitioned", [True, False])
@@ -214,7 +216,7 @@ def test_feature_terms_alone_keep_the_logits_in_the_graph_under_zero3(partitione
     objective = Objective(cfg, 10, STUDENT, TEACHER, partitioned_student=partitioned)
     batch = make_batch(7)
     student, teacher = outputs(objective, batch, 7, projections=objective.build_projections(torch.float64))
-    total, _ = objective(batch, student, teacher, True, totals_of(objective, [(batch, True)]))
+    total, _, _ = objective(batch, student, teacher, True, totals_of(objective, [(batch, True)]))
     total.backward()
     assert (student.logits.grad is not None) == partitioned
     if partitioned:

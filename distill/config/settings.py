@@ -110,6 +110,8 @@ class TrainingConfig:
     # encoder when only the decoder was shrunk.
     freeze_embeddings: bool = False
     freeze_encoder: bool = False
+    # Debugging: write the dataset indices each rank trains on at each step to example_ids/rank{r}.jsonl.
+    record_example_ids: bool = False
 
     def validate(self, prefix: str) -> None:
         if not self.output_dir:
@@ -224,6 +226,10 @@ class LossConfig:
     taid_lambda_end: float = 1.0
     taid_schedule: TaidMode = "linear"
     label_smoothing: float = 0.0
+    # Memory budget (MiB) of one chunk of target rows in the logit terms' pass over both LM heads (the
+    # chunk's logits and float32 intermediates): rows per chunk = budget / the bytes one row costs.
+    # Unset: the device's default (distill.losses.fused_head.DEFAULT_CHUNK_MIB).
+    logit_chunk_mib: Optional[float] = None
     # Run the teacher's decoder on the student's encoder output, skipping the teacher's encoder
     # (distilBART's KD with an unshrunk, frozen encoder); needs equal hidden sizes.
     teacher_uses_student_encoder: bool = False
@@ -260,6 +266,8 @@ class LossConfig:
             raise DistillError(f"{prefix}.taid_lambda_start must not exceed {prefix}.taid_lambda_end")
         if not 0 <= self.label_smoothing < 1:
             raise DistillError(f"{prefix}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.logit_chunk_mib is not None and not self.logit_chunk_mib > 0:
+            raise DistillError(f"{prefix}.logit_chunk_mib must be > 0, got {self.logit_chunk_mib}")
         if not 0 <= self.on_policy_fraction <= 1:
             raise DistillError(f"{prefix}.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
         _positive(self, prefix, "on_policy_max_new_tokens")

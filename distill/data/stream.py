@@ -1,4 +1,5 @@
-"""The order of training micro-batches (seeded, resumable, equal per rank) and evaluation shards."""
+"""The order of training micro-batches (seeded, resumable, the same global batches on any number of
+ranks) and evaluation shards."""
 
 from __future__ import annotations
 
@@ -12,45 +13,60 @@ from distill.data.collate import WEIGHT_KEY
 from distill.errors import DistillError
 
 
-def epoch_order(n: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int) -> list[list[int]]:
-    """This rank's micro-batches for one epoch: a seeded shuffle, cut to whole global batches.
-
-    Every rank gets the same number of micro-batches (ZeRO-3 ranks must step together), and the
-    order depends only on (seed, epoch), so a resumed run can skip straight to where it stopped.
-    """
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """Every example of the split in this epoch's order: a seeded shuffle of (seed, epoch) alone, so the
+    order is the same on any number of ranks and a resumed run can skip straight to where it stopped."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    per_rank = (n // (world_size * batch_size)) * batch_size
-    mine = perm[rank::world_size][:per_rank]
-    return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+    return torch.randperm(n, generator=g).tolist()
 
 
-def check_enough_examples(n: int, batch_size: int, world_size: int) -> None:
-    """Every rank needs one micro-batch per step; the trainer asks before any model loads."""
-    if n < batch_size * world_size:
+def rank_batches(order: list[int], micro_batch: int, accumulation: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches for one epoch. The order is cut into whole global batches (micro-batch x
+    accumulation x ranks examples, one per optimizer step; the remainder is dropped), and each global
+    batch into one contiguous share per rank, ``accumulation`` micro-batches each. A step therefore
+    sees the same examples however they are split over ranks and accumulation steps, and every rank runs
+    the same number of micro-batches (ZeRO-3 ranks must step together)."""
+    share = micro_batch * accumulation
+    global_batch = share * world_size
+    batches = []
+    for start in range(0, len(order) - global_batch + 1, global_batch):
+        mine = order[start + rank * share:start + (rank + 1) * share]
+        batches += [mine[i:i + micro_batch] for i in range(0, share, micro_batch)]
+    return batches
+
+
+def check_enough_examples(n: int, micro_batch: int, accumulation: int, world_size: int) -> None:
+    """Every optimizer step takes one global batch; the trainer asks before any model loads."""
+    if n < micro_batch * accumulation * world_size:
         raise DistillError(f"the training split has {n} examples, fewer than one global batch "
-                           f"(training.micro_batch_size {batch_size} x {world_size} ranks)")
+                           f"(training.micro_batch_size {micro_batch} x training.gradient_accumulation_steps "
+                           f"{accumulation} x {world_size} ranks)")
 
 
 class BatchStream:
     """An endless, resumable stream of this rank's training micro-batches.
 
-    Its state is (epoch, micro-batches consumed in that epoch); batches prefetched by loader workers
-    but not yet handed out are not counted, so a checkpoint's position is exact.
+    Its state is (epoch, global samples consumed in that epoch): any number of ranks with the same
+    global batch continues from the same example. Batches prefetched by loader workers but not yet
+    handed out are not counted, so a checkpoint's position is exact. ``last_ids`` are the dataset
+    indices of the micro-batch handed out last (host integers: reading them costs no device sync).
     """
 
     def __init__(self, dataset, collate, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int = 0):
-        check_enough_examples(len(dataset), batch_size, world_size)
+                 accumulation: int = 1, num_workers: int = 0):
+        check_enough_examples(len(dataset), batch_size, accumulation, world_size)
         self.dataset, self.collate = dataset, collate
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
-        self.num_workers = num_workers
-        self.epoch, self.position = 0, 0
+        self.batch_size, self.accumulation, self.rank, self.world_size = batch_size, accumulation, rank, world_size
+        self.seed, self.num_workers = seed, num_workers
+        self.global_batch = batch_size * accumulation * world_size
+        self.epoch, self.position = 0, 0  # position: micro-batches this rank has taken in the epoch
+        self.last_ids: list[int] = []
+        self._batches: list[list[int]] = []
         self._it: Optional[Iterator] = None
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.dataset) // (self.world_size * self.batch_size)
+        return len(self.dataset) // self.global_batch * self.accumulation
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -59,20 +75,31 @@ class BatchStream:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._it = self.epoch + 1, 0, None
         if self._it is None:
-            order = epoch_order(len(self.dataset), self.epoch, self.seed, self.rank, self.world_size,
-                                self.batch_size)[self.position:]
-            loader = DataLoader(self.dataset, batch_sampler=order, collate_fn=self.collate,
+            self._batches = rank_batches(epoch_order(len(self.dataset), self.epoch, self.seed), self.batch_size,
+                                         self.accumulation, self.rank, self.world_size)
+            loader = DataLoader(self.dataset, batch_sampler=self._batches[self.position:], collate_fn=self.collate,
                                 num_workers=self.num_workers, generator=_private_generator(self.seed))
             self._it = iter(loader)
         batch = next(self._it)
+        self.last_ids = self._batches[self.position]
         self.position += 1
         return batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+        # Saved between optimizer steps, where every rank has taken the same whole global batches.
+        return {"epoch": self.epoch, "samples": self.position * self.batch_size * self.world_size,
+                "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position, self._it = int(state["epoch"]), int(state["position"]), None
+        if "samples" not in state:  # (epoch, position): a per-rank order that this version no longer draws
+            raise DistillError("the checkpoint records its data position in an older form (micro-batches per rank, "
+                               "before the data order became independent of the number of ranks); resume it with "
+                               "the distill version that wrote it, or start over with training.overwrite=true")
+        samples, global_batch = int(state["samples"]), int(state["global_batch"])
+        if global_batch != self.global_batch or samples % global_batch:
+            raise DistillError(f"the saved data position ({samples} examples into epoch {state['epoch']}, global "
+                               f"batch {global_batch}) does not fit this run's global batch of {self.global_batch}")
+        self.epoch, self.position, self._it = int(state["epoch"]), samples // global_batch * self.accumulation, None
 
 
 class _Weighted(Dataset):

@@ -225,22 +225,32 @@ def model_names(paths: list[str], names: Optional[list[str]] = None) -> list[str
 
 def perplexity(model, tokenizer, texts: list[str], batch_size: int, max_length: int, device) -> float:
     """exp(mean negative log-likelihood per token) of a causal LM over ``texts``, every token after the
-    first of each text counted once (held-out text for a decoder-only student)."""
+    first of each text counted once (held-out text for a decoder-only student). The head is applied a
+    chunk of rows at a time (``fused_head``): no logits of all tokens exist."""
     import math
 
     import torch
+    import torch.nn.functional as F
 
+    from distill.losses.fused_head import RowSum, Side, head_pass
+    from distill.models.lm_head import head_of, trunk
+
+    head = head_of(model)
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
             enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, padding_side="right",
                             truncation=True, max_length=max_length).to(device)
-            logits = model(**enc).logits[:, :-1].float()
-            target = enc["input_ids"][:, 1:]
-            real = enc["attention_mask"][:, 1:].bool()
-            losses = torch.nn.functional.cross_entropy(logits[real], target[real], reduction="sum")
-            nll += float(losses)
-            count += int(real.sum())
+            hidden, _ = trunk(model, **enc)
+            # position i predicts token i + 1: the rows whose next token is real
+            following = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
+            following[:, :-1] = enc["attention_mask"][:, 1:].bool()
+            rows = following.reshape(-1).nonzero().squeeze(1)
+            targets = enc["input_ids"].roll(-1, dims=1).reshape(-1)[rows]
+            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+            fn = RowSum(lambda s, t, r: F.cross_entropy(s, targets[r], reduction="none"))
+            nll += float(head_pass(Side(hidden, head), None, [fn])[1][0])
+            count += rows.numel()
     return math.exp(nll / max(count, 1))
 
 

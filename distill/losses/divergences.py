@@ -1,14 +1,13 @@
-"""Pure functions over logits: the divergences and cross-entropy, chunked over tokens.
-
-Each loss is a SUM over the rows (tokens) it is given as a LongTensor of flat indices; the caller
-divides by a count (``distill.losses.objective``). Selecting by index keeps the loss free of host
-syncs (no boolean indexing, no ``nonzero``) and lets padding cost nothing.
+"""Pure functions over rows of logits: the divergences between a teacher's and a student's token
+distributions, per row. The logit terms apply them to one chunk of rows at a time
+(``distill.losses.fused_head``); ``select_rows`` and ``CHUNK_ELEMENTS`` serve the feature losses, which
+select rows by flat index: no host syncs (no boolean indexing, no ``nonzero``), and padding costs nothing.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, get_args
+from typing import Optional, get_args
 
 import torch
 import torch.nn.functional as F
@@ -148,107 +147,24 @@ def per_token_divergence(
     return taid(student_logits, teacher_logits, lam)
 
 
-# Elements of one chunk's (rows × vocabulary) block: each float32 intermediate of a chunk is 4 MB.
+# Elements of one chunk's (rows × last-dim) block for the feature losses' chunking: each float32
+# intermediate of a chunk is 4 MB.
 CHUNK_ELEMENTS = 1 << 20
 
-PerToken = Callable[[Tensor, Tensor], Tensor]
 
-
-def row_sum(student_logits: Tensor, teacher_logits: Tensor, index: Optional[Tensor], per_token: PerToken,
-            chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
-    """Σ over the rows ``index`` of ``per_token(student_rows, teacher_rows)``, over the shared vocabulary.
-
-    ``student_logits``/``teacher_logits``: (..., V) with the same leading shape (vocabulary sizes may
-    differ by padding rows, which are never tokens); ``index``: LongTensor of flat indices into the
-    leading dims (None = all rows); ``per_token``: (n, V) rows of both, float32 or wider -> (n,). The
-    teacher is a constant target. Computed a chunk of rows at a time (``_ChunkedRows``), so no float32
-    tensor of tokens × vocabulary exists, in the forward or the backward. 0, still attached to the
-    student's graph, when no row is selected.
-    """
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
-            "logits differ in their leading (token) dims"
-        )
-    s = student_logits.reshape(-1, student_logits.shape[-1])  # views: nothing vocabulary-sized is copied
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
-    rows = torch.arange(s.shape[0], device=s.device) if index is None else index.to(s.device)
-    vocab = min(s.shape[-1], t.shape[-1])  # padding rows of an embedding matrix are no tokens
-    return _ChunkedRows.apply(s, t, rows, vocab, max(1, chunk_elements // vocab), per_token)
-
-
-def logit_divergence(
+def scaled_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
-    index: Optional[Tensor],
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
     alpha: float = 0.1,
     lam: float | Tensor = 0.0,
-    chunk_elements: int = CHUNK_ELEMENTS,
 ) -> Tensor:
-    """τ² · Σ over the tokens ``index`` of the divergence between softmax(z/τ) distributions
-    (``row_sum``). The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
-    """
-    _check_params(kind, beta, alpha, lam)  # fail before any tensor work
+    """τ² · D(softmax(z_T/τ) ‖ softmax(z_S/τ)) per row over the shared vocabulary: (N, V_S), (N, V_T) -> (N,).
+    The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
     if not temperature > 0:
         raise DistillError(f"temperature must be > 0, got {temperature}")
-
-    def per_token(s_rows: Tensor, t_rows: Tensor) -> Tensor:
-        return per_token_divergence(s_rows / temperature, t_rows / temperature, kind, beta=beta, alpha=alpha, lam=lam)
-
-    return (temperature**2) * row_sum(student_logits, teacher_logits, index, per_token, chunk_elements)
-
-
-class _ChunkedRows(torch.autograd.Function):
-    """Sum over ``rows`` of ``per_token(student[rows, :vocab], teacher[rows, :vocab])``, a chunk of
-    rows at a time. Each chunk's gradient is taken right after its forward (one forward and one
-    backward per chunk, as an unchunked loss would do) and written into one gradient buffer of the
-    logits' shape and dtype; the backward only scales that buffer. So no float32 tensor larger than a
-    chunk's block ever exists, and nothing is recomputed."""
-
-    @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, rows: Tensor, vocab: int, chunk: int, per_token) -> Tensor:
-        needs_grad = ctx.needs_input_grad[0]
-        grad = torch.zeros_like(student) if needs_grad else None
-        total = torch.zeros((), dtype=_compute_dtype(student), device=student.device)
-        for start in range(0, rows.numel(), chunk):
-            r = rows[start:start + chunk]
-            s = student.index_select(0, r)[:, :vocab]
-            s = s.to(_compute_dtype(s)).requires_grad_(needs_grad)
-            t = teacher.index_select(0, r)[:, :vocab]
-            with torch.enable_grad():
-                value = per_token(s, t.to(_compute_dtype(t))).sum()
-            if needs_grad:
-                (g,) = torch.autograd.grad(value, s)
-                grad[r, :vocab] = g.to(grad.dtype)
-            total += value.detach()
-        # Kept as an attribute, not saved: the backward hands the buffer itself to autograd, which can then
-        # adopt it as the logits' gradient instead of copying a vocabulary-sized tensor.
-        ctx.grad = grad
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        grad, ctx.grad = ctx.grad, None  # once only: no retain_graph reuse
-        if grad is None:
-            return (None,) * 6
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None
-
-
-def cross_entropy(logits: Tensor, labels: Tensor, index: Optional[Tensor], label_smoothing: float = 0.0) -> Tensor:
-    """Σ over the tokens ``index`` of the cross-entropy (label-smoothed NLL as in torch).
-
-    ``logits`` (..., V) and ``labels`` (...) must already be aligned (shift causal LMs first);
-    ``index``: flat indices into ``labels`` of real targets (None = all). 0, still attached to the
-    graph, when no token is selected.
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise DistillError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    # select first so padding costs nothing, then up-cast only the real rows
-    rows = select_rows(logits, index)
-    targets = select_rows(labels.unsqueeze(-1), index).squeeze(-1)  # the labels as one-column rows
-    return F.cross_entropy(rows.to(_compute_dtype(rows)), targets, reduction="sum", label_smoothing=label_smoothing)
+    s, t = crop_vocab(student_logits, teacher_logits)
+    return (temperature**2) * per_token_divergence(s / temperature, t / temperature, kind, beta=beta, alpha=alpha,
+                                                   lam=lam)

@@ -17,11 +17,13 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.config.settings import LossConfig
-from distill.data.collate import IGNORE_INDEX
 from distill.errors import DistillError
+from distill.losses.divergences import crop_vocab
+from distill.losses.fused_head import RowFn, RowSum, Side, head_pass
 from distill.losses.terms import COUNTS, TERMS, Output
 from distill.losses.terms.base import merge_requests
 from distill.models.capture import Features, check_capturable
@@ -90,34 +92,57 @@ class Objective:
         return {k: v for term in self.terms for k, v in term.schedule_values().items()}
 
     def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output], gold: bool,
-                 totals: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """(weighted total, every term and part), each this micro-batch's sum over its rows divided by
-        ``totals``: ``counts`` summed over every micro-batch of the optimizer step and every rank, a
-        float tensor on the batch's device ordered as ``count_names``. Parts are named ``term/part``.
-        ``gold`` False: the targets are the student's own samples (on-policy), so there is no CE term."""
+                 totals: Tensor, agreement: bool = False) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
+        """(weighted total, every term and part, agreement sums or None), each term this micro-batch's sum
+        over its rows divided by ``totals``: ``counts`` summed over every micro-batch of the optimizer step
+        and every rank, a float tensor on the batch's device ordered as ``count_names``. Parts are named
+        ``term/part``. ``gold`` False: the targets are the student's own samples (on-policy), so there is
+        no CE term. ``agreement`` (log steps, with a teacher): ``AGREEMENT``'s sums and the row count.
+
+        Runs inside the student's forward (``FeatureModel``'s ``loss``): every logit term and the
+        agreement metrics share one chunked pass over both heads (``fused_head.head_pass``)."""
         if totals.shape != (len(self.count_names),):
             raise ValueError(f"totals {tuple(totals.shape)} must hold one count per name of {self.count_names}")
         count = {name: totals[i].clamp_min(1) for i, name in enumerate(self.count_names)}  # 0 rows: a sum of 0
         weights = self.weights()
+        active = [term for term in self.terms if gold or not term.gold_only]
+        labels = batch["labels"].reshape(-1).index_select(0, batch["target_index"])
+        parts, sums = [], []
+        for term in (t for t in active if t.uses_logits):
+            for part, fn in term.row_values(labels).items():
+                parts.append((term, part))
+                sums.append(RowSum(fn, weights[term.name] / count[term.parts[part]]))
+        agree = agreement and teacher is not None
+        if agree:
+            sums += [RowSum(fn) for fn in AGREEMENT.values()]
         terms: dict[str, Tensor] = {}
-        weighted = []
-        for term in self.terms:
-            if term.gold_only and not gold:
-                continue
-            sums = term(batch, student, teacher)
-            for part, value in sums.items():
+        if sums:
+            total, values = head_pass(Side(student.hidden, student.head),
+                                      None if teacher is None else Side(teacher.hidden, teacher.head),
+                                      sums, self.cfg.logit_chunk_mib)
+            for k, (term, part) in enumerate(parts):
+                terms[part] = values[k] / count[term.parts[part]]
+        else:
+            total = student.hidden.new_zeros((), dtype=torch.float32)
+        for term in (t for t in active if not t.uses_logits):
+            for part, value in term(batch, student, teacher).items():
                 terms[part] = value / count[term.parts[part]].to(value.dtype)
-            if term.name not in terms:  # a term of several parts is their sum
-                terms[term.name] = sum(terms[part] for part in sums)
-            weighted.append((term, weights[term.name] * terms[term.name]))
-        total = sum(w for _, w in weighted)
-        if self.partitioned_student and not any(term.uses_logits for term, _ in weighted):
+            if term.name not in terms:  # a term of several parts is its parts' sum
+                terms[term.name] = sum(terms[part] for part in term.parts)
+            total = total + weights[term.name] * terms[term.name]
+        for term in (t for t in active if t.uses_logits and t.name not in terms):
+            terms[term.name] = sum(terms[part] for part in term.parts)
+        if self.partitioned_student and not any(s.coef is not None for s in sums):
             # ZeRO-3 gathers a module's weights for the backward when the gradient reaches that module's
             # output. Feature terms alone enter mid-module (Q/K/V inside an attention block), so the
-            # blocks around them would miss that step; the logits join the graph with weight 0 so that
-            # every module's output takes part in the backward (at the cost of a full backward).
-            total = total + 0.0 * student.logits.sum()
-        return total, terms
+            # blocks around them would miss that step; the final hidden states and the head's weight join
+            # the graph with weight 0 so that every module takes part in the backward.
+            total = total + student.head.call(lambda w, b, h: 0.0 * (h.sum() + w.sum()), student.hidden)
+        sums_agree = None
+        if agree:
+            n = torch.full((1,), student.hidden.shape[0], dtype=torch.float64, device=values.device)
+            sums_agree = torch.cat([values[len(parts):], n])
+        return total, terms, sums_agree
 
     # ---- state across steps --------------------------------------------------------------------
 
@@ -145,13 +170,29 @@ class Objective:
             term.load_state_dict(state)
 
 
+def _entropy(logits: Tensor) -> Tensor:
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _top1(student_logits: Tensor, teacher_logits: Tensor, rows: slice) -> Tensor:
+    s, t = crop_vocab(student_logits, teacher_logits)
+    return (s.argmax(-1) == t.argmax(-1)).to(s.dtype)
+
+
+# Teacher-student agreement over the shared vocabulary, per target row (logged as agreement/<name>)
+AGREEMENT: dict[str, RowFn] = {
+    "top1": _top1,
+    "teacher_entropy": lambda s, t, rows: _entropy(crop_vocab(s, t)[1]),
+    "student_entropy": lambda s, t, rows: _entropy(crop_vocab(s, t)[0]),
+}
+
+
 @torch.no_grad()
-def teacher_forced_sums(logits: Tensor, labels: Tensor, row_weight: Tensor) -> Tensor:
-    """(summed NLL, token count, correct top-1) over real target tokens, rows weighted (evaluation only)."""
-    mask = labels != IGNORE_INDEX
-    weight = row_weight[:, None].expand_as(labels)[mask].float()
-    rows = logits[mask].float()
-    target = labels[mask]
-    nll = torch.nn.functional.cross_entropy(rows, target, reduction="none")
-    correct = (rows.argmax(-1) == target).float()
-    return torch.stack([(nll * weight).sum(), weight.sum(), (correct * weight).sum()])
+def teacher_forced_sums(student: Output, labels: Tensor, row_weight: Tensor, budget_mib: Optional[float]) -> Tensor:
+    """(Σ weight · NLL, Σ weight, Σ weight · [top-1 correct]) over the target rows of ``student``
+    (evaluation only); ``labels`` and ``row_weight``: one per row."""
+    sums = [RowSum(lambda s, t, rows: F.cross_entropy(s, labels[rows], reduction="none") * row_weight[rows]),
+            RowSum(lambda s, t, rows: row_weight[rows].to(s.dtype)),
+            RowSum(lambda s, t, rows: (s.argmax(-1) == labels[rows]).to(s.dtype) * row_weight[rows])]
+    return head_pass(Side(student.hidden, student.head), None, sums, budget_mib)[1]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import DistillError
+from distill.models.lm_head import Head, head_of, trunk
 from distill.models.loading import model_class
 from distill.models.architectures import arch_spec, find_module, layer_stacks
 
@@ -49,6 +50,18 @@ class Features:
     hidden: dict[tuple[str, int], Tensor] = field(default_factory=dict)  # (stack, hidden index) -> (B, T, d)
     attention: dict[tuple[str, int], AttentionInputs] = field(default_factory=dict)  # (site, layer) -> inputs
     projected: dict[str, Tensor] = field(default_factory=dict)  # student Q/K/V mapped to the teacher's width
+
+
+@dataclass
+class Output:
+    """What one model's forward gives the losses: its final hidden states at the batch's target rows
+    (``rows``, flat indices), the ``Head`` that turns them into logits, the captured features and the
+    encoder's last hidden state (encoder-decoder models)."""
+
+    hidden: Tensor  # (N, d)
+    head: Head
+    features: Optional[Features] = None
+    encoder_hidden: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -189,9 +202,9 @@ class FeatureModel(nn.Module):
     projections (``projections``), which live here so the student's optimizer trains them and the
     export, which writes ``model`` only, leaves them out.
 
-    ``forward(features=True, **inputs)`` returns (model outputs, Features after ``project``);
-    ``project`` runs inside this forward so that, under ZeRO-3, the projections' weights are
-    gathered by the same engine hooks as the model's.
+    ``forward`` runs the model up to its LM head (``lm_head.trunk``): no logits are computed there.
+    ``project`` runs inside this forward so that, under ZeRO-3, the projections' weights are gathered
+    by the same engine hooks as the model's.
     """
 
     def __init__(self, model: nn.Module, request: Request = Request(), role: str = "model",
@@ -202,17 +215,26 @@ class FeatureModel(nn.Module):
         self.projections = projections if projections is not None else nn.ModuleDict()
         self._capture = Capture(model, request, role) if request else None
         self._project = project
+        self.head = head_of(model)
 
     @property
     def config(self):
         return self.model.config
 
-    def forward(self, features: bool = False, **inputs: Any) -> tuple[Any, Optional[Features]]:
-        if not features or self._capture is None:
-            return self.model(**inputs), None
-        self._capture.install()
-        with self._capture.record() as captured:
-            outputs = self.model(**inputs)
-        if self._project is not None:
-            captured = self._project(captured, self.projections)
-        return outputs, captured
+    def forward(self, rows: Optional[Tensor] = None, features: bool = False, loss: Optional[Callable[[Output], Any]] = None,
+                **inputs: Any) -> Any:
+        """An ``Output`` at the flat row indices ``rows`` (all rows when None); ``features``: with the
+        requested features captured. With ``loss``, ``loss(output)`` instead, run inside this forward:
+        the logit terms apply the head there, through the head module's own call (``Head.call``)."""
+        captured = None
+        if features and self._capture is not None:
+            self._capture.install()
+            with self._capture.record() as captured:
+                hidden, encoded = trunk(self.model, **inputs)
+            if self._project is not None:
+                captured = self._project(captured, self.projections)
+        else:
+            hidden, encoded = trunk(self.model, **inputs)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        output = Output(flat if rows is None else flat.index_select(0, rows), self.head, captured, encoded)
+        return output if loss is None else loss(output)

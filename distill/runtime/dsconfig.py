@@ -53,6 +53,9 @@ def resolve_ds_config(raw: dict[str, Any], cfg: RunConfig, role: str, world_size
     if "scheduler" in ds:
         raise DistillError(f"{where}: remove the \"scheduler\" section; the learning-rate schedule is "
                            f"set by training.lr_schedule and training.warmup_steps")
+    if "load_universal" in (ds.get("checkpoint") or {}):
+        raise DistillError(f"{where}: remove checkpoint.load_universal; a resume on another number of ranks "
+                           "sets it")
     zero = ds.setdefault("zero_optimization", {})
     if not isinstance(zero, dict):
         raise DistillError(f"{where}: zero_optimization must be an object")
@@ -134,6 +137,11 @@ def _check_zero_section(zero: dict[str, Any], where: str) -> None:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = "; ".join(lines[1:3]) if len(lines) > 1 else str(exc)
         raise DistillError(f"{where}: invalid zero_optimization: {detail}") from None
+
+
+def with_universal_load(ds: dict[str, Any]) -> dict[str, Any]:
+    """``ds`` set to load a universal checkpoint (nested: deepspeed.initialize ignores dotted keys)."""
+    return {**ds, "checkpoint": {**(ds.get("checkpoint") or {}), "load_universal": True}}
 
 
 def offloads_params(ds: dict[str, Any]) -> bool:

@@ -5,13 +5,15 @@ Layout of ``<output_dir>/checkpoints``:
     step-00000200/            DeepSpeed's files (weights, optimizer, scheduler) for every rank
     step-00000200/trainer_state_rank{r}.pt   step, data position, RNG states of rank r
     step-00000200/checksums.json             size and sha256 of every file above, world size, run id
+    step-00000200/universal/                 made by the first resume on another number of ranks (universal.py)
     latest                    the newest complete tag (DeepSpeed's own tools read this file too)
 
 A save writes into ``step-N.partial``; only when every rank's files are on disk, hashed and fsynced
 does rank 0 write the manifest, rename the directory to ``step-N`` and move ``latest``. So a kill or a
 full disk halfway leaves at most a ``.partial`` directory, never a tag that looks complete. Resuming
 verifies the checksums (each rank hashes a share of the files) and falls back to the newest intact
-checkpoint when the latest is torn. Pruning only ever removes checkpoints of the same run (run id).
+checkpoint when the latest is torn, whatever number of ranks wrote it. Pruning only ever removes
+checkpoints of the same run (run id).
 """
 
 from __future__ import annotations
@@ -162,15 +164,19 @@ def verify(tag_dir: Path, rank: int = 0, world: int = 1) -> Optional[str]:
     manifest = read_manifest(tag_dir)
     if manifest is None:
         return f"{MANIFEST} is missing or unreadable"
-    names = sorted(manifest["files"])
     expected = [state_file(Path(""), r).name for r in range(int(manifest.get("world_size", 0)))]
     if rank == 0 and (not expected or any(name not in manifest["files"] for name in expected)):
         return "its manifest lists no trainer state for some rank"
-    for name in names[rank::world]:
-        path = tag_dir / name
+    return check_files(tag_dir, manifest["files"], rank, world)
+
+
+def check_files(root: Path, files: dict[str, dict[str, Any]], rank: int = 0, world: int = 1) -> Optional[str]:
+    """What is wrong with this rank's share of ``files`` (name -> size and sha256) under ``root``, or None."""
+    for name in sorted(files)[rank::world]:
+        path = root / name
         if not path.is_file():
             return f"{name} is missing"
-        want = manifest["files"][name]
+        want = files[name]
         if path.stat().st_size != want["size"]:
             return f"{name} has {path.stat().st_size} bytes, {want['size']} were written"
         if file_digest(path)["sha256"] != want["sha256"]:
@@ -186,7 +192,8 @@ def verify_all(tag_dir: Path, rank: int, world: int, gather: Gather) -> Optional
 def resolve_resume(ckpt_dir: Path, resume: str, world_size: int, rank: int = 0, gather: Gather = lambda x: [x],
                    say: Callable[[str], None] = print) -> Optional[str]:
     """The verified tag to resume from, or None to start fresh. With ``auto``, a torn or corrupted
-    latest checkpoint falls back to the newest intact older one, with one line saying so."""
+    latest checkpoint falls back to the newest intact older one, with one line saying so. The ranks
+    share the hashing; the checkpoint may have been written by any number of ranks."""
     ckpt_dir = Path(ckpt_dir)
     if resume == "never":
         return None
@@ -196,7 +203,7 @@ def resolve_resume(ckpt_dir: Path, resume: str, world_size: int, rank: int = 0, 
         problem = verify_all(ckpt_dir / resume, rank, world_size, gather)
         if problem:
             raise DistillError(f"checkpoint {ckpt_dir / resume} is damaged: {problem}")
-        return _check_world(ckpt_dir / resume, world_size)
+        return resume
     tags = complete_tags(ckpt_dir)
     latest = read_latest(ckpt_dir)
     if latest is None and (ckpt_dir / LATEST).exists():
@@ -211,7 +218,7 @@ def resolve_resume(ckpt_dir: Path, resume: str, world_size: int, rank: int = 0, 
         if problem is None:
             if damaged:
                 say(f"distill: {'; '.join(damaged)}; resuming from {tag}, the newest intact checkpoint")
-            return _check_world(ckpt_dir / tag, world_size)
+            return tag
         damaged.append(f"checkpoint {tag} is damaged ({problem})")
     if damaged:
         raise DistillError(f"no intact checkpoint in {ckpt_dir}: {'; '.join(damaged)} "
@@ -219,16 +226,13 @@ def resolve_resume(ckpt_dir: Path, resume: str, world_size: int, rank: int = 0, 
     return None
 
 
-def _check_world(tag_dir: Path, world_size: int) -> str:
-    written = int(read_manifest(tag_dir)["world_size"])
-    if written != world_size:
-        raise DistillError(f"checkpoint {tag_dir} was written by {written} ranks and this run has {world_size}: "
-                           f"resume it with {written} ranks")
-    return tag_dir.name
-
-
 def run_id_of(tag_dir: Path) -> str:
     return read_manifest(tag_dir)["run_id"]
+
+
+def world_size_of(tag_dir: Path) -> int:
+    """How many ranks wrote the checkpoint."""
+    return int(read_manifest(tag_dir)["world_size"])
 
 
 def newer_than(ckpt_dir: Path, tag: str) -> list[str]:
@@ -314,11 +318,22 @@ def prune(ckpt_dir: Path, keep: int, run_id: str) -> None:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Restore the student's engine and this rank's trainer state; returns the trainer state."""
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+def load(engine, ckpt_dir: Path, tag: str, rank: int, world: int, universal: Optional[Path] = None) -> dict[str, Any]:
+    """Restore the student's engine and the trainer state; returns the trainer state.
+
+    ``universal``, the converted copy of a checkpoint written by another number of ranks, is what an
+    engine built with ``"checkpoint": {"load_universal": true}`` loads its partition from. The trainer
+    state is the same on every rank; the RNG streams continue only on as many ranks as wrote them (on
+    another number the caller seeds new ones)."""
+    if universal is None:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    else:
+        path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
     if path is None:
         raise DistillError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    state = torch.load(state_file(ckpt_dir / tag, rank), weights_only=False)
-    set_rng_state(state.pop("rng"))
+    same_world = world_size_of(ckpt_dir / tag) == world
+    state = torch.load(state_file(ckpt_dir / tag, rank if same_world else 0), weights_only=False)
+    rng = state.pop("rng")
+    if same_world:
+        set_rng_state(rng)
     return state

@@ -53,8 +53,11 @@ class Evaluator:
         loader = eval_loader(self.eval_data, self.collate, self.cfg.training.micro_batch_size, self.rank, self.world)
         for batch in loader:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            sums += teacher_forced_sums(self.forward(self.student, batch)[0].logits, batch["labels"],
-                                        batch["weight"]).double()
+            labels = batch["labels"].reshape(-1).index_select(0, batch["target_index"])
+            weight = batch["weight"][:, None].expand(batch["labels"].shape).reshape(-1).index_select(0, batch["target_index"])
+            # inside the student's forward, where ZeRO-3 gathers the head for it (Head.call)
+            sums += self.forward(self.student, batch, lambda out: teacher_forced_sums(
+                out, labels, weight.float(), self.cfg.loss.logit_chunk_mib))
         dist.all_reduce(sums)
         nll, count, correct = sums.tolist()
         metrics = {"eval/ce": nll / max(count, 1.0), "eval/token_accuracy": correct / max(count, 1.0)}

@@ -18,23 +18,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distill.config.resume import resume_changes
+from distill.config.resume import fit_accumulation, global_batch, resume_changes
 from distill.config.settings import RunConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
 from distill.data.stream import BatchStream, check_enough_examples
 from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
-from distill.losses.objective import Objective
+from distill.losses.objective import AGREEMENT, Objective
 from distill.losses.schedules import lr_multiplier
 from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
 from distill.dtypes import torch_dtype
 from distill.models.loading import (check_pair, hidden_size, load_model, load_model_config, load_tokenizer,
                                     rank_param_counts)
 from distill.runtime.cluster import StopRequest, StopVote, join_process_group
-from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
-from distill.train import checkpoint, run_dir
+from distill.runtime.dsconfig import read_ds_config, resolve_ds_config, with_universal_load
+from distill.train import checkpoint, run_dir, universal
 from distill.train.evaluator import Evaluator
+from distill.train.example_ids import ExampleIds
 from distill.train.monitor import Monitor, memory_report, peak_memory_gb, reduce_max, reduce_mean
 from distill.train.on_policy import is_on_policy, sample_batch, sampling_config
 from distill.train.state import TrainState
@@ -57,6 +58,8 @@ class Trainer:
         self.lock: run_dir.RunLock | None = None  # rank 0 holds the output directory
         self.run_id = checkpoint.new_run_id()  # a resumed run keeps its checkpoint's: pruning stays in the run
         self.resume_tag: str | None = None
+        self.universal: Path | None = None  # the converted copy of a checkpoint written by another world size
+        self.example_ids: ExampleIds | None = None
 
     @property
     def step(self) -> int:
@@ -98,8 +101,13 @@ class Trainer:
             self.train_data = drop_overlong(self.train_data, cfg.data, self.tokenizer)
             if self.eval_data is not None:
                 self.eval_data = drop_overlong(self.eval_data, cfg.data, self.tokenizer)
-        check_enough_examples(len(self.train_data), cfg.training.micro_batch_size, world)
+        check_enough_examples(len(self.train_data), cfg.training.micro_batch_size,
+                              cfg.training.gradient_accumulation_steps, world)
         # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
+        self._resolve_ds_configs(world)
+
+    def _resolve_ds_configs(self, world: int) -> None:
+        cfg = self.cfg
         self.ds = {role: resolve_ds_config(raw, cfg, role, world,
                                            hidden_size(self.student_config if role == "student" else self.teacher_config),
                                            self.accelerator.device_name(), getattr(cfg, role).ds_config)
@@ -140,20 +148,28 @@ class Trainer:
             opt, lambda s: lr_multiplier(t.lr_schedule, s, t.warmup_steps, t.max_steps, t.min_lr_ratio))
         self.student, _, _, self.scheduler = deepspeed.initialize(
             model=student, model_parameters=[p for p in student.parameters() if p.requires_grad],
-            config=self.ds["student"], lr_scheduler=schedule)
+            config=self.ds["student"] if self.universal is None else with_universal_load(self.ds["student"]),
+            lr_scheduler=schedule)
 
         encoder_decoder = self.student_config.is_encoder_decoder
         collate = (Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
                    if encoder_decoder else CausalCollator(self.tokenizer, cfg.data))
-        self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed)
+        self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed,
+                                  t.gradient_accumulation_steps)
         self.state = TrainState(self.stream, self.objective, self.run_id)
         if self.resume_tag is not None:
-            self.state.load_state_dict(checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank))
+            self.state.load_state_dict(checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank,
+                                                       self.world, self.universal))
+            if checkpoint.world_size_of(self.ckpt_dir / self.resume_tag) != self.world:
+                # the saved RNG streams belonged to the old ranks: new ones, the same on every such resume
+                _seed_everything(int(np.random.SeedSequence([t.seed, self.rank, self.step]).generate_state(1)[0]))
+        if t.record_example_ids:
+            self.example_ids = ExampleIds(self.out, self.rank, self.world, self.step, t.gradient_accumulation_steps)
         self.models = Models(self.student, self.teacher, encoder_decoder, cfg.data.packing and not encoder_decoder,
                              cfg.loss.teacher_uses_student_encoder, loss_scale=self.world * t.gradient_accumulation_steps,
                              check_grad_norm=t.precision != "fp16")
         self.evaluator = Evaluator(cfg, self.student, self.tokenizer, self.eval_data, collate,
-                                   lambda engine, batch: forward(engine, self.models, batch), self.device, self.out,
+                                   lambda engine, batch, loss: forward(engine, self.models, batch, loss), self.device, self.out,
                                    self._partitioned_student)
         self.stop_vote = StopVote()
         self.divergence = DivergenceWatch(t.max_nonfinite_steps, self.device, self._all_reduce_max,
@@ -167,14 +183,40 @@ class Trainer:
         self._on_rank0(self._hold_output_dir)
         self.resume_tag = checkpoint.resolve_resume(self.ckpt_dir, t.resume, self.world, self.rank, self._gather,
                                                     self._say)
-        if self.resume_tag is not None:
-            tag_dir = self.ckpt_dir / self.resume_tag
-            self.run_id = checkpoint.run_id_of(tag_dir)
-            changed = resume_changes(json.loads((tag_dir / MODEL_FILES / "run_config.json").read_text()),
-                                     self.cfg.to_dict())
-            if changed:
-                self._say(f"distill: resuming {self.resume_tag} with changed settings: {', '.join(changed)}")
+        if self.resume_tag is None:
+            self._on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
+            return
+        tag_dir = self.ckpt_dir / self.resume_tag
+        self.run_id = checkpoint.run_id_of(tag_dir)
+        saved = json.loads((tag_dir / MODEL_FILES / "run_config.json").read_text())
+        written = checkpoint.world_size_of(tag_dir)
+        self._keep_global_batch(saved, written)
+        changed = resume_changes(saved, self.cfg.to_dict())
+        if changed:
+            self._say(f"distill: resuming {self.resume_tag} with changed settings: {', '.join(changed)}")
         self._on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
+        if written != self.world and universal.needed(tag_dir):
+            found = universal.problem(tag_dir, self.rank, self.world, self._gather)
+            self._on_rank0(lambda: universal.prepare(tag_dir, written, self.world, found, self._say))
+            self.universal = tag_dir / universal.UNIVERSAL
+
+    def _keep_global_batch(self, saved: dict[str, Any], written: int) -> None:
+        """A resume keeps the checkpoint's global batch (so its data position and every step's examples
+        stay the same) on any number of ranks: the accumulation steps follow the world size and the
+        micro-batch size, or the run is refused, before any model loads, with what would fit."""
+        t = self.cfg.training
+        batch = global_batch(saved, written)
+        accumulation = fit_accumulation(batch, t.micro_batch_size, t.gradient_accumulation_steps, self.world)
+        before = saved["training"]
+        if (t.micro_batch_size, accumulation, self.world) != (before["micro_batch_size"],
+                                                              before["gradient_accumulation_steps"], written):
+            self._say(f"distill: {self.resume_tag} took global batches of {batch} examples as {written} ranks x "
+                      f"{before['micro_batch_size']} x {before['gradient_accumulation_steps']} accumulation steps; "
+                      f"this run takes them as {self.world} ranks x training.micro_batch_size {t.micro_batch_size} x "
+                      f"training.gradient_accumulation_steps {accumulation}")
+        if accumulation != t.gradient_accumulation_steps:
+            t.gradient_accumulation_steps = accumulation
+            self._resolve_ds_configs(self.world)
 
     def _hold_output_dir(self) -> None:
         self.lock = run_dir.RunLock(self.out)
@@ -242,6 +284,8 @@ class Trainer:
         monitor = Monitor(self.out, self.rank, t.max_steps, state.step, self.cfg.flat())
         self.student.train()
         window, timer = Window(), PhaseTimer(self.device)
+        peak_memory_gb(self.device)  # a reset: from here the peaks are the steps' (loading excluded)
+        self.peak_gb = 0.0
         while state.step < t.max_steps:
             logs = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             golds = [not is_on_policy(self.cfg.loss.on_policy_fraction, t.seed, state.step, m)
@@ -275,12 +319,15 @@ class Trainer:
             model = self.student.module.model
             export_student(model, self.tokenizer, self.out / "final",
                            card=model_card(model.config, self.cfg.to_dict(), {"step": state.step, **final}))
-        memory_report(self.out / "memory.json", self.teacher, self.student, self.device, self.cfg.training.precision)
+        memory_report(self.out / "memory.json", self.teacher, self.student, self.device, self.cfg.training.precision,
+                      max(self.peak_gb, peak_memory_gb(self.device)))
         monitor.close(final)
         return final
 
     def _next_batch(self, gold: bool) -> dict[str, torch.Tensor]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in next(self.stream).items()}
+        if self.example_ids is not None:
+            self.example_ids.add(self.state.step + 1, self.stream.last_ids)
         return batch if gold else self._sample_targets(batch)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -350,12 +397,13 @@ class Trainer:
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
         scalars["train/epoch"] = self.stream.epoch + self.stream.position / self.stream.batches_per_epoch
-        scalars.update(reduce_max({"perf/peak_memory_gb": peak_memory_gb(self.device)}, self.device))
+        peak = peak_memory_gb(self.device)
+        self.peak_gb = max(self.peak_gb, peak)
+        scalars.update(reduce_max({"perf/peak_memory_gb": peak}, self.device))
         if window.agreement is not None:
-            agree, h_teacher, h_student, n = self._all_reduce(window.agreement).tolist()
+            *sums, n = self._all_reduce(window.agreement).tolist()
             if n > 0:
-                scalars.update({"agreement/top1": agree / n, "agreement/teacher_entropy": h_teacher / n,
-                                "agreement/student_entropy": h_student / n})
+                scalars.update({f"agreement/{name}": value / n for name, value in zip(AGREEMENT, sums)})
         return scalars
 
 

@@ -32,34 +32,22 @@ def reduce_max(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-@torch.no_grad()
-def agreement_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(top-1 agreements, teacher entropy sum, student entropy sum, tokens) over the target positions
-    ``index`` (flat, as the collator's ``target_index``), float64 so sums over ranks and steps stay
-    exact; the vocabularies are cropped to the shared size. Runs on log steps only."""
-    v = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    s = student_logits[..., :v].flatten(0, -2).index_select(0, index).float()
-    t = teacher_logits[..., :v].flatten(0, -2).index_select(0, index).float()
-
-    def entropy(logits: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(logits, dim=-1)
-        return -(logp.exp() * logp).sum(-1).sum()
-
-    agree = (s.argmax(-1) == t.argmax(-1)).sum()
-    return torch.stack([agree.double(), entropy(t).double(), entropy(s).double(),
-                        torch.tensor(float(index.numel()), dtype=torch.float64, device=s.device)])
-
-
 def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory of this rank since the last call: allocated GPU memory, or the process' peak
-    resident set on CPU (which cannot be reset, so it is the peak since the start)."""
+    """Peak memory of this rank since the last call: allocated GPU memory, or on CPU the process' peak
+    resident set (Linux resets it through /proc/self/clear_refs; where that is refused, it stays the
+    peak since the start)."""
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20  # KiB
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return peak
 
 
 class Monitor:
@@ -131,15 +119,16 @@ def _drop_rows_after(path: Path, step: int) -> None:
         write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def memory_report(path: Path, teacher, student, device: torch.device, precision: str) -> None:
+def memory_report(path: Path, teacher, student, device: torch.device, precision: str, peak_gb: float) -> None:
     """Bytes each rank holds for the teacher, the student and its optimizer (``memory.json``): what
-    ZeRO-3 partitioned, to check the per-rank arithmetic of BENCHMARKS.md against a real run."""
+    ZeRO-3 partitioned, to check the per-rank arithmetic of BENCHMARKS.md against a real run; and the
+    rank's peak since training started (``peak_gb``: loading excluded)."""
     from distill.train.checkpoint import write_atomic
 
     mine = {"teacher_param_bytes": _param_bytes(teacher.module) if teacher is not None else 0,
             "student_param_bytes": _param_bytes(student.module),
             "optimizer_bytes": _tensor_bytes(student.optimizer.state_dict()),
-            "peak_memory_gb": peak_memory_gb(device)}
+            "peak_memory_gb": peak_gb}
     ranks: list = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
     if dist.get_rank() == 0:

@@ -30,7 +30,7 @@ HEARTBEAT = 30.0  # seconds between refreshes of the lock's mtime
 STALE_AFTER = 300.0  # a lock not refreshed for this long belongs to a dead host
 # What a run writes besides its configs; training.overwrite removes these at the start.
 RUN_OUTPUTS = ("checkpoints", "tensorboard", "metrics.jsonl", "final", "best", "best.json", "eval_results.json",
-               "memory.json", "run_info.json")
+               "memory.json", "run_info.json", "example_ids")
 
 
 def _process_start(pid: int) -> Optional[str]:

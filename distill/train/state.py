@@ -1,6 +1,8 @@
 """What a resumed run continues from besides the engine's own state (weights, optimizer, learning-rate
-schedule): the step, the data position, the objective's schedules (TAID's λ), the best evaluation, and
-the run id that keeps pruning inside the run. The RNG states go with it (``checkpoint.save``)."""
+schedule): the step, the data position (global samples into the epoch, so any number of ranks continues
+from the same example), the objective's schedules (TAID's λ), the best evaluation, and the run id that
+keeps pruning inside the run. The RNG states go with it (``checkpoint.save``). All of it but the RNG
+states is the same on every rank."""
 
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from distill.data.collate import causal_model_inputs
 from distill.losses.objective import Objective, Output
-from distill.train.monitor import agreement_sums
 
 SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
@@ -43,9 +42,11 @@ class Models:
         return causal_model_inputs(batch, self.packed)
 
 
-def forward(engine, models: Models, batch: dict[str, Tensor], **extra) -> tuple[Output, Any]:
-    outputs, features = engine(features=True, **models.inputs(batch), **extra)
-    return Output(outputs.logits, features), outputs
+def forward(engine, models: Models, batch: dict[str, Tensor], loss: Optional[Callable[[Output], Any]] = None,
+            **extra) -> Any:
+    """The engine's ``Output`` at the batch's target rows, with features; or ``loss(output)``, computed
+    inside the engine's forward (``FeatureModel``)."""
+    return engine(rows=batch["target_index"], features=True, loss=loss, **models.inputs(batch), **extra)
 
 
 @dataclass
@@ -56,16 +57,18 @@ class StepResult:
     nonfinite: Tensor  # 0-dim bool: the loss or the gradient norm was not finite
     source_tokens: int  # token_counts
     target_tokens: int
-    agreement: Optional[Tensor] = None  # monitor.agreement_sums, on the steps that log
+    agreement: Optional[Tensor] = None  # objective.AGREEMENT's sums and the rows, on the steps that log
 
 
 class PhaseTimer:
     """Seconds per phase, read at log steps only: CUDA events on a GPU (recording one waits for
-    nothing), the wall clock on a CPU (where an op has finished when it returns)."""
+    nothing), the wall clock on a CPU (where an op has finished when it returns). A phase entered
+    inside another pauses it: each phase's time is its own."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.spans: list[tuple[str, Any, Any]] = []
+        self.open: list[list[Any]] = []  # [phase, mark it (re)started at], innermost last
 
     def _mark(self) -> Any:
         if not self.cuda:
@@ -76,9 +79,18 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str):
-        start = self._mark()
-        yield
-        self.spans.append((phase, start, self._mark()))
+        mark = self._mark()
+        if self.open:
+            self.spans.append((self.open[-1][0], self.open[-1][1], mark))
+        self.open.append([phase, mark])
+        try:
+            yield
+        finally:
+            end = self._mark()
+            name, start = self.open.pop()
+            self.spans.append((name, start, end))
+            if self.open:
+                self.open[-1][1] = end
 
     def read(self) -> dict[str, float]:
         """Seconds per phase since the last read (synchronizes on a GPU: call it on log steps)."""
@@ -99,29 +111,31 @@ def train_step(models: Models, objective: Objective, batches: list[dict[str, Ten
     totals = all_reduce(torch.tensor(counts, dtype=torch.float32, device=device))  # the step's global counts
     terms: dict[str, Tensor] = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    agree = torch.zeros(4, dtype=torch.float64, device=device) if agreement and objective.needs_teacher else None
+    agree = None
     teacher_first = objective.needs_teacher and not models.teacher_uses_student_encoder
     for batch, gold in zip(batches, golds):
         teacher = None
         if teacher_first:
             with timer("teacher"), torch.no_grad():
-                teacher = forward(models.teacher, models, batch)[0]
+                teacher = forward(models.teacher, models, batch)
+
+        def loss(student: Output, batch=batch, gold=gold, teacher=teacher):
+            if objective.needs_teacher and teacher is None:  # distilBART: the teacher decodes the student's encoding
+                encoded = BaseModelOutput(last_hidden_state=student.encoder_hidden.detach())
+                with timer("teacher"), torch.no_grad():
+                    teacher = forward(models.teacher, models, batch, encoder_outputs=encoded)
+            with timer("loss"):
+                return objective(batch, student, teacher, gold, totals, agreement)
+
         with timer("student"):
-            student, outputs = forward(models.student, models, batch)
-        if objective.needs_teacher and not teacher_first:
-            encoded = BaseModelOutput(last_hidden_state=outputs.encoder_last_hidden_state.detach())
-            with timer("teacher"), torch.no_grad():
-                teacher = forward(models.teacher, models, batch, encoder_outputs=encoded)[0]
-        with timer("loss"):
-            total, parts = objective(batch, student, teacher, gold, totals)
-        with timer("student"):
+            total, parts, sums = forward(models.student, models, batch, loss)
             models.student.backward(total * models.loss_scale)
             models.student.step()
         nonfinite |= ~torch.isfinite(total.detach())
         for name, value in {**parts, "total": total}.items():
             terms[name] = terms[name] + value.detach() if name in terms else value.detach()
-        if agree is not None:
-            agree += agreement_sums(student.logits.detach(), teacher.logits, batch["target_index"])
+        if sums is not None:
+            agree = sums if agree is None else agree + sums
     norm = models.student.get_global_grad_norm() if models.check_grad_norm else None
     if norm is not None:
         nonfinite |= ~torch.isfinite(torch.as_tensor(norm, device=device))

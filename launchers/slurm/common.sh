@@ -6,6 +6,9 @@ cd "${DISTILL_HOME:-$SLURM_SUBMIT_DIR}"
 mkdir -p "$LOG_DIR"
 
 NNODES=${SLURM_JOB_NUM_NODES:-1}
+# srun: one rank per task of the job as allocated now, since a requeued job may come back with fewer or
+# more (its SLURM_NTASKS keeps the submitted count; SLURM_TASKS_PER_NODE is the allocation's)
+if [ "$LAUNCHER" = srun ]; then GPUS_PER_NODE=${SLURM_TASKS_PER_NODE%%[(,]*}; fi
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)  # the first host of the job
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}              # one port per job
 export MASTER_ADDR MASTER_PORT NNODES GPUS_PER_NODE PYTHON
@@ -29,7 +32,7 @@ run_on_nodes() {
             '"$(dirname "$(command -v "$PYTHON")")/deepspeed" --hostfile "$HOSTFILE" --no_ssh --node_rank "$SLURM_NODEID" \
                --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$@"' bash) ;;
     srun)  # one task per rank; each rank reads SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
-      step=(srun --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON") ;;
+      step=(srun --ntasks=$((NNODES * GPUS_PER_NODE)) --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1 "$PYTHON") ;;
     *) echo "distill-slurm: LAUNCHER must be torchrun, deepspeed or srun, got '$LAUNCHER'" >&2; return 2 ;;
   esac
   "${step[@]}" "$@" &

@@ -10,17 +10,12 @@ from torch import Tensor, nn
 
 from distill.config.settings import LossConfig
 from distill.errors import DistillError
+from distill.losses.fused_head import RowFn
 from distill.losses.schedules import schedule_value
 from distill.models.architectures import attention_dims, stack_depths
-from distill.models.capture import Features, Request
+from distill.models.capture import Features, Output, Request
 
-
-@dataclass
-class Output:
-    """What one forward pass gives the objective."""
-
-    logits: Tensor
-    features: Optional[Features] = None
+__all__ = ["Output"]  # what a model's forward gives the terms (distill.models.capture)
 
 
 @dataclass(frozen=True)
@@ -56,15 +51,18 @@ class Term:
     * ``projection_shapes``: learned maps it needs, name -> (student width, teacher width), trained
       with the student and applied by ``project`` inside the student's forward.
 
-    ``__call__`` returns each part's SUM over this micro-batch's rows, selected with the batch's flat
-    indices (``target_index``, ``source_index``) and never read back to the host; the Objective divides.
-    The docstring says what each part averages over.
+    A feature term's ``__call__`` returns each part's SUM over this micro-batch's rows, selected with the
+    batch's flat indices (``target_index``, ``source_index``) and never read back to the host; the
+    Objective divides. A logit term (``uses_logits``) instead gives ``row_values``: per part, a function
+    of one chunk of both models' float32 logits at the target rows, valued per row; the Objective runs
+    every logit term in one chunked pass over the two LM heads (``distill.losses.fused_head``), so no
+    logits of all rows exist. The docstring says what each part averages over.
     """
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = True
     gold_only: ClassVar[bool] = False  # left out of on-policy micro-batches (no gold targets there)
-    uses_logits: ClassVar[bool] = False  # the gradient reaches the student's logits (ZeRO-3: see Objective)
+    uses_logits: ClassVar[bool] = False  # a logit term: row_values, not __call__
     tracks_losses: bool = False  # whether step_end needs the step's losses (state such as TAID's adaptive λ)
 
     def __init__(self, cfg: LossConfig, total_steps: int, student_config: Any, teacher_config: Any):
@@ -83,6 +81,11 @@ class Term:
         """Apply this term's ``projection_shapes`` maps to the student's features (in place)."""
 
     def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+        """A logit term's parts, each a function (student logits, teacher logits, rows) -> value per row.
+        ``labels``: the gold token of every target row; a function reads its chunk as ``labels[rows]``."""
         raise NotImplementedError
 
     # State across steps (TAID's λ): none by default.

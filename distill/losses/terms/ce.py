@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
+import torch.nn.functional as F
 from torch import Tensor
 
-from distill.losses.divergences import cross_entropy
-from distill.losses.terms.base import Output, Term, register
+from distill.losses.fused_head import RowFn
+from distill.losses.terms.base import Term, register
 
 
 @register
 class CrossEntropy(Term):
-    """``ce``: the (label-smoothed) cross-entropy of the student with the gold labels, a mean over the
-    target tokens of the gold micro-batches (on-policy ones have no gold labels and skip it)."""
+    """``ce``: the (label-smoothed, as in torch) cross-entropy of the student with the gold labels over
+    its whole head, a mean over the target tokens of the gold micro-batches (on-policy ones have no gold
+    labels and skip it)."""
 
     name = "ce"
     needs_teacher = False
@@ -24,6 +24,6 @@ class CrossEntropy(Term):
         super().__init__(cfg, total_steps, student_config, teacher_config)
         self.parts = {"ce": "target_gold"}
 
-    def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
-        return {"ce": cross_entropy(student.logits, batch["labels"], batch["target_index"],
-                                    label_smoothing=self.cfg.label_smoothing)}
+    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+        smoothing = self.cfg.label_smoothing
+        return {"ce": lambda s, t, rows: F.cross_entropy(s, labels[rows], reduction="none", label_smoothing=smoothing)}

@@ -6,9 +6,10 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from distill.losses.divergences import logit_divergence
+from distill.losses.divergences import scaled_divergence
+from distill.losses.fused_head import RowFn
 from distill.losses.taid import TaidLambda
-from distill.losses.terms.base import Output, Term, register
+from distill.losses.terms.base import Term, register
 
 
 @register
@@ -28,11 +29,10 @@ class LogitDivergence(Term):
                      if cfg.divergence == "taid" else None)
         self.tracks_losses = self.taid is not None and self.taid.adaptive
 
-    def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
-        cfg = self.cfg
-        return {"kd": logit_divergence(student.logits, teacher.logits, batch["target_index"], kind=cfg.divergence,
-                                       temperature=cfg.temperature, beta=cfg.jsd_beta, alpha=cfg.skew_alpha,
-                                       lam=0.0 if self.taid is None else self.taid.value)}
+    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+        cfg, lam = self.cfg, 0.0 if self.taid is None else self.taid.value
+        return {"kd": lambda s, t, rows: scaled_divergence(s, t, cfg.divergence, cfg.temperature, beta=cfg.jsd_beta,
+                                                           alpha=cfg.skew_alpha, lam=lam)}
 
     def step_end(self, step: int, losses: Optional[dict[str, Tensor]]) -> None:
         if self.taid is not None:

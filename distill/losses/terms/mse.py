@@ -3,19 +3,18 @@ Mean Squared Error Loss in Knowledge Distillation"): the README's worked example
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor
 
-from distill.losses.divergences import CHUNK_ELEMENTS, row_sum
-from distill.losses.terms.base import Output, Term, register
+from distill.losses.divergences import crop_vocab
+from distill.losses.fused_head import RowFn
+from distill.losses.terms.base import Term, register
 
 
-def logit_mse(student_logits: Tensor, teacher_logits: Tensor, index: Optional[Tensor],
-              chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
-    """Σ over the tokens ``index`` of ‖z_S − z_T‖² over the shared vocabulary. Raw logits, no τ: the
-    KL at τ → ∞ tends to this logit matching (Kim et al.). Chunked like the divergences."""
-    return row_sum(student_logits, teacher_logits, index, lambda s, t: (s - t).pow(2).sum(-1), chunk_elements)
+def logit_mse(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """‖z_S − z_T‖² per row over the shared vocabulary. Raw logits, no τ: the KL at τ → ∞ tends to this
+    logit matching (Kim et al.)."""
+    s, t = crop_vocab(student_logits, teacher_logits)
+    return (s - t).pow(2).sum(-1)
 
 
 @register
@@ -29,5 +28,5 @@ class LogitMSE(Term):
         super().__init__(cfg, total_steps, student_config, teacher_config)
         self.parts = {"mse": "target"}
 
-    def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
-        return {"mse": logit_mse(student.logits, teacher.logits, batch["target_index"])}
+    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+        return {"mse": lambda s, t, rows: logit_mse(s, t)}

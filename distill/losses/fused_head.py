@@ -1,0 +1,129 @@
+"""Every logit consumer in one pass over the LM heads, a chunk of rows at a time: no tensor of all rows ×
+vocabulary exists for either model, in the forward or the backward.
+
+The objective hands over each model's final hidden states at the target rows and its ``Head``, plus a
+list of ``RowSum``: a function of one chunk's float32 logits (student, teacher) giving a value per row,
+and the coefficient it enters the training loss with (None: a metric, not differentiated). For each
+chunk the student's and teacher's logits are computed from the hidden rows, every function runs, and
+the gradient of the chunk's weighted sum is taken at once and pushed through the head by hand: into the
+hidden rows (``g @ W``) and, accumulated chunk by chunk, into the head's weight (``gᵀ @ h``) and bias.
+The backward then only scales these buffers. The teacher's chunk never needs a gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from distill.models.lm_head import Head
+
+# (student logits, teacher logits or None, the chunk's rows) -> (rows,) values; logits are float32 or wider
+RowFn = Callable[[Tensor, Optional[Tensor], slice], Tensor]
+
+# float32 vocabulary-wide tensors alive at once per row and model at the peak of a chunk (both models'
+# logits before and after the soft cap, log-softmax, probabilities, a divergence's pointwise terms and
+# the gradient): measured by benchmarks/fused_head.py --budget-sweep, see BENCHMARKS.md
+LIVE_ROW_TENSORS = 6
+
+
+@dataclass
+class RowSum:
+    fn: RowFn
+    coef: Optional[Tensor | float] = None  # weight in the differentiated total; None: reported only
+
+
+@dataclass
+class Side:
+    """One model's part of the pass: its hidden states at the target rows and its head."""
+
+    hidden: Tensor  # (N, d)
+    head: Head
+
+
+# loss.logit_chunk_mib when unset, by device: on CPU the fastest of a sweep (BENCHMARKS.md); on a GPU, a few
+# hundred rows at a 128k vocabulary (170 for two models, 340 for CE alone), near Liger-Kernel's 256; the GPU
+# check sweeps it
+DEFAULT_CHUNK_MIB = {"cpu": 256.0, "cuda": 1024.0}
+
+
+def chunk_budget(budget_mib: Optional[float], device: torch.device) -> float:
+    return budget_mib if budget_mib is not None else DEFAULT_CHUNK_MIB.get(device.type, DEFAULT_CHUNK_MIB["cuda"])
+
+
+def rows_per_chunk(budget_mib: float, vocab_sizes: Sequence[int]) -> int:
+    """Rows per chunk such that the chunk's float32 working set stays within ``budget_mib``."""
+    per_row = LIVE_ROW_TENSORS * 4 * sum(vocab_sizes)
+    return max(1, int(budget_mib * 2**20) // per_row)
+
+
+def head_pass(student: Side, teacher: Optional[Side], sums: Sequence[RowSum],
+              budget_mib: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """(Σ_k coef_k · Σ_rows fn_k, differentiable towards the student's hidden rows and head; the vector of
+    Σ_rows fn_k over every k, float64, detached). Rows are ``student.hidden``'s; ``teacher.hidden`` has the
+    same rows. Both heads' weights are gathered for the pass when ZeRO-3 partitions them (``Head.call``).
+    ``budget_mib``: ``loss.logit_chunk_mib`` (None: the device's default)."""
+    if teacher is not None and teacher.hidden.shape[0] != student.hidden.shape[0]:
+        raise ValueError(f"student ({student.hidden.shape[0]}) and teacher ({teacher.hidden.shape[0]}) rows differ")
+    vocabs = [student.head.vocab] + ([teacher.head.vocab] if teacher is not None else [])
+    chunk = rows_per_chunk(chunk_budget(budget_mib, student.hidden.device), vocabs)
+
+    def run(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> tuple[Tensor, Tensor]:
+        if teacher is None:
+            return _HeadPass.apply(hidden, weight, bias, None, None, None, (student.head, None, sums, chunk))
+        with teacher.head.weights() as (t_weight, t_bias):
+            return _HeadPass.apply(hidden, weight, bias, teacher.hidden.detach(), t_weight, t_bias,
+                                   (student.head, teacher.head, sums, chunk))
+
+    return student.head.call(run, student.hidden)
+
+
+class _HeadPass(torch.autograd.Function):
+    """See the module docstring. Gradients are computed inside the forward, chunk by chunk (one forward
+    and one backward per chunk, as the unfused loss does in total), so nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: Optional[Tensor],
+                t_weight: Optional[Tensor], t_bias: Optional[Tensor], spec) -> tuple[Tensor, Tensor]:
+        head, t_head, sums, chunk = spec
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        differentiable = (need_h or need_w or need_b) and any(s.coef is not None for s in sums)
+        grad_h = torch.zeros_like(hidden) if need_h and differentiable else None
+        grad_w = torch.zeros_like(weight) if need_w and differentiable else None
+        grad_b = torch.zeros_like(bias) if need_b and differentiable else None
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        total = torch.zeros((), dtype=compute, device=hidden.device)
+        values = torch.zeros(len(sums), dtype=torch.float64, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, min(start + chunk, hidden.shape[0]))
+            h = hidden[rows]
+            z = head.linear(h, weight, bias).to(compute).requires_grad_(differentiable)
+            t = None if t_head is None else t_head.cap(t_head.linear(t_hidden[rows], t_weight, t_bias).to(compute))
+            with torch.enable_grad():
+                s = head.cap(z)
+                chunk_sums = torch.stack([item.fn(s, t, rows).sum() for item in sums]) if sums else z.new_zeros(0)
+                weighted = sum((item.coef * chunk_sums[k] for k, item in enumerate(sums) if item.coef is not None),
+                               start=torch.zeros((), dtype=compute, device=z.device))
+            if differentiable:
+                (g,) = torch.autograd.grad(weighted, z)
+                g = g.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[rows] = g @ weight * head.scale if head.scale != 1.0 else g @ weight
+                if grad_w is not None:  # accumulated in the weight's dtype, as the model's own head would hold it
+                    grad_w.addmm_(g.t(), h * head.scale if head.scale != 1.0 else h)
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+            total += weighted.detach()
+            values += chunk_sums.detach().double()
+        # attributes, not saved tensors: the backward hands the buffers themselves to autograd
+        ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_values: Tensor):
+        grads, ctx.grads = ctx.grads, (None, None, None)  # once only: no retain_graph reuse
+        scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
+        return (*scaled, None, None, None, None)
