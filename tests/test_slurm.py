@@ -56,6 +56,21 @@ def steps_logged(run):
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss/total"' in line]
 
 
+def warn_once_running(slurm, job, run, log, steps: int) -> None:
+    """Wait until the job has logged ``steps`` steps, then warn it as Slurm's --signal=B:USR1@120 does
+    before a time limit (USR1 to the batch script), and wait until it has requeued itself."""
+    slurm.wait_state(job, ("RUNNING",))
+    deadline = time.time() + 300
+    while len(steps_logged(run)) < steps:
+        assert time.time() < deadline and slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
+        time.sleep(0.3)
+    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
+    deadline = time.time() + 300
+    while slurm.job(job).get("Restarts", "0") == "0":
+        assert time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
 @pytest.mark.parametrize("launcher, options", [
     ("torchrun", ["--ntasks-per-node=1", "--cpus-per-task=2"]),
     ("srun", ["--ntasks-per-node=2", "--cpus-per-task=1"]),  # one task per rank, SLURM_* -> torch variables
@@ -78,17 +93,7 @@ def test_warned_job_checkpoints_requeues_and_resumes(slurm, assets, tmp_path):
     job, log = submit(slurm, tmp_path, "deepspeed", [*assets, f"training.max_steps={total}", "training.save_every=100",
                                                      f"training.output_dir={run}"],
                       "--ntasks-per-node=1", "--cpus-per-task=2")
-    slurm.wait_state(job, ("RUNNING",))
-    deadline = time.time() + 300
-    while len(steps_logged(run)) < 4:  # well into training
-        assert time.time() < deadline and slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
-        time.sleep(0.3)
-    # what Slurm does --signal=B:USR1@120 before the time limit: USR1 to the batch script
-    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
-    deadline = time.time() + 300
-    while slurm.job(job).get("Restarts", "0") == "0":
-        assert time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+    warn_once_running(slurm, job, run, log, steps=4)  # well into training
     # A requeued job waits until its old job credential expires (slurm.conf cred_expire, 10 s here).
     info = slurm.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
     text = log.read_text()
@@ -119,16 +124,7 @@ def test_job_preempted_on_2_tasks_resumes_on_1(slurm, assets, tmp_path):
                                                 "training.eval_every=0", "eval.best_metric=null",
                                                 f"training.output_dir={run}"],
                       "--ntasks-per-node=2", "--cpus-per-task=1")
-    slurm.wait_state(job, ("RUNNING",))
-    deadline = time.time() + 300
-    while len(steps_logged(run)) < 3:
-        assert time.time() < deadline and slurm.job(job)["JobState"] == "RUNNING", log.read_text()[-3000:]
-        time.sleep(0.3)
-    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
-    deadline = time.time() + 300
-    while slurm.job(job).get("Restarts", "0") == "0":
-        assert time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.3)
+    warn_once_running(slurm, job, run, log, steps=3)
     # the requeued job waits for its old credential to expire (10 s): time to change its size
     slurm.run("scontrol", "hold", str(job))
     slurm.run("scontrol", "update", f"JobId={job}", "TasksPerNode=1")
