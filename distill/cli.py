@@ -175,6 +175,20 @@ def _pseudo_label(a: argparse.Namespace) -> None:
     _say(json.dumps(summary, indent=2))
 
 
+def _cache_teacher(a: argparse.Namespace) -> None:
+    from distill.config.parsing import load_data_config
+    from distill.infer.cache_teacher import CacheSettings, cache_teacher
+
+    data = load_data_config(a.config, a.overrides, a.data)
+    settings = CacheSettings(top_k=a.top_k, batch_size=a.batch_size, logit_dtype=a.logit_dtype,
+                             shard_examples=a.shard_examples, dtype=a.dtype, chunk_mib=a.chunk_mib)
+    settings.validate()
+    device = _start(a)
+    summary = cache_teacher(a.model, a.revision, data, a.split or data.train_split, Path(a.out), settings, device,
+                            a.ds_config, a.fresh, say=_say)
+    _say(json.dumps(summary, indent=2))
+
+
 def _say(text: str) -> None:
     import torch.distributed as dist
 
@@ -251,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--below", choices=["gold", "drop"], default="gold",
                    help="what an example under --min-rouge2 becomes")
     p.set_defaults(func=_pseudo_label, split="train")
+
+    p = sub.add_parser("cache-teacher", help="the teacher's top-K logits of every target token of a split, for "
+                                             "training without a live teacher (teacher.cache)")
+    p.add_argument("--model", required=True, help="the teacher: directory or hub id")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--data", required=True, help="hub dataset, local directory, or json/jsonl/csv/parquet file")
+    p.add_argument("--split", help="default: data.train_split (train)")
+    p.add_argument("--top-k", type=int, default=64, help="logits kept per target token")
+    p.add_argument("--out", required=True, help="cache directory (a rerun continues it)")
+    p.add_argument("--config", help="a training recipe whose data settings to tokenize with (else the defaults)")
+    p.add_argument("--ds-config", help="ZeRO-3 config: partition the teacher over the ranks")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--logit-dtype", default="float16", help="float16 or bfloat16")
+    p.add_argument("--shard-examples", type=int, default=1024, help="examples per shard file (the unit of resume)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="the teacher's compute dtype")
+    p.add_argument("--chunk-mib", type=float, help="memory budget of one chunk of the head's logits")
+    p.add_argument("--fresh", action="store_true", help="discard what --out holds")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value", help="data settings, as in a training recipe")
+    p.set_defaults(func=_cache_teacher)
 
     p = sub.add_parser("make-student", help="shrink a teacher by layer copy, or make a narrower random-init student")
     p.add_argument("teacher", help="teacher directory or hub id")

@@ -16,7 +16,8 @@ from transformers import (BartConfig, BartForConditionalGeneration, Gemma2Config
                           T5ForConditionalGeneration)
 
 from distill.losses.divergences import DIVERGENCES, scaled_divergence
-from distill.losses.fused_head import LIVE_ROW_TENSORS, RowSum, Side, head_pass, rows_per_chunk
+from distill.losses import fused_head
+from distill.losses.fused_head import LIVE_ROW_TENSORS, RowSum, Side, head_pass, row_bytes, rows_per_chunk
 from distill.losses.objective import AGREEMENT, teacher_forced_sums
 from distill.losses.terms.mse import logit_mse
 from distill.models.lm_head import Head, head_of, trunk
@@ -119,10 +120,15 @@ def _reference(kind, student, teacher, h_s, h_t, labels):
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("rows", [1, 4, 100])
-def test_pass_matches_the_unfused_float64_reference(kind, rows):
+@pytest.mark.parametrize("sub_chunks", ["cpu", "3 rows", "none (GPU)"])
+def test_pass_matches_the_unfused_float64_reference(kind, rows, sub_chunks, monkeypatch):
+    # the row functions over cache-sized sub-chunks (CPU: larger than these chunks), sub-chunks of 3 rows
+    # inside each chunk, and none (a GPU's whole chunk)
+    sub = {"cpu": fused_head.SUB_CHUNK_ELEMENTS, "3 rows": {"cpu": 3 * 20}, "none (GPU)": {}}[sub_chunks]
+    monkeypatch.setattr(fused_head, "SUB_CHUNK_ELEMENTS", sub)
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         student, teacher, h_s, h_t, labels = _case(dtype)
-        budget = rows * LIVE_ROW_TENSORS * 4 * (20 + 23) / 2**20
+        budget = rows * row_bytes([20, 23], torch.device("cpu")) / 2**20
         total, values = head_pass(Side(h_s, student), Side(h_t, teacher), _sums(kind, labels), budget)
         total.backward()
         ref_total, ref_values, ref_h, ref_w, ref_b = _reference(kind, student, teacher, h_s, h_t, labels)
@@ -188,8 +194,8 @@ def test_no_tensor_of_all_rows_by_vocabulary_exists_forward_or_backward():
     h_s = torch.randn(n, width, generator=g).requires_grad_()
     h_t = torch.randn(n, width, generator=g)
     labels = torch.randint(0, vocab, (n,), generator=g)
-    budget = rows * LIVE_ROW_TENSORS * 4 * 2 * vocab / 2**20
-    assert rows_per_chunk(budget, [vocab, vocab]) == rows
+    budget = rows * row_bytes([vocab, vocab], torch.device("cpu")) / 2**20
+    assert rows_per_chunk(budget, [vocab, vocab], torch.device("cpu")) == rows
     with _Largest() as largest:
         total, _ = head_pass(Side(h_s, student), Side(h_t, teacher), _sums("forward_kl", labels), budget)
         total.backward()
@@ -198,9 +204,12 @@ def test_no_tensor_of_all_rows_by_vocabulary_exists_forward_or_backward():
 
 
 def test_rows_per_chunk_follow_the_byte_budget():
-    assert rows_per_chunk(1024, [128256, 128256]) == 1024 * 2**20 // (LIVE_ROW_TENSORS * 4 * 2 * 128256)
-    assert rows_per_chunk(1024, [128256, 128256]) > 100  # hundreds of rows at a 128k vocabulary on a GPU budget
-    assert rows_per_chunk(1e-9, [10]) == 1
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert rows_per_chunk(1024, [128256, 128256], gpu) == 1024 * 2**20 // (LIVE_ROW_TENSORS * 4 * 2 * 128256)
+    assert rows_per_chunk(1024, [128256, 128256], gpu) > 100  # hundreds of rows at a 128k vocabulary on a GPU
+    # on CPU the row functions run over cache-sized sub-chunks: a chunk holds both logits and one gradient
+    assert rows_per_chunk(1024, [128256, 128256], cpu) == 1024 * 2**20 // (4 * 3 * 128256)
+    assert rows_per_chunk(1e-9, [10], cpu) == 1
 
 
 # ---------------------------------------------------------------- evaluation through the pass

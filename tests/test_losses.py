@@ -13,7 +13,7 @@ from distill.config.settings import Divergence, HiddenMetric, Schedule, TaidMode
 from distill.errors import DistillError
 from distill.losses.divergences import DIVERGENCES, crop_vocab, per_token_divergence, scaled_divergence
 from distill.losses.features import HIDDEN_METRICS
-from distill.losses.fused_head import LIVE_ROW_TENSORS, RowSum, Side, head_pass
+from distill.losses.fused_head import RowSum, Side, head_pass, row_bytes
 from distill.losses.schedules import SCHEDULES
 from distill.losses.taid import TAID_MODES
 from test_terms_fakes import logits_output
@@ -34,9 +34,8 @@ def _kl(a, b):
     return sum(a[i] * math.log(a[i] / b[i]) for i in range(len(a)) if a[i] > 0)
 
 
-def ref_token(kind, zs, zt, beta, alpha, lam):
-    """One token's divergence; zs, zt are 1-D float64 logits already divided by τ."""
-    p, q = _softmax(zt).tolist(), _softmax(zs).tolist()
+def ref_div(kind, q, p, beta, alpha, taid_target):
+    """D(p ‖ q) of the student's q and the teacher's p (lists of probabilities); TAID's target r given."""
     if kind == "forward_kl":
         return _kl(p, q)
     if kind == "reverse_kl":
@@ -49,8 +48,14 @@ def ref_token(kind, zs, zt, beta, alpha, lam):
     if kind == "skew_reverse_kl":
         return _kl(q, [alpha * b + (1 - alpha) * a for a, b in zip(p, q)])
     if kind == "taid":
-        r = _softmax((1 - lam) * zs + lam * zt).tolist()
-        return _kl(r, q)
+        return _kl(taid_target, q)
+    raise AssertionError(kind)
+
+
+def ref_token(kind, zs, zt, beta, alpha, lam):
+    """One token's divergence; zs, zt are 1-D float64 logits already divided by τ."""
+    return ref_div(kind, _softmax(zs).tolist(), _softmax(zt).tolist(), beta, alpha,
+                   _softmax((1 - lam) * zs + lam * zt).tolist())
     raise AssertionError(kind)
 
 
@@ -84,7 +89,7 @@ def idx(mask):
 
 def budget_for(rows, *vocabs):
     """The ``logit_chunk_mib`` that makes chunks of ``rows`` rows."""
-    return rows * LIVE_ROW_TENSORS * 4 * sum(vocabs) / 2**20
+    return rows * row_bytes(vocabs, torch.device("cpu")) / 2**20
 
 
 def _pass(student, teacher, index, fn, budget_mib):

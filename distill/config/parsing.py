@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from distill.config.settings import RunConfig
+from distill.config.settings import DataConfig, RunConfig
 from distill.errors import DistillError
 
 
@@ -144,6 +144,22 @@ def merge_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML recipe, apply ``key=value`` overrides, and return a validated RunConfig."""
+    return _build(RunConfig, merge_overrides(_read_tree(path), list(overrides))).validate()
+
+
+def load_data_config(path: str | Path | None, overrides: list[str], data_path: str) -> DataConfig:
+    """The ``data`` section of a recipe (or the defaults) with ``data.*=value`` overrides, at ``data_path``:
+    what the steps around training that tokenize as training does take (``distill cache-teacher``)."""
+    given = merge_overrides({}, list(overrides))
+    if set(given) - {"data"}:
+        raise DistillError(f"only data.* settings apply here, got '{next(k for k in given if k != 'data')}'")
+    tree = merge_overrides(_read_tree(path), list(overrides)).get("data") or {}
+    data = _coerce({**tree, "path": data_path}, DataConfig, "data")
+    data.validate("data")
+    return data
+
+
+def _read_tree(path: str | Path | None) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -155,5 +171,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise DistillError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise DistillError(f"config file {p} must hold a mapping at the top level")
-    tree = merge_overrides(tree, list(overrides))
-    return _build(RunConfig, tree).validate()
+    return tree

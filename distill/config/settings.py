@@ -41,6 +41,20 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """The teacher: a model, and/or a cache of its top-K logits written by ``distill cache-teacher``.
+    ``cache`` replaces the live teacher for the logit terms; feature terms still need the model."""
+
+    cache: Optional[str] = None
+
+    def validate(self, prefix: str) -> None:
+        if self.cache is not None and not self.cache:
+            raise DistillError(f"{prefix}.cache is empty (use null for a live teacher)")
+        if self.cache is None or self.path:
+            super().validate(prefix)
+
+
+@dataclass
 class DataConfig:
     """Where the examples come from and how they are tokenized."""
 
@@ -290,6 +304,8 @@ class LossConfig:
 # Every term's weight, in the order the fields are declared: adding a term's three fields adds it here.
 WEIGHTS = tuple(f.name for f in dataclasses.fields(LossConfig)
                 if f.name.startswith("w_") and not f.name.endswith(("_schedule", "_end")))
+# the terms that read the teacher's features (hidden states, attention), not its logits
+FEATURE_WEIGHTS = ("w_hid", "w_attn", "w_rel")
 
 
 @dataclass
@@ -324,7 +340,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     student: ModelConfig = field(default_factory=ModelConfig)
-    teacher: Optional[ModelConfig] = None  # None: plain fine-tuning (SFT), no teacher is loaded
+    teacher: Optional[TeacherConfig] = None  # None: plain fine-tuning (SFT), no teacher is loaded
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -351,11 +367,39 @@ class RunConfig:
         if self.loss.uses_teacher and self.teacher is None:
             active = [k for k in WEIGHTS if k != "w_ce" and self.loss.active(k)]
             raise DistillError(f"loss.{active[0]} > 0 needs a teacher: set teacher.path and teacher.ds_config")
+        if self.teacher_cache is not None:
+            self._check_cache()
         return self
+
+    def _check_cache(self) -> None:
+        # what a cache of the dataset's top-K logits cannot stand in for
+        if self.loss.active("w_mse"):
+            raise DistillError("loss.w_mse compares the full logits, and teacher.cache holds the top-K of them: set "
+                               "loss.w_mse=0, or drop teacher.cache for a live teacher")
+        if self.loss.on_policy_fraction > 0:
+            raise DistillError("loss.on_policy_fraction needs a live teacher to score the student's own samples; "
+                               "teacher.cache holds the dataset's targets only")
+        if self.loss.teacher_uses_student_encoder:
+            raise DistillError("loss.teacher_uses_student_encoder runs the teacher on the student's encoding; "
+                               "teacher.cache holds the teacher's own")
+        features = [k for k in FEATURE_WEIGHTS if self.loss.active(k)]
+        if features and not self.teacher.path:
+            raise DistillError(f"loss.{features[0]} > 0 needs the live teacher's features, which teacher.cache does not "
+                               "hold: set teacher.path and teacher.ds_config too")
 
     @property
     def uses_teacher(self) -> bool:
         return self.teacher is not None and self.loss.uses_teacher
+
+    @property
+    def teacher_cache(self) -> Optional[str]:
+        """The cache the logit terms read, when a teacher term is on."""
+        return self.teacher.cache if self.uses_teacher else None
+
+    @property
+    def live_teacher(self) -> bool:
+        """Whether the teacher model is loaded: a teacher term is on and the cache does not serve them all."""
+        return self.uses_teacher and (self.teacher.cache is None or any(self.loss.active(k) for k in FEATURE_WEIGHTS))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from distill.config.settings import Divergence
 from distill.errors import DistillError
+from distill.losses.sparse_teacher import TopK, bucket_log_probs
 
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
@@ -53,10 +54,12 @@ def _log_probs(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a ‖ b) per row from log-probabilities.
 
-    Terms with a = 0 count as 0 (the 0·log 0 convention), so -inf logits give 0 instead of NaN.
+    Terms with a = 0 count as 0 (the 0·log 0 convention), so -inf logits give 0 instead of NaN. The inner
+    ``where`` keeps the product's backward from meeting 0·inf there: the gradient is 0, not NaN.
     """
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(dim=-1)
+    kept = a > 0
+    return torch.where(kept, a * torch.where(kept, log_a - log_b, 0.0), 0.0).sum(dim=-1)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
@@ -154,7 +157,7 @@ CHUNK_ELEMENTS = 1 << 20
 
 def scaled_divergence(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopK,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -162,9 +165,16 @@ def scaled_divergence(
     lam: float | Tensor = 0.0,
 ) -> Tensor:
     """τ² · D(softmax(z_T/τ) ‖ softmax(z_S/τ)) per row over the shared vocabulary: (N, V_S), (N, V_T) -> (N,).
-    The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
+    The τ² factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+
+    A ``TopK`` teacher (a cache of its top-K tokens) is compared over its buckets instead
+    (``sparse_teacher``): the per-token functions take the bucket log-probabilities as logits, since
+    log_softmax leaves log-probabilities unchanged."""
     if not temperature > 0:
         raise DistillError(f"temperature must be > 0, got {temperature}")
+    if isinstance(teacher_logits, TopK):
+        log_q, log_p = bucket_log_probs(student_logits, teacher_logits, temperature)
+        return (temperature**2) * per_token_divergence(log_q, log_p, kind, beta=beta, alpha=alpha, lam=lam)
     s, t = crop_vocab(student_logits, teacher_logits)
     return (temperature**2) * per_token_divergence(s / temperature, t / temperature, kind, beta=beta, alpha=alpha,
                                                    lam=lam)

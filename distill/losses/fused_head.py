@@ -18,15 +18,24 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from distill.losses.sparse_teacher import TopK
 from distill.models.lm_head import Head
 
-# (student logits, teacher logits or None, the chunk's rows) -> (rows,) values; logits are float32 or wider
-RowFn = Callable[[Tensor, Optional[Tensor], slice], Tensor]
+# (student logits, teacher logits (or a cached teacher's top-K) or None, the chunk's rows) -> (rows,) values;
+# logits are float32 or wider
+RowFn = Callable[[Tensor, Optional[Tensor | TopK], slice], Tensor]
 
 # float32 vocabulary-wide tensors alive at once per row and model at the peak of a chunk (both models'
 # logits before and after the soft cap, log-softmax, probabilities, a divergence's pointwise terms and
 # the gradient): measured by benchmarks/fused_head.py --budget-sweep, see BENCHMARKS.md
 LIVE_ROW_TENSORS = 6
+
+# Elements of the sub-chunks the row functions run over on CPU. A chunk's logits are made and its gradient
+# pushed through the head in a few large matmuls, but the divergences' dozen elementwise passes run over
+# slices of it that fit in the CPU's cache: over a whole chunk of hundreds of rows × 128k they are bound by
+# memory bandwidth (BENCHMARKS.md). Then a chunk holds only its logits and its gradient (``row_bytes``). A
+# GPU runs them over the whole chunk (one kernel each).
+SUB_CHUNK_ELEMENTS = {"cpu": 1 << 20}
 
 
 @dataclass
@@ -49,30 +58,48 @@ class Side:
 DEFAULT_CHUNK_MIB = {"cpu": 256.0, "cuda": 1024.0}
 
 
+# weight rows per matmul of a chunk's logits on CPU: a CPU GEMM repacks its whole weight operand on every
+# call, so a chunk of a few hundred rows against a 128k × 4096 head ran at half the speed of the same
+# arithmetic over all rows; a block of 1024 rows stays in cache and runs at full speed (BENCHMARKS.md).
+# GPUs take the whole weight in one call.
+VOCAB_BLOCK = {"cpu": 1024}
+
+
 def chunk_budget(budget_mib: Optional[float], device: torch.device) -> float:
     return budget_mib if budget_mib is not None else DEFAULT_CHUNK_MIB.get(device.type, DEFAULT_CHUNK_MIB["cuda"])
 
 
-def rows_per_chunk(budget_mib: float, vocab_sizes: Sequence[int]) -> int:
-    """Rows per chunk such that the chunk's float32 working set stays within ``budget_mib``."""
-    per_row = LIVE_ROW_TENSORS * 4 * sum(vocab_sizes)
-    return max(1, int(budget_mib * 2**20) // per_row)
+def row_bytes(vocab_sizes: Sequence[int], device: torch.device) -> int:
+    """Bytes of working set per row of a chunk: the float32 intermediates of every model's logits, or, with
+    sub-chunks, the logits of each model and the student's gradient (``vocab_sizes[0]``: the student's)."""
+    if device.type in SUB_CHUNK_ELEMENTS:
+        return 4 * (sum(vocab_sizes) + vocab_sizes[0])
+    return LIVE_ROW_TENSORS * 4 * sum(vocab_sizes)
 
 
-def head_pass(student: Side, teacher: Optional[Side], sums: Sequence[RowSum],
+def rows_per_chunk(budget_mib: float, vocab_sizes: Sequence[int], device: torch.device) -> int:
+    """Rows per chunk such that the chunk's working set stays within ``budget_mib``."""
+    return max(1, int(budget_mib * 2**20) // row_bytes(vocab_sizes, device))
+
+
+def head_pass(student: Side, teacher: Optional[Side | TopK], sums: Sequence[RowSum],
               budget_mib: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """(Σ_k coef_k · Σ_rows fn_k, differentiable towards the student's hidden rows and head; the vector of
-    Σ_rows fn_k over every k, float64, detached). Rows are ``student.hidden``'s; ``teacher.hidden`` has the
-    same rows. Both heads' weights are gathered for the pass when ZeRO-3 partitions them (``Head.call``).
-    ``budget_mib``: ``loss.logit_chunk_mib`` (None: the device's default)."""
-    if teacher is not None and teacher.hidden.shape[0] != student.hidden.shape[0]:
-        raise ValueError(f"student ({student.hidden.shape[0]}) and teacher ({teacher.hidden.shape[0]}) rows differ")
-    vocabs = [student.head.vocab] + ([teacher.head.vocab] if teacher is not None else [])
-    chunk = rows_per_chunk(chunk_budget(budget_mib, student.hidden.device), vocabs)
+    Σ_rows fn_k over every k, float64, detached). Rows are ``student.hidden``'s; the teacher (a model's
+    hidden rows and head, or a cache's top-K) has the same rows. Both heads' weights are gathered for the
+    pass when ZeRO-3 partitions them (``Head.call``). ``budget_mib``: ``loss.logit_chunk_mib`` (None: the
+    device's default)."""
+    rows = None if teacher is None else teacher.hidden.shape[0] if isinstance(teacher, Side) else teacher.lse.shape[0]
+    if rows is not None and rows != student.hidden.shape[0]:
+        raise ValueError(f"student ({student.hidden.shape[0]}) and teacher ({rows}) rows differ")
+    vocabs = [student.head.vocab] + ([] if teacher is None else
+                                     [teacher.head.vocab if isinstance(teacher, Side) else teacher.vocab])
+    device = student.hidden.device
+    chunk = rows_per_chunk(chunk_budget(budget_mib, device), vocabs, device)
 
     def run(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> tuple[Tensor, Tensor]:
-        if teacher is None:
-            return _HeadPass.apply(hidden, weight, bias, None, None, None, (student.head, None, sums, chunk))
+        if not isinstance(teacher, Side):
+            return _HeadPass.apply(hidden, weight, bias, None, None, None, (student.head, teacher, sums, chunk))
         with teacher.head.weights() as (t_weight, t_bias):
             return _HeadPass.apply(hidden, weight, bias, teacher.hidden.detach(), t_weight, t_bias,
                                    (student.head, teacher.head, sums, chunk))
@@ -82,7 +109,8 @@ def head_pass(student: Side, teacher: Optional[Side], sums: Sequence[RowSum],
 
 class _HeadPass(torch.autograd.Function):
     """See the module docstring. Gradients are computed inside the forward, chunk by chunk (one forward
-    and one backward per chunk, as the unfused loss does in total), so nothing is recomputed."""
+    and one backward per chunk, as the unfused loss does in total), so nothing is recomputed. Within a
+    chunk the row functions run a sub-chunk at a time (``SUB_CHUNK_ELEMENTS``)."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], t_hidden: Optional[Tensor],
@@ -96,27 +124,40 @@ class _HeadPass(torch.autograd.Function):
         compute = torch.promote_types(weight.dtype, torch.float32)
         total = torch.zeros((), dtype=compute, device=hidden.device)
         values = torch.zeros(len(sums), dtype=torch.float64, device=hidden.device)
+        device = hidden.device.type
+        block = VOCAB_BLOCK.get(device)
+        sub = chunk if device not in SUB_CHUNK_ELEMENTS else max(1, SUB_CHUNK_ELEMENTS[device] // weight.shape[0])
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
             h = hidden[rows]
-            z = head.linear(h, weight, bias).to(compute).requires_grad_(differentiable)
-            t = None if t_head is None else t_head.cap(t_head.linear(t_hidden[rows], t_weight, t_bias).to(compute))
-            with torch.enable_grad():
-                s = head.cap(z)
-                chunk_sums = torch.stack([item.fn(s, t, rows).sum() for item in sums]) if sums else z.new_zeros(0)
-                weighted = sum((item.coef * chunk_sums[k] for k, item in enumerate(sums) if item.coef is not None),
-                               start=torch.zeros((), dtype=compute, device=z.device))
+            z_rows = head.linear(h, weight, bias, block)
+            if isinstance(t_head, Head):
+                t_rows = t_head.linear(t_hidden[rows], t_weight, t_bias, block)
+            else:  # a cached teacher's rows, or none
+                t_rows = None if t_head is None else t_head[rows]
+            g_rows = torch.empty_like(z_rows) if differentiable else None
+            for a in range(0, z_rows.shape[0], sub):
+                part, absolute = slice(a, a + sub), slice(start + a, min(start + a + sub, rows.stop))
+                z = z_rows[part].to(compute).requires_grad_(differentiable)
+                t = t_head.cap(t_rows[part].to(compute)) if isinstance(t_head, Head) else \
+                    None if t_rows is None else t_rows[part]
+                with torch.enable_grad():
+                    s = head.cap(z)
+                    part_sums = torch.stack([item.fn(s, t, absolute).sum() for item in sums]) if sums else \
+                        z.new_zeros(0)
+                    weighted = sum((item.coef * part_sums[k] for k, item in enumerate(sums) if item.coef is not None),
+                                   start=torch.zeros((), dtype=compute, device=z.device))
+                if differentiable:
+                    g_rows[part] = torch.autograd.grad(weighted, z)[0]
+                total += weighted.detach()
+                values += part_sums.detach().double()
             if differentiable:
-                (g,) = torch.autograd.grad(weighted, z)
-                g = g.to(weight.dtype)
                 if grad_h is not None:
-                    grad_h[rows] = g @ weight * head.scale if head.scale != 1.0 else g @ weight
+                    grad_h[rows] = g_rows @ weight * head.scale if head.scale != 1.0 else g_rows @ weight
                 if grad_w is not None:  # accumulated in the weight's dtype, as the model's own head would hold it
-                    grad_w.addmm_(g.t(), h * head.scale if head.scale != 1.0 else h)
+                    grad_w.addmm_(g_rows.t(), h * head.scale if head.scale != 1.0 else h)
                 if grad_b is not None:
-                    grad_b += g.sum(0)
-            total += weighted.detach()
-            values += chunk_sums.detach().double()
+                    grad_b += g_rows.sum(0)
         # attributes, not saved tensors: the backward hands the buffers themselves to autograd
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(values)

@@ -23,7 +23,9 @@ from torch import Tensor, nn
 from distill.config.settings import LossConfig
 from distill.errors import DistillError
 from distill.losses.divergences import crop_vocab
+from distill.data.teacher_cache import TEACHER_KEYS
 from distill.losses.fused_head import RowFn, RowSum, Side, head_pass
+from distill.losses.sparse_teacher import TopK, bucket_log_probs
 from distill.losses.terms import COUNTS, TERMS, Output
 from distill.losses.terms.base import merge_requests
 from distill.models.capture import Features, check_capturable
@@ -31,15 +33,23 @@ from distill.models.loading import hidden_size
 
 
 class Objective:
+    """``cache_vocab``: the logit terms read a teacher cache of that vocabulary (``teacher.cache``): the
+    batches carry its top-K rows (``TEACHER_KEYS``), and only feature terms need the live teacher
+    (``teacher_config``, which may then be None)."""
+
     def __init__(self, cfg: LossConfig, total_steps: int, student_config: Any, teacher_config: Any = None,
-                 partitioned_student: bool = False):
+                 partitioned_student: bool = False, cache_vocab: Optional[int] = None):
         self.cfg = cfg
         self.partitioned_student = partitioned_student
         self.total_steps = total_steps
         self.step = 0
+        self.cache_vocab = cache_vocab
+        has_teacher = teacher_config is not None or cache_vocab is not None
         self.terms = [cls(cfg, total_steps, student_config, teacher_config) for cls in TERMS.values()
-                      if cfg.active(f"w_{cls.name}") and (teacher_config is not None or not cls.needs_teacher)]
-        self.needs_teacher = any(term.needs_teacher for term in self.terms)
+                      if cfg.active(f"w_{cls.name}") and (has_teacher or not cls.needs_teacher)]
+        # the live teacher's forward: for every teacher term the cache does not serve
+        self.needs_teacher = any(term.needs_teacher and not (cache_vocab is not None and term.uses_logits)
+                                 for term in self.terms)
         self.student_request = merge_requests(term.student_request for term in self.terms)
         self.teacher_request = merge_requests(term.teacher_request for term in self.terms)
         if self.needs_teacher:
@@ -112,14 +122,16 @@ class Objective:
             for part, fn in term.row_values(labels).items():
                 parts.append((term, part))
                 sums.append(RowSum(fn, weights[term.name] / count[term.parts[part]]))
-        agree = agreement and teacher is not None
+        if self.cache_vocab is not None:
+            logit_teacher = TopK(**{part: batch[key] for key, part in TEACHER_KEYS.items()}, vocab=self.cache_vocab)
+        else:
+            logit_teacher = None if teacher is None else Side(teacher.hidden, teacher.head)
+        agree = agreement and logit_teacher is not None
         if agree:
             sums += [RowSum(fn) for fn in AGREEMENT.values()]
         terms: dict[str, Tensor] = {}
         if sums:
-            total, values = head_pass(Side(student.hidden, student.head),
-                                      None if teacher is None else Side(teacher.hidden, teacher.head),
-                                      sums, self.cfg.logit_chunk_mib)
+            total, values = head_pass(Side(student.hidden, student.head), logit_teacher, sums, self.cfg.logit_chunk_mib)
             for k, (term, part) in enumerate(parts):
                 terms[part] = values[k] / count[term.parts[part]]
         else:
@@ -175,16 +187,28 @@ def _entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _top1(student_logits: Tensor, teacher_logits: Tensor, rows: slice) -> Tensor:
-    s, t = crop_vocab(student_logits, teacher_logits)
+def _shared(student_logits: Tensor, teacher: Tensor | TopK) -> tuple[Tensor, Tensor]:
+    """(student logits over the shared vocabulary, the teacher's (log-)probabilities' logits there; for
+    a cache, over its K + 1 buckets at temperature 1)."""
+    if isinstance(teacher, TopK):
+        return student_logits[:, :teacher.vocab], bucket_log_probs(student_logits, teacher, 1.0)[1]
+    return crop_vocab(student_logits, teacher)
+
+
+def _top1(student_logits: Tensor, teacher: Tensor | TopK, rows: slice) -> Tensor:
+    if isinstance(teacher, TopK):
+        best = teacher.ids.gather(1, teacher.logits.argmax(-1, keepdim=True)).squeeze(1)
+        return (student_logits[:, :teacher.vocab].argmax(-1) == best).to(student_logits.dtype)
+    s, t = crop_vocab(student_logits, teacher)
     return (s.argmax(-1) == t.argmax(-1)).to(s.dtype)
 
 
-# Teacher-student agreement over the shared vocabulary, per target row (logged as agreement/<name>)
+# Teacher-student agreement over the shared vocabulary, per target row (logged as agreement/<name>); with
+# a teacher cache the teacher's entropy is over its top-K and one bucket for the rest
 AGREEMENT: dict[str, RowFn] = {
     "top1": _top1,
-    "teacher_entropy": lambda s, t, rows: _entropy(crop_vocab(s, t)[1]),
-    "student_entropy": lambda s, t, rows: _entropy(crop_vocab(s, t)[0]),
+    "teacher_entropy": lambda s, t, rows: _entropy(_shared(s, t)[1]),
+    "student_entropy": lambda s, t, rows: _entropy(_shared(s, t)[0]),
 }
 
 

@@ -44,9 +44,18 @@ class Head:
     def vocab(self) -> int:
         return self.weight.shape[0] if self.weight.numel() else int(self.weight.ds_shape[0])
 
-    def linear(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        """The head's matmul in the model's dtype (the soft cap is ``cap``, applied by the loss in float32)."""
-        return F.linear(hidden * self.scale if self.scale != 1.0 else hidden, weight, bias)
+    def linear(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], vocab_block: Optional[int] = None) -> Tensor:
+        """The head's matmul in the model's dtype (the soft cap is ``cap``, applied by the loss in float32).
+        ``vocab_block``: compute it that many weight rows at a time (see ``fused_head.VOCAB_BLOCK``)."""
+        x = hidden * self.scale if self.scale != 1.0 else hidden
+        vocab = weight.shape[0]
+        if vocab_block is None or vocab_block >= vocab:
+            return F.linear(x, weight, bias)
+        out = x.new_empty(x.shape[0], vocab)
+        for start in range(0, vocab, vocab_block):
+            cols = slice(start, start + vocab_block)
+            out[:, cols] = F.linear(x, weight[cols], None if bias is None else bias[cols])
+        return out
 
     def cap(self, logits: Tensor) -> Tensor:
         return logits if self.softcap is None else self.softcap * torch.tanh(logits / self.softcap)

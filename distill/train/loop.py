@@ -23,6 +23,7 @@ from distill.config.settings import RunConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
 from distill.data.stream import BatchStream, check_enough_examples
+from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, with_example_ids
 from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.losses.objective import AGREEMENT, Objective
@@ -74,7 +75,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.student, "student")
         self.raw_ds = {"student": read_ds_config(cfg.student.ds_config, "student")}
         self.vocab = self.teacher_config = None
-        if cfg.uses_teacher:
+        self.cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
+        if cfg.live_teacher:
             self.teacher_config = load_model_config(cfg.teacher, "teacher")
             self.vocab = check_pair(self.teacher_config, self.student_config,
                                     load_tokenizer(cfg.teacher, "teacher"), self.tokenizer)
@@ -90,7 +92,7 @@ class Trainer:
         # Every layer map, head count and width is checked here, from the configs alone.
         zero3 = self.raw_ds["student"].get("zero_optimization", {}).get("stage") == 3
         self.objective = Objective(cfg.loss, cfg.training.max_steps, self.student_config, self.teacher_config,
-                                   partitioned_student=zero3)
+                                   partitioned_student=zero3, cache_vocab=self.cache.vocab if self.cache else None)
         for role, request in (("student", self.objective.student_request), ("teacher", self.objective.teacher_request)):
             if request.attention and getattr(cfg, role).attn_implementation != "sdpa":
                 raise DistillError(f"attention capture runs on SDPA: set {role}.attn_implementation=sdpa "
@@ -103,6 +105,8 @@ class Trainer:
                 self.eval_data = drop_overlong(self.eval_data, cfg.data, self.tokenizer)
         check_enough_examples(len(self.train_data), cfg.training.micro_batch_size,
                               cfg.training.gradient_accumulation_steps, world)
+        if self.cache is not None:
+            self.cache.check_run(cfg, self.train_data, self.tokenizer, self.student_config, self.teacher_config)
         # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
         self._resolve_ds_configs(world)
 
@@ -154,8 +158,9 @@ class Trainer:
         encoder_decoder = self.student_config.is_encoder_decoder
         collate = (Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
                    if encoder_decoder else CausalCollator(self.tokenizer, cfg.data))
-        self.stream = BatchStream(self.train_data, collate, t.micro_batch_size, self.rank, self.world, t.seed,
-                                  t.gradient_accumulation_steps)
+        train = ((with_example_ids(self.train_data), CachedTeacherCollator(collate, self.cache)) if self.cache
+                 else (self.train_data, collate))
+        self.stream = BatchStream(*train, t.micro_batch_size, self.rank, self.world, t.seed, t.gradient_accumulation_steps)
         self.state = TrainState(self.stream, self.objective, self.run_id)
         if self.resume_tag is not None:
             self.state.load_state_dict(checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank,
@@ -382,6 +387,7 @@ class Trainer:
         scalars["perf/tokens_per_sec"] = (source + target) / seconds
         scalars["perf/source_tokens_per_sec"] = source / seconds
         scalars["perf/target_tokens_per_sec"] = target / seconds
+        scalars["perf/sec_per_step"] = seconds / window.steps  # everything: data, teacher, student, logging
         phases = timer.read()
         scalars.update(reduce_mean({f"perf/{phase}_sec_per_step": phases.get(phase, 0.0) / window.steps
                                     for phase in ("teacher", "student", "loss")
