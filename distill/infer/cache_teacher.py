@@ -26,6 +26,7 @@ import torch.distributed as dist
 from distill.config.settings import DataConfig, ModelConfig
 from distill.data import teacher_cache as tc
 from distill.errors import DistillError
+from distill.infer.outputs import on_rank0
 from distill.losses.fused_head import VOCAB_BLOCK, chunk_budget, rows_per_chunk
 
 DEFAULT_SHARD_EXAMPLES = 1024
@@ -50,22 +51,6 @@ class CacheSettings:
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _on_rank0(action, *args):
-    """Run ``action`` on rank 0 and share its result, or its refusal, with every rank."""
-    rank, _ = _rank_world()
-    box = [None, None]
-    if rank == 0:
-        try:
-            box[0] = action(*args)
-        except (DistillError, OSError) as exc:
-            box[1] = str(exc)
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise DistillError(box[1])
-    return box[0]
 
 
 def _claim(out: Path, fingerprint: dict, fresh: bool) -> bool:
@@ -166,12 +151,12 @@ def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, sp
         tc.teacher_fingerprint(model_path, revision, config), settings.top_k, vocab, settings.logit_dtype,
         str(resolve_dtype(settings.dtype, device)).removeprefix("torch."), settings.shard_examples)
     out = Path(out).expanduser()
-    if _on_rank0(_claim, out, fingerprint, fresh):
+    if on_rank0(_claim, out, fingerprint, fresh):
         say(f"{out} is complete already")
         return json.loads((out / tc.INDEX).read_text())
 
     n, size = len(dataset), settings.shard_examples
-    todo = _on_rank0(lambda: sorted(set(range(-(-n // size))) - tc.done_shards(out)))
+    todo = on_rank0(lambda: sorted(set(range(-(-n // size))) - tc.done_shards(out)))
     mine = todo[rank::world]
     units = [(s, b, i == len(batches) - 1) for s in mine
              for batches in [_shard_batches(dataset, data, s * size, min(size, n - s * size), settings.batch_size)]
@@ -198,7 +183,7 @@ def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, sp
     seconds = time.perf_counter() - start
     if dist.is_initialized():
         dist.barrier()
-    index = _on_rank0(tc.write_index, out, fingerprint, n, size)
+    index = on_rank0(tc.write_index, out, fingerprint, n, size)
     rate = forwards / seconds if seconds > 0 else float("nan")
     say(f"teacher cache {out}: {index['examples']} examples, {index['target_rows']} target tokens, top-{settings.top_k}, "
         f"{index['bytes'] / max(index['target_rows'], 1):.1f} bytes per target token; this run: {len(mine)} shards on "

@@ -73,18 +73,23 @@ def claim_output(out: Path, written_by: dict, fresh: bool = False) -> None:
     records of another model, data or settings are refused; else ``written_by`` (``fingerprint``) goes
     beside ``out``, before the first record. Every rank calls it: rank 0 decides, and its refusal stops
     every rank, so that none waits in a collective for one that stopped."""
-    error = None
+    on_rank0(_claim, Path(out), written_by, fresh)
+
+
+def on_rank0(action, *args):
+    """``action(*args)`` run on rank 0 only, its result shared with every rank; its refusal (or a failed
+    file operation) is raised on every rank."""
+    box = [None, None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            _claim(Path(out), written_by, fresh)
+            box[0] = action(*args)
         except (DistillError, OSError) as exc:
-            error = str(exc)
+            box[1] = str(exc)
     if dist.is_initialized():
-        box = [error]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        raise DistillError(error)
+    if box[1] is not None:
+        raise DistillError(box[1])
+    return box[0]
 
 
 def _claim(out: Path, written_by: dict, fresh: bool) -> None:
