@@ -48,6 +48,17 @@ def launch_run(overrides: list[str], recipe: Path = ROOT / "recipes/demo/kd.yaml
     return launch(ROOT / "launchers/run.py", ["--config", recipe, *overrides], nproc)
 
 
+def resumed_metrics(run_dir: Path, cut: Path, tag: str) -> dict[int, dict]:
+    """A copy of the finished run ``run_dir`` at ``cut``, resumed there from checkpoint ``tag``: its metrics."""
+    import shutil
+
+    shutil.copytree(run_dir, cut)
+    proc = launch_run([f"training.output_dir={cut}", f"training.resume={tag}", "training.overwrite=true"],
+                      recipe=cut / "config.yaml")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return metrics(cut)
+
+
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start ``cmd`` in a session of its own (so a signal can go to its whole group), output to ``log``."""
     _build_cpu_comm_op()

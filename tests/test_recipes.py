@@ -29,6 +29,7 @@ TERMS = {
     "udagawa_mha.yaml": {"rel", "rel/encoder_self", "rel/decoder_self"},
     "taid_t5_3b.yaml": {"ce", "kd", "rel", "rel/encoder_self"},
     "llama_kd.yaml": {"ce", "kd"},
+    "llama_to_qwen_hybrid.yaml": {"ce", "kd", "kd/shared", "kd/uld"},  # run here on one tokenizer: all shared
     "llama_minilmv2.yaml": {"rel", "rel/decoder_self"},
     "qwen_gkd.yaml": {"kd"},
 }

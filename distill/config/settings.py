@@ -22,6 +22,8 @@ TaidMode = Literal["constant", "linear", "adaptive"]
 
 HiddenMetric = Literal["mse", "cosine"]
 
+CrossTokenizer = Literal["uld", "hybrid"]
+
 
 @dataclass
 class ModelConfig:
@@ -244,6 +246,14 @@ class LossConfig:
     # chunk's logits and float32 intermediates): rows per chunk = budget / the bytes one row costs.
     # Unset: the device's default (distill.losses.fused_head.DEFAULT_CHUNK_MIB).
     logit_chunk_mib: Optional[float] = None
+    # Teacher and student with different tokenizers: compare aligned spans of the target text by ULD, or
+    # by loss.divergence over the tokens both vocabularies hold and ULD elsewhere (distill.losses.cross_tokenizer).
+    cross_tokenizer: Optional[CrossTokenizer] = None
+    # ULD compares the top uld_top_k probabilities of each side and one bucket of the rest; null: all of them.
+    uld_top_k: Optional[int] = 1024
+    # hybrid: the weight of the ULD spans against the shared-token ones (ULD sharpens whatever the student
+    # ranks first, right or wrong, so it can pull a student that still misspells a word further off)
+    uld_weight: float = 1.0
     # Run the teacher's decoder on the student's encoder output, skipping the teacher's encoder
     # (distilBART's KD with an unshrunk, frozen encoder); needs equal hidden sizes.
     teacher_uses_student_encoder: bool = False
@@ -285,6 +295,10 @@ class LossConfig:
         if not 0 <= self.on_policy_fraction <= 1:
             raise DistillError(f"{prefix}.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
         _positive(self, prefix, "on_policy_max_new_tokens")
+        _positive(self, prefix, "uld_top_k", optional=True)
+        if self.uld_weight < 0 or (self.uld_weight != 1.0 and self.cross_tokenizer != "hybrid"):
+            raise DistillError(f"{prefix}.uld_weight weighs hybrid's ULD spans: >= 0, with {prefix}.cross_tokenizer=hybrid "
+                               f"(got {self.uld_weight} with {self.cross_tokenizer})")
         if self.on_policy_temperature <= 0:
             raise DistillError(f"{prefix}.on_policy_temperature must be > 0, got {self.on_policy_temperature}")
         self.hidden.validate(f"{prefix}.hidden")
@@ -369,7 +383,24 @@ class RunConfig:
             raise DistillError(f"loss.{active[0]} > 0 needs a teacher: set teacher.path and teacher.ds_config")
         if self.teacher_cache is not None:
             self._check_cache()
+        if self.loss.cross_tokenizer is not None:
+            self._check_cross_tokenizer()
         return self
+
+    def _check_cross_tokenizer(self) -> None:
+        # what needs the two models to read the same tokens
+        loss, name = self.loss, f"loss.cross_tokenizer={self.loss.cross_tokenizer}"
+        if self.teacher_cache is not None:
+            raise DistillError(f"{name} reads the live teacher on its own tokens; teacher.cache holds logits at the "
+                               "student's: drop teacher.cache")
+        if loss.active("w_mse"):
+            raise DistillError(f"loss.w_mse compares logits token for token, which {name} cannot: set loss.w_mse=0")
+        if loss.on_policy_fraction > 0:
+            raise DistillError(f"loss.on_policy_fraction with {name} would retokenize every sample for the teacher, "
+                               "which is not supported: set loss.on_policy_fraction=0")
+        if loss.teacher_uses_student_encoder:
+            raise DistillError(f"loss.teacher_uses_student_encoder feeds the student's encoding to the teacher, which "
+                               f"reads other tokens under {name}")
 
     def _check_cache(self) -> None:
         # what a cache of the dataset's top-K logits cannot stand in for

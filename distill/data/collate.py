@@ -58,6 +58,10 @@ class Seq2SeqCollator:
             raise DistillError("data.target_column is null (plain text), which only decoder-only models can train on")
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.collate_targets(rows)[0]
+
+    def collate_targets(self, rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """The batch, and each example's target ids in order (their concatenation is the target rows)."""
         tok, cfg = self.tokenizer, self.cfg
         enc = tok([cfg.source_prefix + r[cfg.source_column] for r in rows], max_length=cfg.max_source_length,
                   truncation=True, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
@@ -66,6 +70,7 @@ class Seq2SeqCollator:
                   truncation=True, padding="longest", pad_to_multiple_of=self.pad_to_multiple_of,
                   return_tensors="pt")
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, IGNORE_INDEX)
+        targets = [[i for i in row if i != IGNORE_INDEX] for row in labels.tolist()]
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -75,7 +80,7 @@ class Seq2SeqCollator:
             "source_index": source_index(enc["attention_mask"]),
             # Padding rows added to even out evaluation shards across ranks weigh nothing.
             "weight": torch.tensor([float(r.get(WEIGHT_KEY, 1.0)) for r in rows]),
-        }
+        }, targets
 
 
 @dataclass
@@ -184,6 +189,11 @@ class CausalCollator:
         return rows
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.collate_targets(rows)[0]
+
+    def collate_targets(self, rows: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """The batch, and each example's target ids in order (packing keeps the examples' order, so their
+        concatenation is the batch's target rows)."""
         examples = self._encode(rows)
         # Padding rows added to even out evaluation shards across ranks weigh nothing.
         weights = [float(r.get(WEIGHT_KEY, 1.0)) for r in rows]
@@ -214,7 +224,7 @@ class CausalCollator:
             "weight": torch.tensor([weights[g[0]] for g in groups]),
             "target_index": target_index(labels),
             "source_index": source_index(attention_mask),
-        }
+        }, [[i for i, t in zip(ids[1:], targets[1:]) if t] for ids, targets in examples]
 
 
 def causal_model_inputs(batch: dict[str, torch.Tensor], packed: bool) -> dict[str, Any]:

@@ -42,6 +42,7 @@ SUB_CHUNK_ELEMENTS = {"cpu": 1 << 20}
 class RowSum:
     fn: RowFn
     coef: Optional[Tensor | float] = None  # weight in the differentiated total; None: reported only
+    out: Optional[Tensor] = None  # (rows,) where the pass also stores each row's value, detached
 
 
 @dataclass
@@ -107,6 +108,39 @@ def head_pass(student: Side, teacher: Optional[Side | TopK], sums: Sequence[RowS
     return student.head.call(run, student.hidden)
 
 
+@torch.no_grad()
+def row_values(student: Side, teacher: Optional[Side], fn: RowFn, budget_mib: Optional[float] = None,
+               own_forward: bool = True) -> Tensor:
+    """``fn``'s value at every row (float32 or wider), without gradient, in one chunked pass. The first
+    side's head runs as its module (``Head.call``: inside that model's engine forward) or, with
+    ``own_forward`` False, is read through ``Head.weights`` like the teacher's."""
+    out = torch.zeros(student.hidden.shape[0], dtype=torch.promote_types(student.hidden.dtype, torch.float32),
+                      device=student.hidden.device)
+    vocabs = [student.head.vocab] + ([] if teacher is None else [teacher.head.vocab])
+    chunk = rows_per_chunk(chunk_budget(budget_mib, out.device), vocabs, out.device)
+    spec = (student.head, None if teacher is None else teacher.head, [RowSum(fn, out=out)], chunk)
+
+    def run(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> Tensor:
+        if teacher is None:
+            _HeadPass.apply(hidden, weight, bias, None, None, None, spec)
+        else:
+            with teacher.head.weights() as (t_weight, t_bias):
+                _HeadPass.apply(hidden, weight, bias, teacher.hidden, t_weight, t_bias, spec)
+        return out
+
+    if own_forward:
+        return student.head.call(run, student.hidden)
+    with student.head.weights() as (weight, bias):
+        return run(weight, bias, student.hidden)
+
+
+def _row_sum(item: RowSum, s: Tensor, t: Optional[Tensor | TopK], rows: slice) -> Tensor:
+    value = item.fn(s, t, rows)
+    if item.out is not None:
+        item.out[rows] = value.detach().to(item.out.dtype)
+    return value.sum()
+
+
 class _HeadPass(torch.autograd.Function):
     """See the module docstring. Gradients are computed inside the forward, chunk by chunk (one forward
     and one backward per chunk, as the unfused loss does in total), so nothing is recomputed. Within a
@@ -143,7 +177,7 @@ class _HeadPass(torch.autograd.Function):
                     None if t_rows is None else t_rows[part]
                 with torch.enable_grad():
                     s = head.cap(z)
-                    part_sums = torch.stack([item.fn(s, t, absolute).sum() for item in sums]) if sums else \
+                    part_sums = torch.stack([_row_sum(item, s, t, absolute) for item in sums]) if sums else \
                         z.new_zeros(0)
                     weighted = sum((item.coef * part_sums[k] for k, item in enumerate(sums) if item.coef is not None),
                                    start=torch.zeros((), dtype=compute, device=z.device))

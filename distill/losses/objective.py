@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 from distill.config.settings import LossConfig
 from distill.errors import DistillError
-from distill.losses.divergences import crop_vocab
 from distill.data.teacher_cache import TEACHER_KEYS
+from distill.data.token_alignment import TEACHER_PREFIX
+from distill.losses.cross_tokenizer import SpanRows, continuation, span_rows
+from distill.losses.divergences import crop_vocab
 from distill.losses.fused_head import RowFn, RowSum, Side, head_pass
 from distill.losses.sparse_teacher import TopK, bucket_log_probs
 from distill.losses.terms import COUNTS, TERMS, Output
@@ -44,6 +46,8 @@ class Objective:
         self.total_steps = total_steps
         self.step = 0
         self.cache_vocab = cache_vocab
+        # across tokenizers (loss.cross_tokenizer): the shared tokens' (student ids, teacher ids) on the device
+        self.shared_ids: Optional[tuple[Tensor, Tensor]] = None
         has_teacher = teacher_config is not None or cache_vocab is not None
         self.terms = [cls(cfg, total_steps, student_config, teacher_config) for cls in TERMS.values()
                       if cfg.active(f"w_{cls.name}") and (has_teacher or not cls.needs_teacher)]
@@ -117,16 +121,20 @@ class Objective:
         weights = self.weights()
         active = [term for term in self.terms if gold or not term.gold_only]
         labels = batch["labels"].reshape(-1).index_select(0, batch["target_index"])
+        spans = self._span_rows(batch, student, teacher, labels, weights, count, active)
         parts, sums = [], []
         for term in (t for t in active if t.uses_logits):
-            for part, fn in term.row_values(labels).items():
+            for part, fn in term.row_values(labels, spans).items():
                 parts.append((term, part))
                 sums.append(RowSum(fn, weights[term.name] / count[term.parts[part]]))
-        if self.cache_vocab is not None:
+        if spans is not None:
+            logit_teacher = spans.teacher
+            sums.append(continuation(spans, labels, self.cfg.temperature))
+        elif self.cache_vocab is not None:
             logit_teacher = TopK(**{part: batch[key] for key, part in TEACHER_KEYS.items()}, vocab=self.cache_vocab)
         else:
             logit_teacher = None if teacher is None else Side(teacher.hidden, teacher.head)
-        agree = agreement and logit_teacher is not None
+        agree = agreement and logit_teacher is not None and spans is None
         if agree:
             sums += [RowSum(fn) for fn in AGREEMENT.values()]
         terms: dict[str, Tensor] = {}
@@ -134,6 +142,8 @@ class Objective:
             total, values = head_pass(Side(student.hidden, student.head), logit_teacher, sums, self.cfg.logit_chunk_mib)
             for k, (term, part) in enumerate(parts):
                 terms[part] = values[k] / count[term.parts[part]]
+            if spans is not None:  # the continuation term carries a gradient, not a value
+                total = total - values[len(parts)].to(total.dtype)
         else:
             total = student.hidden.new_zeros((), dtype=torch.float32)
         for term in (t for t in active if not t.uses_logits):
@@ -155,6 +165,17 @@ class Objective:
             n = torch.full((1,), student.hidden.shape[0], dtype=torch.float64, device=values.device)
             sums_agree = torch.cat([values[len(parts):], n])
         return total, terms, sums_agree
+
+    def _span_rows(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output], labels: Tensor,
+                   weights: dict[str, float], count: dict[str, Tensor], active: list) -> Optional[SpanRows]:
+        """Across tokenizers, with the kd term on: its per-row context (``cross_tokenizer.span_rows``)."""
+        cfg = self.cfg
+        if cfg.cross_tokenizer is None or teacher is None or not any(t.name == "kd" for t in active):
+            return None
+        t_labels = batch[TEACHER_PREFIX + "labels"].reshape(-1).index_select(0, batch[TEACHER_PREFIX + "target_index"])
+        return span_rows(batch, Side(student.hidden, student.head), Side(teacher.hidden, teacher.head), labels,
+                         t_labels, cfg.cross_tokenizer, cfg.temperature, cfg.uld_top_k, weights["kd"] / count["span"] * cfg.uld_weight,
+                         self.shared_ids, cfg.logit_chunk_mib)
 
     # ---- state across steps --------------------------------------------------------------------
 

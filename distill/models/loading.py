@@ -58,17 +58,25 @@ class Vocab:
     size: int
 
 
-def check_pair(teacher_cfg, student_cfg, teacher_tok, student_tok) -> Vocab:
-    """Refuse teacher/student pairs whose outputs cannot be compared token for token."""
+def check_pair(teacher_cfg, student_cfg, teacher_tok, student_tok, cross_tokenizer: Optional[str] = None) -> Vocab:
+    """Refuse teacher/student pairs whose outputs cannot be compared token for token (or, with
+    ``loss.cross_tokenizer``, span by span: any two tokenizers)."""
     if teacher_cfg.is_encoder_decoder != student_cfg.is_encoder_decoder:
         kinds = {True: "encoder-decoder", False: "decoder-only"}
         raise DistillError(f"teacher is {kinds[teacher_cfg.is_encoder_decoder]} but student is "
                            f"{kinds[student_cfg.is_encoder_decoder]}")
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if cross_tokenizer is not None:
+        for role, tok, config in (("teacher", teacher_tok, teacher_cfg), ("student", student_tok, student_cfg)):
+            if config.vocab_size < len(tok):
+                raise DistillError(f"the {role}'s vocab_size ({config.vocab_size}) is smaller than its tokenizer "
+                                   f"({len(tok)} tokens)")
+        return Vocab(size=student_cfg.vocab_size)
     if tv != sv:
         only_t = len(set(tv.items()) - set(sv.items()))
         raise DistillError(f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens, "
-                           f"{only_t} teacher tokens missing or renumbered in the student)")
+                           f"{only_t} teacher tokens missing or renumbered in the student): set "
+                           "loss.cross_tokenizer to uld or hybrid to distill across tokenizers")
     # Embedding matrices may carry padding rows past the tokenizer (e.g. rounded to a multiple of 8);
     # those rows are never real tokens, so the logits are compared over the shared prefix.
     size = min(teacher_cfg.vocab_size, student_cfg.vocab_size)

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from distill.config.resume import fit_accumulation, global_batch, resume_changes
-from distill.config.settings import RunConfig
+from distill.config.settings import FEATURE_WEIGHTS, RunConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
 from distill.data.stream import BatchStream, check_enough_examples
 from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, with_example_ids
+from distill.data.token_alignment import CrossTokenizerCollator, SharedVocab
 from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.losses.objective import AGREEMENT, Objective
@@ -74,12 +75,16 @@ class Trainer:
         self.student_config = load_model_config(cfg.student, "student")
         self.tokenizer = load_tokenizer(cfg.student, "student")
         self.raw_ds = {"student": read_ds_config(cfg.student.ds_config, "student")}
-        self.vocab = self.teacher_config = None
+        self.vocab = self.teacher_config = self.shared_vocab = None
         self.cache = TeacherCache(cfg.teacher_cache) if cfg.teacher_cache else None
         if cfg.live_teacher:
             self.teacher_config = load_model_config(cfg.teacher, "teacher")
-            self.vocab = check_pair(self.teacher_config, self.student_config,
-                                    load_tokenizer(cfg.teacher, "teacher"), self.tokenizer)
+            self.teacher_tokenizer = load_tokenizer(cfg.teacher, "teacher")
+            self.vocab = check_pair(self.teacher_config, self.student_config, self.teacher_tokenizer, self.tokenizer,
+                                    cfg.loss.cross_tokenizer)
+            if cfg.loss.cross_tokenizer is not None:
+                self.shared_vocab = SharedVocab.of(self.tokenizer, self.teacher_tokenizer, self.student_config.vocab_size,
+                                                   self.teacher_config.vocab_size)
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
         if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
             raise DistillError("training.freeze_encoder needs an encoder-decoder student")
@@ -107,6 +112,13 @@ class Trainer:
                               cfg.training.gradient_accumulation_steps, world)
         if self.cache is not None:
             self.cache.check_run(cfg, self.train_data, self.tokenizer, self.student_config, self.teacher_config)
+        self.collate = self.train_collate = _collator(self.tokenizer, self.student_config, cfg)
+        if self.shared_vocab is not None:
+            features = any(cfg.loss.active(k) for k in FEATURE_WEIGHTS)
+            self.train_collate = CrossTokenizerCollator(self.collate, _collator(self.teacher_tokenizer, self.teacher_config,
+                                                                               cfg), self.shared_vocab, features)
+            if features:  # the first examples already split differently: refused before any model loads
+                self.train_collate([self.train_data[i] for i in range(min(256, len(self.train_data)))])
         # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
         self._resolve_ds_configs(world)
 
@@ -156,10 +168,12 @@ class Trainer:
             lr_scheduler=schedule)
 
         encoder_decoder = self.student_config.is_encoder_decoder
-        collate = (Seq2SeqCollator(self.tokenizer, cfg.data, self.student_config.decoder_start_token_id)
-                   if encoder_decoder else CausalCollator(self.tokenizer, cfg.data))
+        collate = self.collate
         train = ((with_example_ids(self.train_data), CachedTeacherCollator(collate, self.cache)) if self.cache
-                 else (self.train_data, collate))
+                 else (self.train_data, self.train_collate))
+        if self.shared_vocab is not None:
+            objective.shared_ids = (self.shared_vocab.student_ids.to(self.device),
+                                    self.shared_vocab.teacher_ids.to(self.device))
         self.stream = BatchStream(*train, t.micro_batch_size, self.rank, self.world, t.seed, t.gradient_accumulation_steps)
         self.state = TrainState(self.stream, self.objective, self.run_id)
         if self.resume_tag is not None:
@@ -411,6 +425,11 @@ class Trainer:
             if n > 0:
                 scalars.update({f"agreement/{name}": value / n for name, value in zip(AGREEMENT, sums)})
         return scalars
+
+
+def _collator(tokenizer, config, cfg: RunConfig):
+    return (Seq2SeqCollator(tokenizer, cfg.data, config.decoder_start_token_id) if config.is_encoder_decoder
+            else CausalCollator(tokenizer, cfg.data))
 
 
 def _freeze(model: torch.nn.Module, embeddings: bool, encoder: bool) -> None:

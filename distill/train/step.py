@@ -17,6 +17,7 @@ from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutput
 
 from distill.data.collate import causal_model_inputs
+from distill.data.token_alignment import teacher_view
 from distill.losses.objective import Objective, Output
 
 SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
@@ -117,7 +118,7 @@ def train_step(models: Models, objective: Objective, batches: list[dict[str, Ten
         teacher = None
         if teacher_first:
             with timer("teacher"), torch.no_grad():
-                teacher = forward(models.teacher, models, batch)
+                teacher = forward(models.teacher, models, teacher_view(batch))
 
         def loss(student: Output, batch=batch, gold=gold, teacher=teacher):
             if objective.needs_teacher and teacher is None:  # distilBART: the teacher decodes the student's encoding

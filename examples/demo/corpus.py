@@ -255,31 +255,45 @@ def generate_corpus(
 # --------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1024):
-    """Train a byte-level BPE on ``texts`` and save it as a ``PreTrainedTokenizerFast`` directory.
+def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1024, kind: str = "bpe"):
+    """Train a tokenizer on ``texts`` and save it as a ``PreTrainedTokenizerFast`` directory: a byte-level
+    BPE (``kind`` "bpe", GPT-2/LLaMA-3 style) or a Unigram with byte fallback (``kind`` "unigram",
+    SentencePiece/LLaMA-2 style: ``▁`` marks spaces, characters it has no piece for become ``<0xNN>`` bytes).
 
     Special tokens follow BART (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4); encoding a text gives
     ``<s> ... </s>``; decoding with ``skip_special_tokens=True`` returns the original text exactly.
     """
+    import json
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
+    if kind not in ("bpe", "unigram"):
+        raise DistillError(f"train_tokenizer: kind must be bpe or unigram, got {kind!r}")
+    if kind == "bpe" and vocab_size < 256 + len(SPECIAL_TOKENS):
         raise DistillError(f"train_tokenizer: vocab_size must be >= 261 (bytes + specials), got {vocab_size}")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    # Always prepend one space (and strip exactly one on decode) so a word is the same token at the
-    # start of a text as inside it ("Anna" -> "ĠAnna" in both), while the round trip stays exact.
-    tok.normalizer = normalizers.Prepend(" ")
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        # Always prepend one space (and strip exactly one on decode) so a word is the same token at the
+        # start of a text as inside it ("Anna" -> "ĠAnna" in both), while the round trip stays exact.
+        tok.normalizer = normalizers.Prepend(" ")
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()  # "▁" before every word, the first one included
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>",
+                                          show_progress=False)
     tok.train_from_iterator((t for t in texts), trainer=trainer)
+    if kind == "unigram":  # the 256 byte pieces, scored below every trained piece
+        pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
+        floor = min(score for _, score in pieces) - 10.0
+        tok.model = models.Unigram(pieces + [(f"<0x{b:02X}>", floor) for b in range(256)],
+                                   unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=True)
     for i, t in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(t) != i:  # pragma: no cover - guaranteed by the trainer
             raise DistillError(f"train_tokenizer: special token {t} got id {tok.token_to_id(t)}, expected {i}")

@@ -32,6 +32,7 @@ COUNTS: dict[str, Count] = {
     "target": Count("target_index"),  # flat indices into labels where labels != -100
     "target_gold": Count("target_index", gold_only=True),
     "source": Count("source_index"),  # flat indices into attention_mask where it is 1
+    "span": Count("span_first"),  # aligned spans of a cross-tokenizer batch (distill.data.token_alignment)
 }
 
 SITE_STACK = {"encoder_self": "encoder", "decoder_self": "decoder", "decoder_cross": "decoder"}
@@ -83,9 +84,10 @@ class Term:
     def __call__(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+    def row_values(self, labels: Tensor, spans: Any = None) -> dict[str, RowFn]:
         """A logit term's parts, each a function (student logits, teacher logits, rows) -> value per row.
-        ``labels``: the gold token of every target row; a function reads its chunk as ``labels[rows]``."""
+        ``labels``: the gold token of every target row; a function reads its chunk as ``labels[rows]``.
+        ``spans``: across tokenizers, the ``cross_tokenizer.SpanRows`` of the batch."""
         raise NotImplementedError
 
     # State across steps (TAID's λ): none by default.

@@ -24,6 +24,6 @@ class CrossEntropy(Term):
         super().__init__(cfg, total_steps, student_config, teacher_config)
         self.parts = {"ce": "target_gold"}
 
-    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+    def row_values(self, labels: Tensor, spans=None) -> dict[str, RowFn]:
         smoothing = self.cfg.label_smoothing
         return {"ce": lambda s, t, rows: F.cross_entropy(s, labels[rows], reduction="none", label_smoothing=smoothing)}

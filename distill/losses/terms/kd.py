@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
+from distill.losses.cross_tokenizer import CROSS_PARTS, SpanRows, span_row_fns
 from distill.losses.divergences import scaled_divergence
 from distill.losses.fused_head import RowFn
 from distill.losses.taid import TaidLambda
@@ -17,20 +18,26 @@ class LogitDivergence(Term):
     """``kd``: τ² · D(teacher ‖ student) between softmax(z/τ) of both models over the shared
     vocabulary (``loss.divergence``: forward/reverse KL, generalized JSD, skew KLs, TAID), a mean
     over target tokens. With ``taid`` the target interpolates towards the teacher by λ
-    (``loss.taid_*``), stepped after every optimizer step on the device."""
+    (``loss.taid_*``), stepped after every optimizer step on the device. With ``loss.cross_tokenizer``
+    (teacher and student tokenizers differ) it is ULD, or the divergence over the shared vocabulary plus
+    ULD, over aligned spans, a mean over spans (``distill.losses.cross_tokenizer``)."""
 
     name = "kd"
     uses_logits = True
 
     def __init__(self, cfg, total_steps, student_config, teacher_config):
         super().__init__(cfg, total_steps, student_config, teacher_config)
-        self.parts = {"kd": "target"}
+        mode = cfg.cross_tokenizer
+        self.parts = {"kd": "target"} if mode is None else {part: "span" for part in CROSS_PARTS[mode]}
         self.taid = (TaidLambda(cfg.taid_lambda_start, cfg.taid_lambda_end, total_steps, cfg.taid_schedule)
                      if cfg.divergence == "taid" else None)
         self.tracks_losses = self.taid is not None and self.taid.adaptive
 
-    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+    def row_values(self, labels: Tensor, spans: Optional[SpanRows] = None) -> dict[str, RowFn]:
         cfg, lam = self.cfg, 0.0 if self.taid is None else self.taid.value
+        if cfg.cross_tokenizer is not None:
+            return span_row_fns(spans, cfg.cross_tokenizer, cfg.divergence, cfg.temperature, cfg.uld_top_k,
+                                cfg.uld_weight, cfg.jsd_beta, cfg.skew_alpha, lam)
         return {"kd": lambda s, t, rows: scaled_divergence(s, t, cfg.divergence, cfg.temperature, beta=cfg.jsd_beta,
                                                            alpha=cfg.skew_alpha, lam=lam)}
 

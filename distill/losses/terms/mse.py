@@ -28,5 +28,5 @@ class LogitMSE(Term):
         super().__init__(cfg, total_steps, student_config, teacher_config)
         self.parts = {"mse": "target"}
 
-    def row_values(self, labels: Tensor) -> dict[str, RowFn]:
+    def row_values(self, labels: Tensor, spans=None) -> dict[str, RowFn]:
         return {"mse": lambda s, t, rows: logit_mse(s, t)}

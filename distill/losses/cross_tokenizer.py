@@ -1,0 +1,161 @@
+"""Logit distillation across tokenizers (``loss.cross_tokenizer``): the kd term over aligned spans
+(``distill.data.token_alignment``) instead of target tokens.
+
+A span's distribution. A span of m tokens t_1..t_m is one model's way of writing that text. Its
+distribution is the first token's, p_1(v), scaled by the chain-rule probability of the span's other
+actual tokens, c = Π_{j≥2} p_j(t_j): the probability of writing the span's text, spread over how it may
+start. Both sides' vectors (at temperature τ) are compared by
+
+* ``uld`` (Universal Logit Distillation): τ² · Σ_i |x_(i) − y_(i)|, the L1 distance between the two
+  scaled probability vectors sorted by value, over the top ``loss.uld_top_k`` entries of each plus one
+  bucket of the rest (the vector of the smaller vocabulary is padded with zeros, so with ``uld_top_k``
+  null the distance is exact; with a cut-off the rest bucket gives its lower bound);
+* ``hybrid``: on spans of one token that both vocabularies hold (same bytes, or the same special
+  role), ``loss.divergence`` between the two distributions renormalized over the shared tokens; ULD on
+  the others, weighted by ``loss.uld_weight``. Logged as ``kd/shared`` and ``kd/uld``.
+
+Both parts average over the step's spans (the ``span`` count). The gradient is exact, continuation
+rows included, without any rows × vocabulary tensor: ``span_rows`` runs three passes without gradient
+(each side's continuation log-probabilities, then ∂ULD/∂log c per span), and the objective's one pass
+over the student's target rows, with gradient, takes the span terms at each span's first row and the
+continuation term c's gradient at the others (``continuation``: its value is not part of the loss).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.data.token_alignment import TEACHER_PREFIX
+from distill.losses.divergences import per_token_divergence
+from distill.losses.fused_head import RowFn, RowSum, Side, row_values
+
+CROSS_PARTS = {"uld": ("kd",), "hybrid": ("kd/shared", "kd/uld")}
+
+
+# ---- the math, per row ----------------------------------------------------------------------------
+
+def tempered_log_prob(logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+    """log softmax(z/τ)[label] per row."""
+    z = logits / temperature
+    return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
+
+
+def _sorted_mass(logits: Tensor, log_scale: Tensor, temperature: float, length: int) -> Tensor:
+    """(N, length + 1): e^{log_scale} · the ``length`` largest probabilities of softmax(z/τ), then the rest."""
+    p = F.softmax(logits / temperature, dim=-1)
+    top = p.topk(length, dim=-1, sorted=True).values
+    rest = (1.0 - top.sum(-1, keepdim=True)).clamp_min(0.0)
+    return torch.cat([top, rest], dim=-1) * log_scale.exp().unsqueeze(-1)
+
+
+def _uld_length(s_vocab: int, t_vocab: int, top_k: Optional[int]) -> int:
+    return min(s_vocab, t_vocab, top_k or s_vocab)
+
+
+def uld(s_logits: Tensor, t_logits: Tensor, s_log_scale: Tensor, t_log_scale: Tensor, temperature: float,
+        top_k: Optional[int]) -> Tensor:
+    """τ² · ‖sort(x) − sort(y)‖₁ per row, x and y each side's scaled probabilities (module docstring)."""
+    length = _uld_length(s_logits.shape[-1], t_logits.shape[-1], top_k)
+    x = _sorted_mass(s_logits, s_log_scale, temperature, length)
+    y = _sorted_mass(t_logits.detach(), t_log_scale.detach(), temperature, length)
+    return temperature**2 * (x - y).abs().sum(-1)
+
+
+def uld_log_scale_grad(s_logits: Tensor, t_logits: Tensor, s_log_scale: Tensor, t_log_scale: Tensor,
+                       temperature: float, top_k: Optional[int]) -> Tensor:
+    """∂ ``uld`` / ∂ ``s_log_scale`` per row: τ² · Σ sign(x − y) · x, since ∂x/∂log c = x."""
+    length = _uld_length(s_logits.shape[-1], t_logits.shape[-1], top_k)
+    x = _sorted_mass(s_logits, s_log_scale, temperature, length)
+    y = _sorted_mass(t_logits, t_log_scale, temperature, length)
+    return temperature**2 * (torch.sign(x - y) * x).sum(-1)
+
+
+def shared_divergence(s_logits: Tensor, t_logits: Tensor, s_ids: Tensor, t_ids: Tensor, kind: str,
+                      temperature: float, beta: float = 0.5, alpha: float = 0.1, lam: float | Tensor = 0.0) -> Tensor:
+    """τ² · D between the two distributions renormalized over the shared tokens (``s_ids[i]`` is ``t_ids[i]``).
+    Mass outside them is left out on both sides rather than pooled: the teacher's mass on a word only it holds
+    whole belongs to the first piece of the student's spelling of that word, not to its other tokens."""
+    return temperature**2 * per_token_divergence(s_logits.index_select(-1, s_ids) / temperature,
+                                                 t_logits.detach().index_select(-1, t_ids) / temperature, kind,
+                                                 beta=beta, alpha=alpha, lam=lam)
+
+
+# ---- per-row context over the student's target rows ----------------------------------------------
+
+@dataclass
+class SpanRows:
+    """What the span terms need at each of the student's target rows (N,): the teacher's hidden row of
+    the span a row starts (``teacher``, for the objective's pass), which part scores it, both sides'
+    log c, and at continuation rows the coefficient of their tempered log-probability in the gradient."""
+
+    teacher: Side  # (N, d): the teacher's first row of the span starting here (row 0 elsewhere, unused)
+    uld: Tensor  # (N,) bool: the row starts a span scored by ULD
+    shared: Tensor  # (N,) bool: the row starts a span scored over the shared vocabulary
+    s_log_scale: Tensor
+    t_log_scale: Tensor
+    continuation: Tensor  # (N,) ∂(weighted loss)/∂ log p(label) at continuation rows, 0 elsewhere
+    shared_ids: tuple[Tensor, Tensor]  # (M,) each: the shared tokens' student and teacher ids
+
+
+def span_rows(batch: dict[str, Tensor], student: Side, teacher: Side, s_labels: Tensor, t_labels: Tensor,
+              mode: str, temperature: float, top_k: Optional[int], coef: Tensor | float,
+              shared_ids: tuple[Tensor, Tensor], budget_mib: Optional[float]) -> SpanRows:
+    """The three passes without gradient (module docstring). ``coef``: the ULD spans' weight over the span count."""
+    first, rest, rest_of = batch["span_first"], batch["span_rest"], batch["span_rest_of"]
+    t_first, t_rest, t_rest_of = (batch[TEACHER_PREFIX + k] for k in ("span_first", "span_rest", "span_rest_of"))
+    n, spans, device = student.hidden.shape[0], first.shape[0], student.hidden.device
+
+    def log_scale(side: Side, labels: Tensor, rows: Tensor, of: Tensor, own_forward: bool) -> Tensor:
+        cont = row_values(Side(side.hidden.index_select(0, rows), side.head),
+                          None, lambda z, _, r: tempered_log_prob(z, labels.index_select(0, rows)[r], temperature),
+                          budget_mib, own_forward)
+        return cont.new_zeros(spans).index_add_(0, of, cont)
+
+    s_scale = log_scale(student, s_labels, rest, rest_of, True)
+    t_scale = log_scale(teacher, t_labels, t_rest, t_rest_of, False)
+    exact = batch["span_exact"] > 0 if mode == "hybrid" else torch.zeros(spans, dtype=torch.bool, device=device)
+    grad = row_values(Side(student.hidden.index_select(0, first), student.head),
+                      Side(teacher.hidden.index_select(0, t_first), teacher.head),
+                      lambda s, t, r: torch.where(exact[r], 0.0, uld_log_scale_grad(s, t, s_scale[r], t_scale[r],
+                                                                                      temperature, top_k)),
+                      budget_mib)
+    if teacher.hidden.shape[0] == 0:  # no teacher targets (so no spans): a row for the unused pairs
+        teacher = Side(teacher.hidden.new_zeros(1, teacher.hidden.shape[1]), teacher.head)
+    at_first = lambda values, fill: torch.full((n,), fill, dtype=values.dtype, device=device).index_copy_(  # noqa: E731
+        0, first, values)
+    t_index = at_first(t_first, 0)
+    return SpanRows(teacher=Side(teacher.hidden.index_select(0, t_index), teacher.head),
+                    uld=at_first(~exact, False), shared=at_first(exact, False),
+                    s_log_scale=at_first(s_scale, 0.0), t_log_scale=at_first(t_scale, 0.0),
+                    continuation=grad.new_zeros(n).index_copy_(0, rest, (grad * coef).index_select(0, rest_of)),
+                    shared_ids=shared_ids)
+
+
+def span_row_fns(rows: SpanRows, mode: str, kind: str, temperature: float, top_k: Optional[int], uld_weight: float,
+                 beta: float, alpha: float, lam: float | Tensor) -> dict[str, RowFn]:
+    """The kd term's parts, as functions of one chunk of (student, span-teacher) logits; ``uld_weight``
+    scales the ULD spans (``loss.uld_weight``, 1 with ``uld``)."""
+    def uld_fn(s: Tensor, t: Tensor, r: slice) -> Tensor:
+        value = uld(s, t, rows.s_log_scale[r], rows.t_log_scale[r], temperature, top_k)
+        return torch.where(rows.uld[r], uld_weight * value, 0.0)
+
+    if mode == "uld":
+        return {"kd": uld_fn}
+    s_ids, t_ids = rows.shared_ids
+
+    def shared_fn(s: Tensor, t: Tensor, r: slice) -> Tensor:
+        value = shared_divergence(s, t, s_ids, t_ids, kind, temperature, beta, alpha, lam)
+        return torch.where(rows.shared[r], value, 0.0)
+
+    return {"kd/shared": shared_fn, "kd/uld": uld_fn}
+
+
+def continuation(rows: SpanRows, labels: Tensor, temperature: float) -> RowSum:
+    """The term whose gradient carries ∂loss/∂log c into the continuation rows; the caller subtracts its value."""
+    return RowSum(lambda s, t, r: rows.continuation[r] * tempered_log_prob(s, labels[r], temperature), 1.0)

@@ -1,0 +1,434 @@
+"""Cross-tokenizer distillation: token texts, aligned spans, ULD and the hybrid loss against float64
+references, the whole span objective's gradient against dense autograd, and the collator."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+from transformers import BartConfig
+
+from examples.demo.corpus import train_tokenizer
+
+from distill.config.settings import LossConfig
+from distill.data.token_alignment import TEACHER_PREFIX, SharedVocab, align, token_bytes
+from distill.losses.cross_tokenizer import shared_divergence, tempered_log_prob, uld
+from distill.losses.objective import Objective, Output
+from distill.models.lm_head import Head
+
+
+# ---------------------------------------------------------------- alignment on hand-made vocabularies
+
+def _vocab(student: list, teacher: list) -> SharedVocab:
+    """A ``SharedVocab`` from token texts (str, or None for a special token), without tokenizers."""
+    enc = lambda v: [None if t is None else t.encode() if isinstance(t, str) else t for t in v]  # noqa: E731
+    vocab = SharedVocab(enc(student), enc(teacher))
+    first = {}
+    for i, t in enumerate(vocab.teacher):
+        if t is not None:
+            first.setdefault(t, i)
+    vocab.to_teacher = {i: first[t] for i, t in enumerate(vocab.student) if t is not None and t in first}
+    vocab.to_teacher[0] = 0  # the special at id 0 on both sides: EOS
+    return vocab
+
+
+S = [None, " the", " cat", " sat", "s", "at", " c", "é", "\n", " ", b"\xc3", b"\xa9", "!", " down", " do", "w", "n"]
+T = [None, " the", " ca", "t", " s", "a", "t", " cat", " sa", b"\xc3", b"\xa9", "\n", "!", " do", "w", "n", " down"]
+
+
+def _texts(vocab, side, ids):
+    table = vocab.student if side == "s" else vocab.teacher
+    return b"".join(table[i] or b"" for i in ids).replace(b" ", b"")
+
+
+@pytest.mark.parametrize("s_ids,t_ids,spans_s,spans_t,exact", [
+    # the same words, one shared token each, then EOS on both sides
+    ([1, 2, 0], [1, 7, 0], [[0], [1], [2]], [[0], [1], [2]], [True, True, True]),
+    # a word split 1:2 (" cat" vs " ca"+"t") and 2:1 (" c"+"at" vs " cat")
+    ([1, 2], [1, 2, 3], [[0], [1]], [[0], [1, 2]], [True, False]),
+    ([1, 6, 5], [1, 7], [[0], [1, 2]], [[0], [1]], [True, False]),
+    # 1:3 (" down" vs " do"+"w"+"n") and 3:1 back
+    ([13, 12], [13, 14, 15, 12], [[0], [1]], [[0, 1, 2], [3]], [False, True]),
+    ([14, 15, 16], [16], [[0, 1, 2]], [[0]], [False]),
+    # byte fallback: "é" as one token against its two UTF-8 bytes, and bytes against bytes
+    ([7, 12], [9, 10, 12], [[0], [1]], [[0, 1], [2]], [False, True]),
+    ([10, 11], [9, 10], [[0], [1]], [[0], [1]], [True, True]),
+    # whitespace tokens (a newline, a lone space) join the span before them
+    ([1, 8, 9, 2], [1, 11, 7], [[0, 1, 2], [3]], [[0, 1], [2]], [False, True]),
+    # a leading special (BART's <s> in the labels) on one side only is left out; EOS pairs at the end
+    ([0, 1, 3, 0], [1, 4, 5, 6, 0], [[1], [2], [3]], [[0], [1, 2, 3], [4]], [True, False, True]),
+])
+def test_spans_on_hand_made_vocabularies(s_ids, t_ids, spans_s, spans_t, exact):
+    vocab = _vocab(S, T)
+    found = align(s_ids, t_ids, vocab)
+    assert (found.student, found.teacher, found.exact) == (spans_s, spans_t, exact)
+    for ss, tt in zip(found.student, found.teacher):  # each span covers the same text on both sides
+        assert _texts(vocab, "s", [s_ids[k] for k in ss]) == _texts(vocab, "t", [t_ids[k] for k in tt])
+
+
+def test_text_after_a_disagreement_or_a_truncation_is_left_out():
+    vocab = _vocab(S, T)
+    # the teacher was truncated after " the ca": only " the" aligns, and the EOS is not paired
+    found = align([1, 2, 3, 0], [1, 2], vocab)
+    assert found.student == [[0]] and found.teacher == [[0]]
+    # different text after " the" (an unknown token, another normalization): nothing past it
+    found = align([1, 2, 3], [1, 8, 5, 6], vocab)
+    assert found.student == [[0]] and found.teacher == [[0]]
+    assert align([], [1], vocab).student == []
+
+
+# ---------------------------------------------------------------- real tokenizers
+
+CORPUS = [f"The {w} sat on the {v} mat, {n} times; naïve café déjà vu." for w in ("cat", "dog", "hen", "eel")
+          for v in ("red", "big", "old") for n in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    """The demo's two kinds: a byte-level BPE and a Unigram with byte fallback, on a small corpus."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    return train_tokenizer(CORPUS, root / "bpe", 300), train_tokenizer(CORPUS, root / "unigram", 120, "unigram")
+
+
+def test_token_texts_decode_like_the_tokenizers(tokenizers):
+    for tok in tokenizers:
+        table = token_bytes(tok)
+        for text in CORPUS[:5] + ["new wörds ünseen 🐈 here"]:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            joined = b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+            assert joined.strip() == tok.decode(ids).strip() == text
+        assert table[tok.eos_token_id] is None
+
+
+def test_spans_of_two_real_tokenizers_cover_the_same_text(tokenizers):
+    bpe, unigram = tokenizers
+    vocab = SharedVocab.of(bpe, unigram, len(bpe), len(unigram))
+    assert vocab.to_teacher[bpe.eos_token_id] == unigram.eos_token_id and len(vocab.to_teacher) > 20
+    for text in CORPUS[::7] + ["new wörds ünseen 🐈 here"]:
+        s_ids = bpe(text, add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+        t_ids = unigram(text, add_special_tokens=False)["input_ids"] + [unigram.eos_token_id]
+        found = align(s_ids, t_ids, vocab)
+        assert sum(map(len, found.student)) == len(s_ids) and sum(map(len, found.teacher)) == len(t_ids)
+        assert found.exact[-1]  # EOS against EOS
+        for ss, tt, ex in zip(found.student, found.teacher, found.exact):
+            s_text = b"".join(vocab.student[s_ids[k]] or b"" for k in ss).strip()
+            t_text = b"".join(vocab.teacher[t_ids[k]] or b"" for k in tt).strip()
+            assert s_text.replace(b" ", b"") == t_text.replace(b" ", b"")
+            assert ex == (len(ss) == len(tt) == 1 and vocab.to_teacher.get(s_ids[ss[0]]) == t_ids[tt[0]])
+
+
+# ---------------------------------------------------------------- the losses against float64 references
+
+def _ref_uld(s, t, c_s, c_t, tau, top_k):
+    """Plain python: sorted probabilities, scaled, zero-padded (or cut to top_k plus the rest), L1."""
+    out = []
+    for zs, zt, a, b in zip(s.tolist(), t.tolist(), c_s.tolist(), c_t.tolist()):
+        def probs(z, c):
+            e = [math.exp(v / tau - max(z) / tau) for v in z]
+            return sorted((x / sum(e) * math.exp(c) for x in e), reverse=True)
+        p, q = probs(zs, a), probs(zt, b)
+        if top_k is None:
+            n = max(len(p), len(q))
+            p, q = p + [0.0] * (n - len(p)), q + [0.0] * (n - len(q))
+        else:
+            L = min(len(p), len(q), top_k)
+            p = p[:L] + [max(0.0, math.exp(a) - sum(p[:L]))]
+            q = q[:L] + [max(0.0, math.exp(b) - sum(q[:L]))]
+        out.append(tau**2 * sum(abs(x - y) for x, y in zip(p, q)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 100])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_uld_matches_the_reference(top_k, tau):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 9, generator=g, dtype=torch.float64) * 2, torch.randn(6, 13, generator=g, dtype=torch.float64)
+    c_s, c_t = -torch.rand(6, generator=g, dtype=torch.float64), -torch.rand(6, generator=g, dtype=torch.float64)
+    assert_close(uld(s, t, c_s, c_t, tau, top_k), _ref_uld(s, t, c_s, c_t, tau, top_k), rtol=1e-12, atol=1e-12)
+    # the gradient towards the student's logits and its log-scale (used by the continuation rows)
+    inputs = (s.clone().requires_grad_(), c_s.clone().requires_grad_())
+    assert torch.autograd.gradcheck(lambda z, c: uld(z, t, c, c_t, tau, top_k), inputs)
+
+
+def _ref_shared(s, t, s_ids, t_ids, kind, tau):
+    """Dense float64: both distributions renormalized over the shared tokens, then the divergence."""
+    q, p = F.softmax(s[:, s_ids] / tau, -1), F.softmax(t[:, t_ids] / tau, -1)
+    d = (p * (p.log() - q.log())).sum(-1) if kind == "forward_kl" else (q * (q.log() - p.log())).sum(-1)
+    return tau**2 * d
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_shared_vocabulary_divergence_matches_the_reference(kind, tau):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 9, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    s_ids, t_ids = torch.tensor([0, 2, 3, 7]), torch.tensor([5, 0, 11, 2])
+    assert_close(shared_divergence(s, t, s_ids, t_ids, kind, tau), _ref_shared(s, t, s_ids, t_ids, kind, tau),
+                 rtol=1e-10, atol=1e-12)
+    # every token shared: the dense divergence
+    full = torch.arange(9)
+    dense = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t[:, :9] / tau, -1), log_target=True,
+                     reduction="none").sum(-1) * tau**2
+    if kind == "forward_kl":
+        assert_close(shared_divergence(s, t[:, :9], full, full, kind, tau), dense, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the whole span objective
+
+def _head(vocab, width, seed):
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(width, vocab, bias=False, dtype=torch.float64)
+    linear.weight.data = torch.randn(vocab, width, generator=g, dtype=torch.float64)
+    return Head(linear)
+
+
+# student rows 0..8 and teacher rows 0..7 of two examples; spans as the collator gives them
+SPANS_S = [[0], [1, 2], [3], [4, 5, 6], [7], [8]]
+SPANS_T = [[0], [1], [2, 3], [4], [5], [6, 7]]
+EXACT = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def _span_batch(labels_s, labels_t):
+    def keys(spans, prefix):
+        return {prefix + "span_first": torch.tensor([s[0] for s in spans]),
+                prefix + "span_rest": torch.tensor([k for s in spans for k in s[1:]], dtype=torch.long),
+                prefix + "span_rest_of": torch.tensor([j for j, s in enumerate(spans) for _ in s[1:]], dtype=torch.long)}
+    return {"labels": labels_s[None], "target_index": torch.arange(len(labels_s)),
+            TEACHER_PREFIX + "labels": labels_t[None], TEACHER_PREFIX + "target_index": torch.arange(len(labels_t)),
+            "span_exact": torch.tensor(EXACT), **keys(SPANS_S, ""), **keys(SPANS_T, TEACHER_PREFIX)}
+
+
+def _dense_reference(mode, h_s, w_s, h_t, w_t, labels_s, labels_t, shared, tau, w_ce, w_kd, top_k, uld_weight):
+    s, t = h_s @ w_s.T, h_t @ w_t.T
+    ce = F.cross_entropy(s, labels_s, reduction="sum") / len(labels_s)
+    values = {"shared": 0.0, "uld": 0.0}
+    for ss, tt, ex in zip(SPANS_S, SPANS_T, EXACT):
+        c_s = sum(tempered_log_prob(s[k:k + 1], labels_s[k:k + 1], tau) for k in ss[1:]) if ss[1:] else s.new_zeros(1)
+        c_t = sum(tempered_log_prob(t[k:k + 1], labels_t[k:k + 1], tau) for k in tt[1:]) if tt[1:] else t.new_zeros(1)
+        if mode == "hybrid" and ex:
+            values["shared"] = values["shared"] + _ref_shared(s[ss[0]:ss[0] + 1], t[tt[0]:tt[0] + 1], *shared,
+                                                              "forward_kl", tau).sum()
+        else:
+            values["uld"] = values["uld"] + uld_weight * uld(s[ss[0]:ss[0] + 1], t[tt[0]:tt[0] + 1], c_s, c_t.detach(),
+                                                             tau, top_k).sum()
+    n = len(SPANS_S)
+    return w_ce * ce + w_kd * (values["shared"] + values["uld"]) / n, {k: v / n for k, v in values.items()}
+
+
+@pytest.mark.parametrize("mode,uld_weight", [("uld", 1.0), ("hybrid", 1.0), ("hybrid", 0.25)])
+@pytest.mark.parametrize("top_k", [None, 4])
+@pytest.mark.parametrize("budget", [1e-4, 1.0])  # one row per chunk, or all rows in one
+def test_span_objective_and_its_gradient_match_dense_autograd(mode, uld_weight, top_k, budget):
+    g = torch.Generator().manual_seed(3)
+    head_s, head_t = _head(11, 6, 0), _head(14, 5, 1)
+    h_s = torch.randn(9, 6, generator=g, dtype=torch.float64).requires_grad_()
+    h_t = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    labels_s, labels_t = torch.randint(0, 11, (9,), generator=g), torch.randint(0, 14, (8,), generator=g)
+    shared = (torch.tensor([0, 1, 4, 5, 9]), torch.tensor([3, 1, 0, 12, 6]))
+    cfg = LossConfig(w_ce=0.3, w_kd=0.7, cross_tokenizer=mode, uld_top_k=top_k, uld_weight=uld_weight, temperature=2.0,
+                     logit_chunk_mib=budget)
+    config = BartConfig(vocab_size=11, d_model=6, encoder_layers=1, decoder_layers=1)
+    objective = Objective(cfg, 10, config, BartConfig(vocab_size=14, d_model=5, encoder_layers=1, decoder_layers=1))
+    objective.shared_ids = shared
+    batch = _span_batch(labels_s, labels_t)
+    assert objective.count_names == ("target_gold", "span") and objective.counts(batch, True) == [9, 6]
+    total, terms, agreement = objective(batch, Output(h_s, head_s), Output(h_t, head_t), True,
+                                        torch.tensor([9.0, 6.0], dtype=torch.float64), agreement=True)
+    assert agreement is None  # agreement metrics compare token for token
+    grad_h, grad_w = torch.autograd.grad(total, [h_s, head_s.weight])
+
+    w = head_s.weight.detach().clone().requires_grad_()
+    h = h_s.detach().clone().requires_grad_()
+    ref_total, ref_parts = _dense_reference(mode, h, w, h_t, head_t.weight.detach(), labels_s, labels_t, shared, 2.0,
+                                            0.3, 0.7, top_k, uld_weight)
+    ref_h, ref_w = torch.autograd.grad(ref_total, [h, w])
+    assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
+    assert_close(grad_h, ref_h, rtol=1e-9, atol=1e-12)
+    assert_close(grad_w, ref_w, rtol=1e-9, atol=1e-12)
+    if mode == "hybrid":
+        assert_close(terms["kd/shared"], ref_parts["shared"], rtol=1e-10, atol=1e-12)
+        assert_close(terms["kd/uld"], ref_parts["uld"], rtol=1e-10, atol=1e-12)
+        assert_close(terms["kd"], terms["kd/shared"] + terms["kd/uld"])
+    else:
+        assert_close(terms["kd"], ref_parts["uld"], rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the collator
+
+@pytest.fixture(scope="module")
+def unigram_dir(demo_assets, tmp_path_factory):
+    """The student's tokenizer: a Unigram with byte fallback on the demo corpus (the teacher's is its BPE)."""
+    import datasets
+
+    texts = [t for row in datasets.load_dataset(str(demo_assets["data"]), split="train") for t in row.values()
+             if isinstance(t, str)]
+    out = tmp_path_factory.mktemp("unigram")
+    train_tokenizer(texts, out, 700, "unigram")
+    return out
+
+
+@pytest.fixture(scope="module")
+def unigram(unigram_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(unigram_dir)
+
+
+def _span_ids(batch, prefix):
+    labels = batch[prefix + "labels"].reshape(-1).index_select(0, batch[prefix + "target_index"]).tolist()
+    first, rest, rest_of = (batch[prefix + k].tolist() for k in ("span_first", "span_rest", "span_rest_of"))
+    spans = [[labels[f]] for f in first]
+    for r, j in zip(rest, rest_of):
+        spans[j].append(labels[r])
+    return spans, len(labels)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["seq2seq", "causal-packed"])
+def test_collator_spans_index_the_same_text_in_both_batches(demo_assets, unigram, causal):
+    from transformers import AutoTokenizer
+
+    from distill.config.settings import DataConfig
+    from distill.data.collate import CausalCollator, Seq2SeqCollator
+    from distill.data.loading import load_split
+    from distill.data.token_alignment import CrossTokenizerCollator
+
+    bpe = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    data = DataConfig(path=str(demo_assets["data"]), max_source_length=32, max_target_length=96, packing=causal)
+    make = (lambda tok: CausalCollator(tok, data)) if causal else (lambda tok: Seq2SeqCollator(tok, data, tok.eos_token_id))
+    vocab = SharedVocab.of(unigram, bpe, len(unigram), len(bpe))
+    rows = [load_split(data, "train", "train")[i] for i in range(12)]
+    batch = CrossTokenizerCollator(make(unigram), make(bpe), vocab)(rows)
+    if causal:
+        assert batch["input_ids"].shape[0] < len(rows)  # packed
+    s_spans, n_s = _span_ids(batch, "")
+    t_spans, n_t = _span_ids(batch, TEACHER_PREFIX)
+    # every target aligns but the leading <s> a seq2seq label row starts with; EOS pairs with EOS
+    leading = 0 if causal else len(rows)
+    assert sum(map(len, s_spans)) == n_s - leading and sum(map(len, t_spans)) == n_t - leading
+    exact = batch["span_exact"].tolist()
+    for ss, tt, ex in zip(s_spans, t_spans, exact):
+        assert _texts(vocab, "s", ss) == _texts(vocab, "t", tt)
+        assert ex == (len(ss) == len(tt) == 1 and vocab.to_teacher.get(ss[0]) == tt[0])
+    assert exact.count(1.0) > len(exact) / 3 and exact.count(0.0) > 0
+    assert sum(ss == [unigram.eos_token_id] for ss in s_spans) == len(rows)
+
+
+def test_feature_terms_need_the_same_tokens_on_both_sides(demo_assets, unigram):
+    from transformers import AutoTokenizer
+
+    from distill.config.settings import DataConfig
+    from distill.data.collate import Seq2SeqCollator
+    from distill.data.loading import load_split
+    from distill.data.token_alignment import CrossTokenizerCollator
+    from distill.errors import DistillError
+
+    bpe = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    data = DataConfig(path=str(demo_assets["data"]))
+    rows = [load_split(data, "train", "train")[i] for i in range(4)]
+    same = CrossTokenizerCollator(Seq2SeqCollator(bpe, data, 2), Seq2SeqCollator(bpe, data, 2),
+                                  SharedVocab.of(bpe, bpe, len(bpe), len(bpe)), one_to_one=True)(rows)
+    assert same["span_exact"].min() == 1.0
+    other = CrossTokenizerCollator(Seq2SeqCollator(unigram, data, 2), Seq2SeqCollator(bpe, data, 2),
+                                   SharedVocab.of(unigram, bpe, len(unigram), len(bpe)), one_to_one=True)
+    with pytest.raises(DistillError, match="not one-to-one"):
+        other(rows)
+
+
+# ---------------------------------------------------------------- 2 ZeRO-3 ranks, the real launcher
+
+COMMON = ["data.max_train_samples=48", "training.max_steps=4", "training.warmup_steps=0", "training.log_every=1",
+          "training.micro_batch_size=4", "training.eval_every=0", "training.save_every=2", "eval.generate=false",
+          "training.export=false"]
+
+
+def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_and_resume(demo_assets, unigram_dir,
+                                                                                           tmp_path):
+    from examples.demo.corpus import build_teacher_init
+    from ranks import launch_run, metrics, resumed_metrics
+
+    student = build_teacher_init(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
+    pair = [f"teacher.path={demo_assets['teacher']}", f"student.path={student}", f"data.path={demo_assets['data']}"]
+    run = launch_run([*pair, *COMMON, "loss.cross_tokenizer=hybrid", f"training.output_dir={tmp_path / 'run'}"])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    logged = metrics(tmp_path / "run")
+    for step in (1, 2, 3, 4):
+        row = logged[step]
+        assert row["loss/kd/shared"] > 0 and row["loss/kd/uld"] > 0, row
+        assert row["loss/kd"] == pytest.approx(row["loss/kd/shared"] + row["loss/kd/uld"], rel=1e-5)
+        assert "agreement/top1" not in row
+    # resumed from step 2: the spans come from the rows alone, so steps 3-4 are those of the run that never stopped
+    after = resumed_metrics(tmp_path / "run", tmp_path / "cut", "step-00000002")
+    for step in (3, 4):
+        for key in ("loss/total", "loss/kd/shared", "loss/kd/uld", "train/grad_norm"):
+            assert after[step][key] == pytest.approx(logged[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokenizer_on_packed_rows(
+        demo_assets, unigram_dir, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from ranks import launch_run, metrics
+
+    torch.manual_seed(0)
+    for name, tok_dir, model in (
+            ("llama", demo_assets["tokenizer"], lambda tok: LlamaForCausalLM(LlamaConfig(
+                vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id))),
+            ("qwen", unigram_dir, lambda tok: Qwen2ForCausalLM(Qwen2Config(
+                vocab_size=len(tok) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)))):
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        model(tok).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    run = launch_run([f"teacher.path={tmp_path / 'llama'}", f"student.path={tmp_path / 'qwen'}",
+                      f"data.path={demo_assets['data']}", *COMMON, "training.save_every=4", "loss.cross_tokenizer=uld",
+                      "data.packing=true", "data.max_source_length=48", f"training.output_dir={tmp_path / 'run'}"])
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    logged = metrics(tmp_path / "run")
+    assert all(logged[step]["loss/kd"] > 0 for step in (1, 2, 3, 4))
+    assert logged[4]["loss/total"] < logged[1]["loss/total"]
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_what_needs_the_same_tokens_is_refused_across_tokenizers(pair):
+    from ranks import ROOT
+
+    from distill.config.parsing import load_config
+    from distill.errors import DistillError
+
+    def config(*overrides):
+        return load_config(ROOT / "recipes/demo/kd.yaml", [*pair, "loss.cross_tokenizer=uld", *overrides])
+
+    assert config().loss.cross_tokenizer == "uld" and config().loss.uld_top_k == 1024
+    for overrides, message in ((["teacher.cache=/some/cache"], "teacher.cache holds logits at the student's"),
+                               (["loss.w_mse=1"], "loss.w_mse compares logits token for token"),
+                               (["loss.on_policy_fraction=0.5", "data.max_train_samples=null"], "retokenize every sample"),
+                               (["loss.teacher_uses_student_encoder=true"], "reads other tokens"),
+                               (["loss.uld_top_k=0"], "loss.uld_top_k must be >= 1"),
+                               (["loss.uld_weight=0.5"], "uld_weight weighs hybrid's ULD spans"),
+                               (["loss.cross_tokenizer=hybrid", "loss.uld_weight=-1"], "uld_weight"),
+                               (["loss.cross_tokenizer=wasserstein"], "cross_tokenizer")):
+        with pytest.raises(DistillError, match=message):
+            config(*overrides)
+
+
+def test_feature_terms_across_tokenizers_are_refused_before_any_model_loads(demo_assets, unigram_dir, pair, tmp_path,
+                                                                            capsys):
+    from examples.demo.corpus import build_teacher_init
+    from ranks import ROOT
+
+    from distill.runtime.launch import main
+
+    student = build_teacher_init(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
+    capsys.readouterr()
+    code = main(["--config", str(ROOT / "recipes/demo/kd.yaml"), *pair, f"student.path={student}",
+                 "loss.cross_tokenizer=hybrid", "loss.w_hid=1", "loss.hidden.projection=true", "loss.hidden.map=uniform",
+                 f"training.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "its spans are not one-to-one" in err[0], err
+    assert not (tmp_path / "run").exists()
