@@ -23,7 +23,6 @@ continuation term c's gradient at the others (``continuation``: its value is not
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
