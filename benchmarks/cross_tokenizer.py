@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     import datasets
 
-    from examples.demo.corpus import train_tokenizer
+    from distill.models.from_scratch import train_tokenizer
 
     demo, work = args.demo.resolve(), args.workdir.resolve()
     for needed in (demo / "teacher/final", demo / "student-init", demo / "kd/eval_results.json",

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from distill.dtypes import DTYPE_NAMES
 from distill.errors import DistillError
+from distill.models.from_scratch import TOKENIZER_KINDS
 
 
 def _make_student(a: argparse.Namespace) -> None:
@@ -21,6 +22,29 @@ def _make_student(a: argparse.Namespace) -> None:
                         seed=a.seed)
     print(format_layer_map(info))
     print(f"student written to {info['out_dir']}")
+
+
+def _train_tokenizer(a: argparse.Namespace) -> None:
+    from distill.config.parsing import load_data_config
+    from distill.data.loading import load_split
+    from distill.models.from_scratch import train_tokenizer
+
+    if a.vocab_size < 1:
+        raise DistillError(f"--vocab-size must be >= 1, got {a.vocab_size}")
+    data = load_data_config(a.config, a.overrides, a.data)
+    rows = load_split(data, a.split or data.train_split, "train")
+    columns = [c for c in (data.source_column, data.target_column) if c is not None]
+    tok = train_tokenizer((row[c] for row in rows for c in columns), a.out, a.vocab_size, a.kind)
+    print(f"{a.kind} tokenizer of {len(tok)} tokens, trained on {len(rows)} examples ({', '.join(columns)}), "
+          f"written to {a.out}")
+
+
+def _init_bart(a: argparse.Namespace) -> None:
+    from distill.models.from_scratch import init_bart
+
+    out = init_bart(a.out, a.tokenizer, layers=a.layers, d_model=a.d_model, ffn=a.ffn, heads=a.heads, seed=a.seed,
+                    max_positions=a.max_positions)
+    print(f"random-init BART {a.layers}-{a.layers}, d_model {a.d_model}, written to {out}")
 
 
 def _demo(name: str):
@@ -39,7 +63,7 @@ def _demo_data(a: argparse.Namespace) -> None:
     corpus = _demo("corpus")
     paths = corpus.write_demo_data(a.out, a.seed, a.n_train, a.n_validation, a.n_test)
     if a.teacher_init:
-        paths["teacher_init"] = str(corpus.build_teacher_init(a.teacher_init, paths["tokenizer"], seed=a.seed))
+        paths["teacher_init"] = str(corpus.init_bart(a.teacher_init, paths["tokenizer"], seed=a.seed))
     print(json.dumps(paths, indent=2))
 
 
@@ -296,6 +320,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="dtype of the saved weights")
     p.add_argument("--seed", type=int, default=0, help="seed of a random-init (new-width) student")
     p.set_defaults(func=_make_student)
+
+    p = sub.add_parser("train-tokenizer", help="train a tokenizer on a dataset's text (to start without a "
+                                               "pretrained model; BART special tokens)")
+    p.add_argument("--data", required=True, help="hub dataset, local directory, or json/jsonl/csv/parquet file")
+    p.add_argument("--split", help="default: data.train_split (train)")
+    p.add_argument("--out", required=True, help="tokenizer directory (written whole, then moved into place)")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--kind", choices=TOKENIZER_KINDS, default="bpe",
+                   help="bpe: byte-level BPE (GPT-2/LLaMA-3 style); unigram: SentencePiece-style, byte fallback")
+    p.add_argument("--config", help="a training recipe whose data settings (columns) to read")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value", help="data settings, as in a training recipe")
+    p.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser("init-bart", help="a randomly initialised BART of a chosen size for a tokenizer")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (distill train-tokenizer)")
+    p.add_argument("--out", required=True, help="model directory (written whole, then moved into place)")
+    p.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=2048, help="feed-forward width")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--max-positions", type=int, default=1024, help="longest input or output, in tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_init_bart)
 
     p = sub.add_parser("demo-data", help="write the offline demo corpus and tokenizer")
     p.add_argument("out")

@@ -25,7 +25,7 @@ ROWS = [{"prompt": "Where does Anna Berg live?", "response": "In Oslo."},
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    from examples.demo.corpus import train_tokenizer
+    from distill.models.from_scratch import train_tokenizer
 
     out = tmp_path_factory.mktemp("causal-tok")
     train_tokenizer(SENTENCES * 20, out, vocab_size=300)

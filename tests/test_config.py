@@ -126,6 +126,7 @@ def test_every_float_setting_has_a_range(recipe, key):
     ("loss.skew_alpha=1", "loss.skew_alpha must be in [0, 1)"),
     ("training.seed=-1", "training.seed must be in [0, 4294966272)"),
     (f"training.seed={2**32 - 1024}", "(each rank seeds with seed + rank)"),
+    ("training.early_stopping_patience=2", "training.early_stopping_patience counts evaluations without a better"),
 ])
 def test_out_of_range_values(recipe, override, message):
     with pytest.raises(DistillError) as err:

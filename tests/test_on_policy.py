@@ -17,7 +17,7 @@ ROWS = [{"prompt": "Where does Anna Berg live?", "response": "In Oslo."},
 def tok(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from examples.demo.corpus import train_tokenizer
+    from distill.models.from_scratch import train_tokenizer
 
     out = tmp_path_factory.mktemp("on-policy-tok")
     train_tokenizer([r["prompt"] + " " + r["response"] for r in ROWS] * 20, out, vocab_size=300)

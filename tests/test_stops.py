@@ -85,3 +85,25 @@ def test_ctrl_c_on_distill_train_stops_every_process_with_status_0(pair, tmp_pat
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_run_stops_when_its_best_metric_stalls(pair, tmp_path):
+    """training.early_stopping_patience: a learning rate far below the weights' float32 resolution leaves
+    them unchanged, so eval/ce never improves on step 1's; with patience 2 the run stops at step 3 with a
+    checkpoint there, its final evaluation is that step's, and best/ holds step 1."""
+    import json
+
+    out = tmp_path / "run"
+    student_and_data = [p for p in pair if not p.startswith("teacher.")]
+    proc = ranks.launch_run([*student_and_data, "data.max_train_samples=32", "data.max_eval_samples=8", "training.micro_batch_size=4",
+                             "training.max_steps=50", "training.warmup_steps=0", "training.learning_rate=1e-30",
+                             "training.log_every=1", "training.eval_every=1", "training.save_every=100",
+                             "eval.generate=false", "eval.best_metric=eval/ce", "training.early_stopping_patience=2",
+                             f"training.output_dir={out}"],
+                            recipe=ROOT / "recipes/demo/baseline.yaml")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "eval/ce has not improved for 2 evaluations" in proc.stdout and "stopping at step 3" in proc.stdout
+    assert json.loads((out / "best.json").read_text())["step"] == 1
+    assert json.loads((out / "eval_results.json").read_text())["step"] == 3
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    assert (out / "final" / "model.safetensors").exists() and (out / "best" / "model.safetensors").exists()

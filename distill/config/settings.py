@@ -113,6 +113,8 @@ class TrainingConfig:
     precision: Precision = "fp32"
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
+    # Stop once eval.best_metric has not improved for this many evaluations in a row (null: run max_steps).
+    early_stopping_patience: Optional[int] = None
     save_every: int = 500
     keep_checkpoints: int = 2  # complete checkpoints kept on disk, newest first
     resume: str = "auto"  # "auto" (latest intact checkpoint if any), "never", or a checkpoint tag
@@ -370,6 +372,12 @@ class RunConfig:
         self.eval.validate("eval")
         if (self.eval.generate or self.eval.best_metric) and not self.data.eval_split:
             raise DistillError("eval.generate and eval.best_metric need an evaluation split (data.eval_split)")
+        if self.training.early_stopping_patience is not None and (
+                self.training.early_stopping_patience < 1 or not self.eval.best_metric or not self.training.eval_every):
+            raise DistillError("training.early_stopping_patience counts evaluations without a better eval.best_metric: "
+                               "it must be >= 1, with eval.best_metric set and training.eval_every > 0 (got "
+                               f"{self.training.early_stopping_patience}, {self.eval.best_metric}, "
+                               f"{self.training.eval_every})")
         if self.loss.on_policy_fraction > 0 and (self.data.packing or self.data.target_column is None
                                                  or not self.loss.uses_teacher):
             raise DistillError("loss.on_policy_fraction needs prompts to sample from and a teacher to score: "

@@ -305,6 +305,7 @@ class Trainer:
         window, timer = Window(), PhaseTimer(self.device)
         peak_memory_gb(self.device)  # a reset: from here the peaks are the steps' (loading excluded)
         self.peak_gb = 0.0
+        stalled, last = False, {}
         while state.step < t.max_steps:
             logs = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
             golds = [not is_on_policy(self.cfg.loss.on_policy_fraction, t.seed, state.step, m)
@@ -323,15 +324,20 @@ class Trainer:
                 window = Window()
                 self.divergence.check(state.step, self._say)
             if t.eval_every and state.step % t.eval_every == 0 and state.step != t.max_steps:
-                self._evaluation(monitor)
+                last = self._evaluation(monitor)
+                stalled = self._stalled()
             stop = self.stop_vote.poll(self.stop.requested)
-            if state.step % t.save_every == 0 or state.step == t.max_steps or stop:
+            if state.step % t.save_every == 0 or state.step == t.max_steps or stop or stalled:
                 self._save()
             if stop:  # Slurm's warning before a time limit or preemption: the job requeues and resumes here
                 monitor.close({})
                 self.stopped = True
                 return {}
-        final = self._evaluation(monitor)
+            if stalled:
+                self._say(f"distill: {state.best['metric']} has not improved for {t.early_stopping_patience} evaluations "
+                          f"(best {state.best['value']:.6g} at step {state.best['step']}): stopping at step {state.step}")
+                break
+        final = last if stalled else self._evaluation(monitor)
         if self.rank == 0:
             _write_json(self.out / "eval_results.json", {"step": state.step, **final})
         if t.export:
@@ -379,6 +385,12 @@ class Trainer:
                         self.cfg.training.keep_checkpoints, self.state.run_id, self.rank, self.world, self._gather,
                         dist.barrier, lambda d: save_model_files(self.student.module.model, self.tokenizer,
                                                                  self.cfg.to_dict(), d / MODEL_FILES))
+
+    def _stalled(self) -> bool:
+        """Whether eval.best_metric has not improved for training.early_stopping_patience evaluations."""
+        patience, best = self.cfg.training.early_stopping_patience, self.state.best
+        return patience is not None and best is not None and \
+            self.state.step - best["step"] >= patience * self.cfg.training.eval_every
 
     def _evaluation(self, monitor: Monitor) -> dict[str, float]:
         """Evaluate, log scalars and samples; the evaluator exports the best student so far."""

@@ -16,8 +16,6 @@ So the model has to find the main entity, copy names/cities/numbers and normalis
 Public API::
 
     generate_corpus(n, seed) -> list[dict]            # {"id", "document", "summary"}
-    train_tokenizer(texts, out_dir, vocab_size=1024)  # byte-level BPE, BART special tokens
-    build_teacher_init(out_dir, tokenizer_dir, layers=6, d_model=128, ffn=256, heads=4, seed=0)
     write_demo_data(out_dir, seed=0, n_train=2000, n_validation=200, n_test=200, vocab_size=1536) -> dict
 """
 
@@ -27,25 +25,19 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from distill.errors import DistillError
 from distill.infer.export import replace_dir
+from distill.models.from_scratch import tmp_dir_beside, train_tokenizer
 
 __all__ = [
-    "SPECIAL_TOKENS",
-    "build_teacher_init",
     "generate_corpus",
     "token_length_stats",
-    "train_tokenizer",
     "write_demo_data",
 ]
 
-# BART's special tokens, in id order: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4.
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-MODEL_MAX_LENGTH = 512
 
 # --------------------------------------------------------------------------------------------
 # Vocabularies (kept small so a ~1k-token BPE covers them with mostly whole-word tokens)
@@ -255,67 +247,6 @@ def generate_corpus(
 # --------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1024, kind: str = "bpe"):
-    """Train a tokenizer on ``texts`` and save it as a ``PreTrainedTokenizerFast`` directory: a byte-level
-    BPE (``kind`` "bpe", GPT-2/LLaMA-3 style) or a Unigram with byte fallback (``kind`` "unigram",
-    SentencePiece/LLaMA-2 style: ``▁`` marks spaces, characters it has no piece for become ``<0xNN>`` bytes).
-
-    Special tokens follow BART (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4); encoding a text gives
-    ``<s> ... </s>``; decoding with ``skip_special_tokens=True`` returns the original text exactly.
-    """
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if kind not in ("bpe", "unigram"):
-        raise DistillError(f"train_tokenizer: kind must be bpe or unigram, got {kind!r}")
-    if kind == "bpe" and vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise DistillError(f"train_tokenizer: vocab_size must be >= 261 (bytes + specials), got {vocab_size}")
-    if kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
-        # Always prepend one space (and strip exactly one on decode) so a word is the same token at the
-        # start of a text as inside it ("Anna" -> "ĠAnna" in both), while the round trip stays exact.
-        tok.normalizer = normalizers.Prepend(" ")
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    else:
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()  # "▁" before every word, the first one included
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, unk_token="<unk>",
-                                          show_progress=False)
-    tok.train_from_iterator((t for t in texts), trainer=trainer)
-    if kind == "unigram":  # the 256 byte pieces, scored below every trained piece
-        pieces = [tuple(p) for p in json.loads(tok.to_str())["model"]["vocab"]]
-        floor = min(score for _, score in pieces) - 10.0
-        tok.model = models.Unigram(pieces + [(f"<0x{b:02X}>", floor) for b in range(256)],
-                                   unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=True)
-    for i, t in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(t) != i:  # pragma: no cover - guaranteed by the trainer
-            raise DistillError(f"train_tokenizer: special token {t} got id {tok.token_to_id(t)}, expected {i}")
-    bos, eos = ("<s>", 0), ("</s>", 2)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[bos, eos]
-    )
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=MODEL_MAX_LENGTH,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.save_pretrained(str(out_dir))
-    return hf_tok
-
-
 def token_length_stats(tokenizer, records: Iterable[dict]) -> dict:
     """Max / mean / p95 token counts (specials included) of documents and summaries."""
     records = list(records)
@@ -331,89 +262,6 @@ def token_length_stats(tokenizer, records: Iterable[dict]) -> dict:
             "p95": lens[min(len(lens) - 1, int(0.95 * len(lens)))],
         }
     return stats
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher init
-# --------------------------------------------------------------------------------------------
-
-
-def _tmp_dir_for(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def build_teacher_init(
-    out_dir: str | os.PathLike,
-    tokenizer_dir: str | os.PathLike,
-    layers: int = 6,
-    d_model: int = 128,
-    ffn: int = 256,
-    heads: int = 4,
-    seed: int = 0,
-) -> Path:
-    """Save a randomly initialised tiny ``BartForConditionalGeneration`` (+ tokenizer and
-    generation config) to ``out_dir``. Same arguments -> identical weights. Returns ``out_dir``."""
-    import torch
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration, GenerationConfig
-
-    if d_model % heads:
-        raise DistillError(f"build_teacher_init: d_model={d_model} is not divisible by heads={heads}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception as exc:  # noqa: BLE001 - reported as one line
-        raise DistillError(f"build_teacher_init: cannot load tokenizer from {tokenizer_dir}: {exc}") from exc
-    n_tok = len(tokenizer)
-    vocab_size = -(-n_tok // 8) * 8
-    config = BartConfig(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        encoder_layers=layers,
-        decoder_layers=layers,
-        encoder_attention_heads=heads,
-        decoder_attention_heads=heads,
-        encoder_ffn_dim=ffn,
-        decoder_ffn_dim=ffn,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        dropout=0.1,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BartForConditionalGeneration(config)
-    gen = GenerationConfig(
-        num_beams=1,
-        do_sample=False,
-        max_length=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.eos_token_id,
-        forced_bos_token_id=None,
-        forced_eos_token_id=tokenizer.eos_token_id,
-        # never generate the padding rows that exist only to round the embedding matrix
-        suppress_tokens=list(range(n_tok, vocab_size)) or None,
-    )
-    model.generation_config = gen
-
-    final = Path(out_dir)
-    tmp = _tmp_dir_for(final)
-    try:
-        model.save_pretrained(str(tmp))
-        gen.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,7 +307,7 @@ def write_demo_data(
         seen.update(r["document"] for r in data[s])
 
     final = Path(out_dir)
-    tmp = _tmp_dir_for(final)
+    tmp = tmp_dir_beside(final)
     try:
         for s in SPLITS:
             with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
