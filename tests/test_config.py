@@ -68,6 +68,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+@pytest.mark.parametrize("value", ["decoder", "[decoder]", "[ decoder ]", "encoder,decoder", "[encoder, decoder]"])
+def test_list_overrides_in_either_form(recipe, value):
+    cfg = load_config(recipe, [f"loss.hidden.stacks={value}"])
+    assert cfg.loss.hidden.stacks == [s.strip() for s in value.strip("[ ]").split(",")]
+
+
 def test_merge_overrides_creates_sections():
     assert merge_overrides({}, ["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
 

@@ -70,6 +70,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
     if origin is list:
         (item,) = typing.get_args(tp)
+        if isinstance(value, str) and value.strip().startswith("["):  # command line: [a, b]
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}") from None
         if isinstance(value, str):  # command line: a,b,c
             value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
         elif not isinstance(value, list):  # a single item

@@ -1,0 +1,250 @@
+"""Shleifer & Rush's comparison of SFT, KD and pseudo-labels (methods.md section 1), in miniature, on any
+summarization dataset the trainer reads, with the project's own commands and launcher (2 ranks):
+
+1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``), a random-init
+   BART (``distill init-bart``) trained until its validation CE stops improving
+   (``training.early_stopping_patience``); the teacher is its best checkpoint (``best/``);
+2. students by layer copy (``distill make-student``): the decoder halved, and ``--second-depth`` layers;
+3. each student trained with the same step budget and seed by SFT (gold summaries, CE), KD (the distilBART
+   recipe: 0.2·CE + 0.8·τ²·KL, τ = 2), PL (``distill pseudo-label``: the teacher's summaries), PL filtered
+   (labels under ``--min-rouge2`` ROUGE-2 against gold dropped) and KD + hidden states (3·MSE of
+   each student decoder layer against the teacher layer it was copied from);
+4. ``distill evaluate`` of the teacher and every student on the same test examples: ROUGE-1/2/L with
+   bootstrap 95% intervals, ms per example and speed-up; one table, with the commands, to BENCHMARKS.md.
+
+Every stage leaves a marker of completion (a finished run's ``eval_results.json``, a dataset's index file,
+a result file); a rerun skips finished stages and continues unfinished runs from their checkpoints.
+
+    python benchmarks/quality.py --data DIR --workdir runs/quality [--teacher DIR] [--steps 1500] ...
+    python benchmarks/quality.py --docstrings --workdir runs/quality   # the corpus of benchmarks/docstring_corpus.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import append_section, machine  # noqa: E402
+
+RECIPES = ROOT / "recipes" / "demo"
+METHODS = {  # name -> (recipe, overrides); PL runs read their own dataset
+    "SFT": ("baseline.yaml", []),
+    "KD": ("kd.yaml", []),
+    "PL": ("baseline.yaml", []),
+    "PL filtered": ("baseline.yaml", []),  # labels under --min-rouge2 against gold dropped
+    "KD + hidden": ("kd.yaml", ["loss.w_hid=3.0", "loss.hidden.map=copied", "loss.hidden.stacks=decoder"]),
+}
+
+
+class Stages:
+    """Runs the commands, skipping those whose output marks them done, and keeps the list for the table."""
+
+    def __init__(self, work: Path, nproc: int):
+        self.work, self.nproc, self.commands = work, nproc, []
+
+    def run(self, done: Path, cmd: list, title: str) -> None:
+        shown = " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "")
+        self.commands.append(shown)
+        if done.exists():
+            print(f"== {title}: done ({done})", flush=True)
+            return
+        print(f"== {title}\n$ {shown}", flush=True)
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
+        if proc.returncode != 0 or not done.exists():
+            raise SystemExit(f"quality: {title} failed (exit {proc.returncode}): {shown}")
+
+    def distill(self, *args, ranks: int = 1) -> list:
+        if ranks == 1:
+            return [sys.executable, "-m", "distill.cli", *args]
+        return self.deepspeed(ROOT / "launchers/distill_cli.py", *args)
+
+    def deepspeed(self, script, *args) -> list:
+        from distill.runtime.cluster import free_port
+
+        return [Path(sys.executable).with_name("deepspeed"), "--num_gpus", self.nproc, "--master_port", free_port(),
+                script, *args]
+
+    def train(self, recipe: str, out: Path, overrides: list, title: str) -> Path:
+        self.run(out / "eval_results.json",
+                 self.deepspeed(ROOT / "launchers/run.py", "--config", RECIPES / recipe, *overrides,
+                                f"training.output_dir={out}"), title)
+        return out
+
+
+def data_settings(a: argparse.Namespace, path) -> list[str]:
+    return [f"data.path={path}", f"data.source_column={a.source_column}", f"data.target_column={a.target_column}",
+            f"data.max_source_length={a.max_source_length}", f"data.max_target_length={a.max_target_length}",
+            f"data.max_train_samples={a.train_samples or 'null'}", f"data.max_eval_samples={a.eval_samples}", "data.train_split=train",
+            "data.eval_split=validation"]
+
+
+def training(a: argparse.Namespace, steps: int, lr: float) -> list[str]:
+    return [f"training.max_steps={steps}", f"training.learning_rate={lr}", f"training.micro_batch_size={a.batch}",
+            f"training.seed={a.seed}", f"training.warmup_steps={max(1, steps // 20)}", "training.log_every=50",
+            f"training.save_every={a.eval_every}", "eval.generate=false"]
+
+
+def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
+    w = a.workdir
+    tok, init = w / "tokenizer", w / "teacher-init"
+    st.run(tok / "tokenizer.json", st.distill("train-tokenizer", "--data", data, "--out", tok, "--vocab-size", a.vocab,
+                                              f"data.source_column={a.source_column}",
+                                              f"data.target_column={a.target_column}"), "tokenizer")
+    st.run(init / "config.json", st.distill("init-bart", "--tokenizer", tok, "--out", init, "--layers",
+                                            a.teacher_layers, "--d-model", a.d_model, "--ffn", 4 * a.d_model,
+                                            "--heads", a.heads, "--seed", a.seed,
+                                            "--max-positions", max(a.max_source_length, a.max_target_length) + 2),
+           "random-init teacher")
+    run = st.train("teacher.yaml", w / "teacher", [f"student.path={init}", *data_settings(a, data),
+                                                   *training(a, a.teacher_max_steps, a.teacher_lr),
+                                                   f"training.eval_every={a.eval_every}", "eval.best_metric=eval/ce",
+                                                   f"training.early_stopping_patience={a.patience}"],
+                   "train the teacher until its validation CE stops improving")
+    return run / "best"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="hub dataset, directory or data file with train, validation and test splits")
+    p.add_argument("--docstrings", action="store_true", help="build and use the docstring corpus in the workdir")
+    p.add_argument("--workdir", type=Path, default=Path("runs/quality"))
+    p.add_argument("--source-column", default="document")
+    p.add_argument("--target-column", default="summary")
+    p.add_argument("--teacher", help="a trained teacher; without it one is built from the data")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--teacher-layers", type=int, default=6)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--teacher-max-steps", type=int, default=20000)
+    p.add_argument("--patience", type=int, default=3, help="evaluations without a better validation CE")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--second-depth", type=int, default=1, help="decoder layers of the second student")
+    p.add_argument("--steps", type=int, default=1500, help="every student's step budget")
+    p.add_argument("--lr", type=float, default=5e-4, help="every student's learning rate")
+    p.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-rouge2", type=float, default=10.0, help="PL filter: drop labels under this ROUGE-2")
+    p.add_argument("--max-source-length", type=int, default=256)
+    p.add_argument("--max-target-length", type=int, default=48)
+    p.add_argument("--train-samples", type=int, help="training examples (default: the whole split)")
+    p.add_argument("--eval-samples", type=int, default=512, help="validation examples per evaluation")
+    p.add_argument("--test-samples", type=int, help="test examples (default: the whole split)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+    a = p.parse_args()
+    if bool(a.data) == a.docstrings:
+        raise SystemExit("quality: give --data or --docstrings (one of them)")
+    a.workdir = a.workdir.resolve()
+    st, start = Stages(a.workdir, a.nproc), time.time()
+    data = a.data
+    if a.docstrings:
+        data = a.workdir / "data"
+        st.run(data / "stats.json", [sys.executable, ROOT / "benchmarks/docstring_corpus.py", "--out", data],
+               "the docstring corpus")
+    teacher = Path(a.teacher).resolve() if a.teacher else build_teacher(a, st, data)
+
+    depths = {}
+    for layers in (None, a.second_depth):
+        out = a.workdir / "students" / ("half" if layers is None else f"d{layers}")
+        cmd = st.distill("make-student", teacher, out)
+        if layers is not None:
+            cmd += ["--decoder-layers", layers]
+        else:  # the decoder halved
+            config = json.loads((teacher / "config.json").read_text())
+            layers = max(1, config["decoder_layers"] // 2)
+            cmd += ["--decoder-layers", layers]
+        st.run(out / "config.json", cmd, f"student with {layers} decoder layers (layer copy)")
+        depths[layers] = out
+
+    pl = a.workdir / "pl"
+    generation = ["--split", "train", "--source-column", a.source_column, "--target-column", a.target_column,
+                  "--max-new-tokens", a.max_new_tokens, "--max-source-length", a.max_source_length,
+                  *(["--max-samples", a.train_samples] if a.train_samples else [])]
+    st.run(pl / "pseudo_label.json", st.distill("pseudo-label", "--model", teacher, "--data", data, "--out", pl,
+                                                *generation, ranks=a.nproc), "pseudo-labels")
+    pl_r2 = a.workdir / "pl-rouge2"
+    if not (pl_r2 / "pseudo_label.json").exists():  # the same generations, filtered
+        shutil.rmtree(pl_r2, ignore_errors=True)
+        shutil.copytree(pl, pl_r2)
+        (pl_r2 / "pseudo_label.json").unlink()
+    st.run(pl_r2 / "pseudo_label.json", st.distill("pseudo-label", "--model", teacher, "--data", data, "--out", pl_r2,
+                                                   *generation, "--min-rouge2", a.min_rouge2, "--below", "drop",
+                                                   ranks=a.nproc), "pseudo-labels, ROUGE-2 filter")
+
+    students = {}
+    for layers, init in depths.items():
+        for method, (recipe, extra) in METHODS.items():
+            source = pl if method == "PL" else pl_r2 if method == "PL filtered" else data
+            name = f"{method} ({layers}-layer decoder)"
+            slug = method.lower().replace(" + ", "-").replace(" ", "-") + f"-d{layers}"
+            teacher_setting = [f"teacher.path={teacher}"] if recipe == "kd.yaml" else []
+            run = st.train(recipe, a.workdir / "runs" / slug,
+                           [f"student.path={init}", *teacher_setting, *data_settings(a, source), *training(a, a.steps, a.lr),
+                            "training.eval_every=0", *extra], f"student: {name}")
+            students[slug] = (name, run / "final")
+
+    results = a.workdir / "eval"
+    models = {"teacher": ("teacher", teacher), **students}  # file-safe name -> (name in the table, model)
+    cmd = st.distill("evaluate", "--data", data, "--split", "test", "--source-column", a.source_column,
+                     "--target-column", a.target_column, "--max-new-tokens", a.max_new_tokens,
+                     "--max-source-length", a.max_source_length, "--out", results)
+    for slug, (_, path) in models.items():
+        cmd += ["--model", path, "--model-name", slug]
+    if a.test_samples:
+        cmd += ["--max-samples", a.test_samples]
+    st.run(results / "results.json", cmd, "evaluate every model on the test split")
+    rows = {models[slug][0]: row for slug, row in json.loads((results / "results.json").read_text()).items()}
+    body = report(rows, st.commands, a, time.time() - start)
+    print(body)
+    if not a.no_write:
+        append_section("Quality: SFT, KD and pseudo-labels on real text", body)
+
+
+def _cell(row: dict, key: str) -> str:
+    return f"{row[key]:.2f} [{row[key + '_low']:.2f}, {row[key + '_high']:.2f}]"
+
+
+def ranking(rows: dict) -> list[str]:
+    """Per student depth, the methods by ROUGE-2, and which of them the best one's interval separates."""
+    lines = []
+    depths = sorted({name.rsplit("(", 1)[1] for name in rows if "(" in name})
+    for depth in depths:
+        group = sorted(((n, r) for n, r in rows.items() if n.endswith("(" + depth)), key=lambda x: -x[1]["rouge2"])
+        (best, top), rest = group[0], group[1:]
+        apart = [n.rsplit(" (", 1)[0] for n, r in rest if r["rouge2_high"] < top["rouge2_low"]]
+        close = [n.rsplit(" (", 1)[0] for n, r in rest if r["rouge2_high"] >= top["rouge2_low"]]
+        lines.append(f"- Students with a {depth.rstrip(')')}: {best.rsplit(' (', 1)[0]} has the best ROUGE-2 "
+                     f"({top['rouge2']:.2f}); its 95% interval is above "
+                     f"{', '.join(apart) if apart else 'none of the others'}"
+                     + (f", and overlaps {', '.join(close)}" if close else "") + ".")
+    return lines
+
+
+def report(rows: dict, commands: list[str], a: argparse.Namespace, seconds: float) -> str:
+    lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ms / example | speed-up | params (M) |", "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | {_cell(row, 'rouge1')} | {_cell(row, 'rouge2')} | {_cell(row, 'rougeL')} | "
+                     f"{row['ms_per_example']:.1f} | {row['speedup']:.2f}x | {row['params_m']:.1f} |")
+    n = next(iter(rows.values()))["n"]
+    return (f"Machine: {machine()}; {seconds / 3600:.1f} h for the stages run this time. Data: "
+            f"{'the docstring corpus (benchmarks/docstring_corpus.py)' if a.docstrings else a.data}; {n} test "
+            f"examples, greedy decoding, at most {a.max_new_tokens} new tokens; ROUGE F1 × 100 with bootstrap 95% "
+            f"intervals. Every student: {a.steps} steps, learning rate {a.lr}, seed {a.seed}, micro-batch {a.batch} "
+            f"on each of {a.nproc} ranks.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(ranking(rows))
+            + "\n\nCommands, in order:\n\n```\n" + "\n".join(commands) + "\n```")
+
+
+if __name__ == "__main__":
+    main()

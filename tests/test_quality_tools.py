@@ -1,0 +1,65 @@
+"""The pure parts of benchmarks/docstring_corpus.py and benchmarks/quality.py (their runs are in BENCHMARKS.md)."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import docstring_corpus as dc  # noqa: E402
+from benchmarks.quality import ranking  # noqa: E402
+
+DOC = '''Compute the running mean of a stream of numbers.
+
+The mean is updated in place for every new value, so that memory stays constant whatever the length of
+the stream; this matters when the stream comes from a sensor that never stops sending readings.
+
+Args:
+    values: the numbers.
+
+>>> running_mean([1, 2])
+'''
+
+
+def test_a_docstring_becomes_its_summary_and_prose_body():
+    summary, body = dc.summary_and_body(DOC, (4, 30), (10, 300))
+    assert summary == "Compute the running mean of a stream of numbers."
+    assert body.startswith("The mean is updated in place") and "Args" not in body and ">>>" not in body
+    assert dc.summary_and_body(DOC, (4, 30), (100, 300)) is None  # body too short
+    assert dc.summary_and_body("One line only.", (1, 30), (1, 300)) is None
+    assert dc.summary_and_body(":param x: the value.\n\nSome words here to read.", (1, 30), (1, 300)) is None
+
+
+def test_the_corpus_splits_whole_units_and_keeps_a_docstring_once(tmp_path):
+    site = tmp_path / "site"
+    for pkg in ("alpha", "beta", "gamma", "delta", "epsilon"):
+        for mod in ("core", "extra"):
+            path = site / pkg / mod / "__init__.py"
+            path.parent.mkdir(parents=True)
+            path.write_text(f'def f():\n    """{DOC.replace("numbers", pkg + " " + mod + " numbers")}"""\n'
+                            f'def g():\n    """{DOC}"""\n')
+    (site / "alpha" / "tests").mkdir()
+    (site / "alpha" / "tests" / "test_x.py").write_text(f'def t():\n    """{DOC.replace("mean", "median")}"""\n')
+    stats = dc.build([site], tmp_path / "out", (4, 30), (10, 300))
+    rows = {s: [json.loads(line) for line in (tmp_path / "out" / f"{s}.jsonl").read_text().splitlines()]
+            for s in dc.SPLITS}
+    assert sum(stats["examples"].values()) == 11  # 10 units' own docstrings and the shared one, once; no tests
+    units = {s: {r["unit"] for r in rs} for s, rs in rows.items()}
+    assert all(not (units[a] & units[b]) for a in units for b in units if a < b)
+    assert all(dc.split_of(r["unit"]) == s for s, rs in rows.items() for r in rs)
+    assert not any("median" in r["document"] + r["summary"] for rs in rows.values() for r in rs)
+
+
+def _row(r2, low, high):
+    return {"rouge2": r2, "rouge2_low": low, "rouge2_high": high}
+
+
+def test_ranking_says_which_intervals_separate_the_best_method():
+    rows = {"teacher": _row(20, 19, 21), "KD (3-layer decoder)": _row(15, 14, 16), "SFT (3-layer decoder)": _row(12, 11, 13),
+            "PL (3-layer decoder)": _row(14.5, 13.5, 15.5), "KD (1-layer decoder)": _row(9, 8, 10), "SFT (1-layer decoder)": _row(10, 9, 11)}
+    lines = ranking(rows)
+    assert lines == [
+        "- Students with a 1-layer decoder: SFT has the best ROUGE-2 (10.00); its 95% interval is above none of the others, "
+        "and overlaps KD.",
+        "- Students with a 3-layer decoder: KD has the best ROUGE-2 (15.00); its 95% interval is above SFT, and overlaps PL."]
