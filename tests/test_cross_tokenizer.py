@@ -102,6 +102,29 @@ def test_token_texts_decode_like_the_tokenizers(tokenizers):
         assert table[tok.eos_token_id] is None
 
 
+def test_the_shared_vocabulary_of_two_large_vocabularies(tmp_path):
+    """Llama- and Qwen-sized vocabularies (128k and 152k entries, 100k texts in common, in other orders):
+    a one-to-one map, built in one pass over each."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    def vocabulary(words, eos):
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                                                                  unk_token="<unk>")),
+                                      unk_token="<unk>", eos_token=eos)
+        return tok
+
+    common = [f"w{i}" for i in range(100_000)]
+    llama = vocabulary(["<unk>", "<|eot|>", *common, *(f"l{i}" for i in range(28_070))], "<|eot|>")
+    qwen = vocabulary(["<unk>", "<|im_end|>", *common[::-1], *(f"q{i}" for i in range(52_062))], "<|im_end|>")
+    vocab = SharedVocab.of(llama, qwen, len(llama), len(qwen))
+    assert len(vocab.to_teacher) == 100_000 + 2  # the common words, EOS by role, UNK by role
+    assert vocab.to_teacher[llama.convert_tokens_to_ids("w7")] == qwen.convert_tokens_to_ids("w7")
+    assert vocab.to_teacher[llama.eos_token_id] == qwen.eos_token_id
+    assert len(set(vocab.to_teacher.values())) == len(vocab.to_teacher)  # one-to-one
+    assert vocab.student_ids.shape == vocab.teacher_ids.shape == (100_002,)
+
+
 def test_spans_of_two_real_tokenizers_cover_the_same_text(tokenizers):
     bpe, unigram = tokenizers
     vocab = SharedVocab.of(bpe, unigram, len(bpe), len(unigram))

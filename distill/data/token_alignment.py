@@ -112,18 +112,25 @@ class SharedVocab:
     def of(cls, student_tok: Any, teacher_tok: Any, student_vocab: int, teacher_vocab: int) -> "SharedVocab":
         """From the two tokenizers; ids past a model's ``vocab_size`` (rows it cannot produce) are left out."""
         shared = cls(token_bytes(student_tok), token_bytes(teacher_tok))
-        pairs = {}
+        pairs: dict[int, int] = {}
+        used: set[int] = set()  # one-to-one: a text held by several ids pairs its first ones
+
+        def pair(s: int, t: int) -> None:
+            if s not in pairs and t not in used:
+                pairs[s] = t
+                used.add(t)
+
         first_t: dict[bytes, int] = {}
         for i, text in enumerate(shared.teacher[:teacher_vocab]):
             if text is not None:
                 first_t.setdefault(text, i)
         for i, text in enumerate(shared.student[:student_vocab]):
-            if text is not None and text in first_t and i not in pairs and first_t[text] not in pairs.values():
-                pairs[i] = first_t[text]
+            if text is not None and text in first_t:
+                pair(i, first_t[text])
         for role in _SPECIAL_ROLES:
             s, t = getattr(student_tok, role, None), getattr(teacher_tok, role, None)
-            if s is not None and t is not None and s < student_vocab and t < teacher_vocab and s not in pairs:
-                pairs[s] = t
+            if s is not None and t is not None and s < student_vocab and t < teacher_vocab:
+                pair(s, t)
         shared.to_teacher = pairs
         ids = sorted(pairs.items())
         shared.student_ids = torch.tensor([s for s, _ in ids], dtype=torch.long)
