@@ -23,7 +23,6 @@ import ast
 import hashlib
 import json
 import re
-import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -94,8 +93,7 @@ def python_files(site: Path):
 
 
 def build(sites: list[Path], out: Path, summary_words: tuple[int, int], body_words: tuple[int, int]) -> dict:
-    from distill.infer.export import replace_dir
-    from distill.models.from_scratch import tmp_dir_beside
+    from distill.models.from_scratch import building
 
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {name: [] for name in SPLITS}
@@ -116,8 +114,7 @@ def build(sites: list[Path], out: Path, summary_words: tuple[int, int], body_wor
                 rel = path.relative_to(site).as_posix()
                 rows[split].append({"id": f"{rel}:{name}", "document": pair[1], "summary": pair[0], "unit": unit})
     digest = hashlib.sha256()
-    tmp = tmp_dir_beside(out)
-    try:
+    with building(out) as tmp:
         for split, items in rows.items():
             with open(tmp / f"{split}.jsonl", "w") as f:
                 for row in items:
@@ -129,10 +126,6 @@ def build(sites: list[Path], out: Path, summary_words: tuple[int, int], body_wor
                  "packages": packages, "sites": [str(s) for s in sites], "sha256": digest.hexdigest(),
                  "summary_words": list(summary_words), "body_words": list(body_words)}
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return stats
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from distill.errors import DistillError
@@ -77,23 +78,25 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
         padding_side="right",
         clean_up_tokenization_spaces=False,
     )
+    with building(Path(out_dir)) as tmp:
+        hf_tok.save_pretrained(str(tmp))
+    return hf_tok
+
+
+@contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A new empty directory next to ``final`` to write into: moved into its place (``replace_dir``) when
+    the block ends, removed if it raises, so nothing half-written is ever found at ``final``."""
     from distill.infer.export import replace_dir
 
-    final = Path(out_dir)
-    tmp = tmp_dir_beside(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        hf_tok.save_pretrained(str(tmp))
+        yield tmp
         replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return hf_tok
-
-
-def tmp_dir_beside(final: Path) -> Path:
-    """A new empty directory next to ``final``, to write into and then move into place (``replace_dir``)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
 
 def init_bart(
@@ -162,16 +165,9 @@ def init_bart(
     )
     model.generation_config = gen
 
-    from distill.infer.export import replace_dir
-
     final = Path(out_dir)
-    tmp = tmp_dir_beside(final)
-    try:
+    with building(final) as tmp:
         model.save_pretrained(str(tmp))
         gen.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

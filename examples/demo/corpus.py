@@ -24,13 +24,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.infer.export import replace_dir
-from distill.models.from_scratch import tmp_dir_beside, train_tokenizer
+from distill.models.from_scratch import building, train_tokenizer
 
 __all__ = [
     "generate_corpus",
@@ -307,8 +305,7 @@ def write_demo_data(
         seen.update(r["document"] for r in data[s])
 
     final = Path(out_dir)
-    tmp = tmp_dir_beside(final)
-    try:
+    with building(final) as tmp:
         for s in SPLITS:
             with open(tmp / f"{s}.jsonl", "w", encoding="utf-8") as f:
                 for r in data[s]:
@@ -324,10 +321,6 @@ def write_demo_data(
         }
         # Not a split file name, so datasets.load_dataset(out_dir) ignores it.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     paths = {s: str(final / f"{s}.jsonl") for s in SPLITS}
     paths.update(dir=str(final), tokenizer=str(final / "tokenizer"), meta=str(final / "meta.json"))
     return paths
