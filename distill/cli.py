@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 from distill.dtypes import DTYPE_NAMES
 from distill.errors import DistillError
 from distill.models.from_scratch import TOKENIZER_KINDS
+from distill.runtime.cluster import exit_rank
 
 
 def _make_student(a: argparse.Namespace) -> None:
@@ -388,4 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

@@ -4,9 +4,8 @@
 Also runs under torchrun, and on CPU with DS_ACCELERATOR=cpu.
 """
 
-import sys
-
+from distill.runtime.cluster import exit_rank
 from distill.runtime.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())

@@ -64,3 +64,25 @@ def test_ranks_leave_no_shared_memory_behind():
     assert sorted(r["rank"] for r in rows) == [0, 1]
     assert all(r["sums"] == [[3.0], [3.0]] and r["shm"] for r in rows), rows  # 1 + 2 on every rank
     assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= before
+
+
+def test_exit_rank_runs_exit_handlers_flushes_and_skips_finalization(tmp_path):
+    """A rank ends with its status once its handlers ran, even with a thread still running (which
+    interpreter finalization would wait on, and C++ teardown of one would abort the rank)."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "handler-ran"
+    script = f"""
+import atexit, threading
+from pathlib import Path
+from distill.runtime.cluster import exit_rank
+atexit.register(Path({str(marker)!r}).touch)
+threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon
+print("buffered line", end="")
+exit_rank(3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[1])
+    assert (proc.returncode, proc.stdout) == (3, "buffered line"), proc.stderr
+    assert marker.exists()

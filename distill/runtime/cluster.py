@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping, NoReturn, Optional
 
 # Ctrl-C takes the same clean path as Slurm's warning: finish the step, checkpoint, exit 0.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -228,6 +228,22 @@ def _leave_process_group() -> None:
     # No barrier: a rank that failed alone must still be able to exit (the launcher then stops the rest).
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End a launched rank's process with ``code``: the exit handlers run (the process group's teardown
+    among them) and stdio is flushed, but the interpreter's finalization and the C++ static destructors
+    are skipped. A communication thread still joinable there aborts a rank whose work is done, now and
+    then, even after the teardown (seen with gloo on CPU), and the launcher then fails the whole job."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to lose
+            pass
+    os._exit(code)
 
 
 def _cmdline(pid: int) -> str:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.runtime.cluster import exit_rank
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -98,4 +99,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # distill train starts the ranks as `-m distill.runtime.launch`
-    sys.exit(main())
+    exit_rank(main())
