@@ -30,7 +30,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -52,11 +51,12 @@ class Stages:
     """Runs the commands, skipping those whose output marks them done, and keeps the list for the table."""
 
     def __init__(self, work: Path, nproc: int):
-        self.work, self.nproc, self.commands = work, nproc, []
+        self.work, self.nproc, self.commands, self.markers = work, nproc, [], []
 
     def run(self, done: Path, cmd: list, title: str) -> None:
         shown = " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "")
         self.commands.append(shown)
+        self.markers.append(done)
         if done.exists():
             print(f"== {title}: done ({done})", flush=True)
             return
@@ -65,6 +65,11 @@ class Stages:
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
         if proc.returncode != 0 or not done.exists():
             raise SystemExit(f"quality: {title} failed (exit {proc.returncode}): {shown}")
+
+    def hours(self) -> float:
+        """Wall time from the first stage's completion marker to the last one's, over every run and rerun."""
+        times = [m.stat().st_mtime for m in self.markers]
+        return (max(times) - min(times)) / 3600
 
     def distill(self, *args, ranks: int = 1) -> list:
         if ranks == 1:
@@ -150,7 +155,7 @@ def main() -> None:
     if bool(a.data) == a.docstrings:
         raise SystemExit("quality: give --data or --docstrings (one of them)")
     a.workdir = a.workdir.resolve()
-    st, start = Stages(a.workdir, a.nproc), time.time()
+    st = Stages(a.workdir, a.nproc)
     data = a.data
     if a.docstrings:
         data = a.workdir / "data"
@@ -209,7 +214,9 @@ def main() -> None:
         cmd += ["--max-samples", a.test_samples]
     st.run(results / "results.json", cmd, "evaluate every model on the test split")
     rows = {models[slug][0]: row for slug, row in json.loads((results / "results.json").read_text()).items()}
-    body = report(rows, st.commands, a, time.time() - start)
+    gaps = paired_gaps(per_example_scores(results, {name: slug for slug, (name, _) in students.items()}, data, a),
+                       "SFT")
+    body = report(rows, gaps, st.commands, a, st.hours())
     print(body)
     if not a.no_write:
         append_section("Quality: SFT, KD and pseudo-labels on real text", body)
@@ -235,17 +242,58 @@ def ranking(rows: dict) -> list[str]:
     return lines
 
 
-def report(rows: dict, commands: list[str], a: argparse.Namespace, seconds: float) -> str:
+def per_example_scores(results: Path, slugs: dict[str, str], data, a: argparse.Namespace) -> dict[str, list[dict]]:
+    """Per model (name in the table -> its slug), ROUGE of each test example, in the examples' order."""
+    from distill.infer.evaluate import rouge_scores
+    from distill.infer.generate import read_examples
+
+    examples = read_examples(str(data), "test", a.source_column, a.target_column, max_samples=a.test_samples)
+    scores = {}
+    for name, slug in slugs.items():
+        records = [json.loads(line) for line in (results / f"{slug}.jsonl").read_text().splitlines()]
+        prediction = {r["id"]: r["prediction"] for r in records}
+        scores[name] = rouge_scores([prediction[e.id] for e in examples], [e.target for e in examples])
+    return scores
+
+
+def paired_gaps(scores: dict[str, list[dict]], baseline: str, samples: int = 1000) -> dict[str, dict]:
+    """Each student's ROUGE minus that of the same-depth ``baseline`` method on the same examples: a paired
+    bootstrap, far tighter than comparing two models' own intervals (the examples' difficulty cancels)."""
+    from distill.infer.evaluate import bootstrap
+
+    gaps = {}
+    for name, rows in scores.items():
+        method, depth = name.rsplit(" (", 1)
+        base = scores.get(f"{baseline} ({depth}")
+        if method != baseline and base is not None:
+            gaps[name] = bootstrap([{k: r[k] - b[k] for k in ("rouge1", "rouge2", "rougeL")} for r, b in zip(rows, base)],
+                                   samples=samples)
+    return gaps
+
+
+def gap_lines(gaps: dict[str, dict], baseline: str) -> list[str]:
+    """Per student, its ROUGE-2 gain over the baseline with the 95% interval, and whether it is a win, a loss or a tie."""
+    lines = []
+    for name, gap in gaps.items():
+        low, mid, high = (gap["rouge2"][k] for k in ("low", "mid", "high"))
+        verdict = "better than" if low > 0 else "worse than" if high < 0 else "not separable from"
+        lines.append(f"- {name}: ROUGE-2 {mid:+.2f} [{low:+.2f}, {high:+.2f}] against {baseline}: {verdict} {baseline}.")
+    return lines
+
+
+def report(rows: dict, gaps: dict, commands: list[str], a: argparse.Namespace, hours: float) -> str:
     lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ms / example | speed-up | params (M) |", "|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {_cell(row, 'rouge1')} | {_cell(row, 'rouge2')} | {_cell(row, 'rougeL')} | "
                      f"{row['ms_per_example']:.1f} | {row['speedup']:.2f}x | {row['params_m']:.1f} |")
     n = next(iter(rows.values()))["n"]
-    return (f"Machine: {machine()}; {seconds / 3600:.1f} h for the stages run this time. Data: "
+    return (f"Machine: {machine()}; {hours:.1f} h from the first stage's end to the last's. Data: "
             f"{'the docstring corpus (benchmarks/docstring_corpus.py)' if a.docstrings else a.data}; {n} test "
             f"examples, greedy decoding, at most {a.max_new_tokens} new tokens; ROUGE F1 × 100 with bootstrap 95% "
             f"intervals. Every student: {a.steps} steps, learning rate {a.lr}, seed {a.seed}, micro-batch {a.batch} "
             f"on each of {a.nproc} ranks.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(ranking(rows))
+            + "\n\nEach method against SFT at the same depth, paired over the same test examples (bootstrap 95% "
+            "interval of the difference):\n\n" + "\n".join(gap_lines(gaps, "SFT"))
             + "\n\nCommands, in order:\n\n```\n" + "\n".join(commands) + "\n```")
 
 

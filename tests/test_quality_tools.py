@@ -1,5 +1,6 @@
 """The pure parts of benchmarks/docstring_corpus.py and benchmarks/quality.py (their runs are in BENCHMARKS.md)."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -8,7 +9,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import docstring_corpus as dc  # noqa: E402
-from benchmarks.quality import ranking  # noqa: E402
+from benchmarks.quality import gap_lines, paired_gaps, per_example_scores, ranking  # noqa: E402
 
 DOC = '''Compute the running mean of a stream of numbers.
 
@@ -63,3 +64,40 @@ def test_ranking_says_which_intervals_separate_the_best_method():
         "- Students with a 1-layer decoder: SFT has the best ROUGE-2 (10.00); its 95% interval is above none of the others, "
         "and overlaps KD.",
         "- Students with a 3-layer decoder: KD has the best ROUGE-2 (15.00); its 95% interval is above SFT, and overlaps PL."]
+
+
+def _scores(rouge2):
+    return [{"rouge1": 2 * r, "rouge2": r, "rougeL": 1.5 * r} for r in rouge2]
+
+
+def test_paired_gaps_separate_a_constant_gain_that_the_own_intervals_cannot():
+    hard_and_easy = [0.0, 40.0] * 50  # examples' difficulty dominates each model's own interval
+    swing = [0.5, -0.5] * 50
+    scores = {"SFT (2-layer decoder)": _scores(hard_and_easy),
+              "KD (2-layer decoder)": _scores([r + 1 for r in hard_and_easy]),
+              "PL (2-layer decoder)": _scores([r + d for r, d in zip(hard_and_easy, swing)]),
+              "KD (1-layer decoder)": _scores([r - 2 for r in hard_and_easy]),
+              "SFT (1-layer decoder)": _scores(hard_and_easy)}
+    gaps = paired_gaps(scores, "SFT", samples=500)
+    assert set(gaps) == {"KD (2-layer decoder)", "PL (2-layer decoder)", "KD (1-layer decoder)"}  # same depth only
+    assert gaps["KD (2-layer decoder)"]["rouge2"] == {"low": 1.0, "mid": 1.0, "high": 1.0}
+    assert gaps["KD (2-layer decoder)"]["rouge1"]["mid"] == 2.0
+    assert gaps["PL (2-layer decoder)"]["rouge2"]["low"] < 0 < gaps["PL (2-layer decoder)"]["rouge2"]["high"]
+    assert gap_lines(gaps, "SFT") == [
+        "- KD (2-layer decoder): ROUGE-2 +1.00 [+1.00, +1.00] against SFT: better than SFT.",
+        f"- PL (2-layer decoder): ROUGE-2 {gaps['PL (2-layer decoder)']['rouge2']['mid']:+.2f} "
+        f"[{gaps['PL (2-layer decoder)']['rouge2']['low']:+.2f}, {gaps['PL (2-layer decoder)']['rouge2']['high']:+.2f}] "
+        "against SFT: not separable from SFT.",
+        "- KD (1-layer decoder): ROUGE-2 -2.00 [-2.00, -2.00] against SFT: worse than SFT."]
+
+
+def test_per_example_scores_pair_predictions_with_their_references_by_id(tmp_path):
+    data, results = tmp_path / "data", tmp_path / "eval"
+    data.mkdir(), results.mkdir()
+    refs = ["the cat sat on the mat", "a dog ran in the park", "rain fell all day long"]
+    (data / "test.jsonl").write_text("".join(json.dumps({"document": "x", "summary": r}) + "\n" for r in refs))
+    # predictions in the order ranks wrote them, not the examples' order
+    (results / "kd-d2.jsonl").write_text("".join(json.dumps({"id": i, "prediction": refs[i]}) + "\n" for i in (2, 0, 1)))
+    a = argparse.Namespace(source_column="document", target_column="summary", test_samples=2)
+    scores = per_example_scores(results, {"KD (2-layer decoder)": "kd-d2"}, data, a)
+    assert [s["rouge2"] for s in scores["KD (2-layer decoder)"]] == [100.0, 100.0]  # the first 2 examples, each matched
