@@ -4,6 +4,8 @@ summarization dataset the trainer reads, with the project's own commands and lau
 1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``), a random-init
    BART (``distill init-bart``) trained until its validation CE stops improving
    (``training.early_stopping_patience``); the teacher is its best checkpoint (``best/``);
+   it must write distinct summaries for at least ``--min-distinct`` of 64 validation sources (one that
+   ignores its source teaches nothing), checked before any student;
 2. students by layer copy (``distill make-student``): the decoder halved, and ``--second-depth`` layers;
 3. each student trained with the same step budget and seed by SFT (gold summaries, CE), KD (the distilBART
    recipe: 0.2·CE + 0.8·τ²·KL, τ = 2), PL (``distill pseudo-label``: the teacher's summaries), PL filtered
@@ -53,17 +55,20 @@ class Stages:
     def __init__(self, work: Path, nproc: int):
         self.work, self.nproc, self.commands, self.markers = work, nproc, [], []
 
-    def run(self, done: Path, cmd: list, title: str) -> None:
+    def run(self, done: Path | None, cmd: list, title: str) -> None:
+        """``done`` None: the command resumes itself (``distill generate``), so it always runs."""
         shown = " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "")
         self.commands.append(shown)
-        self.markers.append(done)
-        if done.exists():
+        if done is not None and done.exists():
+            self.markers.append(done)
             print(f"== {title}: done ({done})", flush=True)
             return
         print(f"== {title}\n$ {shown}", flush=True)
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
-        if proc.returncode != 0 or not done.exists():
+        if done is not None:
+            self.markers.append(done)
+        if proc.returncode != 0 or (done is not None and not done.exists()):
             raise SystemExit(f"quality: {title} failed (exit {proc.returncode}): {shown}")
 
     def hours(self) -> float:
@@ -149,6 +154,8 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=512, help="validation examples per evaluation")
     p.add_argument("--test-samples", type=int, help="test examples (default: the whole split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--min-distinct", type=float, default=0.5,
+                   help="the least share of distinct teacher summaries on validation sources to go on to the students")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     a = p.parse_args()
@@ -162,6 +169,16 @@ def main() -> None:
         st.run(data / "stats.json", [sys.executable, ROOT / "benchmarks/docstring_corpus.py", "--out", data],
                "the docstring corpus")
     teacher = Path(a.teacher).resolve() if a.teacher else build_teacher(a, st, data)
+    check = a.workdir / "teacher-check.jsonl"  # before any student: a teacher that ignores its source teaches nothing
+    st.run(None, st.distill("generate", "--model", teacher, "--data", data, "--split", "validation", "--out", check,
+                            "--source-column", a.source_column, "--max-new-tokens", a.max_new_tokens,
+                            "--max-source-length", a.max_source_length, "--max-samples", 64),
+           "the teacher's summaries of 64 validation sources")
+    share = distinct_share(check)
+    if share < a.min_distinct:
+        raise SystemExit(f"quality: the teacher ({teacher}) writes {share:.0%} distinct summaries for 64 validation "
+                         f"sources (--min-distinct {a.min_distinct}): it has not learned to read its source; train it "
+                         "longer (--teacher-max-steps, --patience, --teacher-lr) or give --teacher")
 
     depths = {}
     for layers in (None, a.second_depth):
@@ -214,6 +231,8 @@ def main() -> None:
         cmd += ["--max-samples", a.test_samples]
     st.run(results / "results.json", cmd, "evaluate every model on the test split")
     rows = {models[slug][0]: row for slug, row in json.loads((results / "results.json").read_text()).items()}
+    for slug, row in json.loads((results / "results.json").read_text()).items():
+        rows[models[slug][0]]["distinct"] = distinct_share(results / f"{slug}.jsonl")
     gaps = paired_gaps(per_example_scores(results, {name: slug for slug, (name, _) in students.items()}, data, a),
                        "SFT")
     body = report(rows, gaps, st.commands, a, st.hours())
@@ -242,6 +261,16 @@ def ranking(rows: dict) -> list[str]:
     return lines
 
 
+def read_predictions(path: Path) -> dict[int, str]:
+    return {r["id"]: r["prediction"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def distinct_share(path: Path) -> float:
+    """The share of distinct texts among a model's predictions: near 0 when it writes one summary for every source."""
+    predictions = read_predictions(path)
+    return len(set(predictions.values())) / max(1, len(predictions))
+
+
 def per_example_scores(results: Path, slugs: dict[str, str], data, a: argparse.Namespace) -> dict[str, list[dict]]:
     """Per model (name in the table -> its slug), ROUGE of each test example, in the examples' order."""
     from distill.infer.evaluate import rouge_scores
@@ -250,8 +279,7 @@ def per_example_scores(results: Path, slugs: dict[str, str], data, a: argparse.N
     examples = read_examples(str(data), "test", a.source_column, a.target_column, max_samples=a.test_samples)
     scores = {}
     for name, slug in slugs.items():
-        records = [json.loads(line) for line in (results / f"{slug}.jsonl").read_text().splitlines()]
-        prediction = {r["id"]: r["prediction"] for r in records}
+        prediction = read_predictions(results / f"{slug}.jsonl")
         scores[name] = rouge_scores([prediction[e.id] for e in examples], [e.target for e in examples])
     return scores
 
@@ -282,10 +310,11 @@ def gap_lines(gaps: dict[str, dict], baseline: str) -> list[str]:
 
 
 def report(rows: dict, gaps: dict, commands: list[str], a: argparse.Namespace, hours: float) -> str:
-    lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ms / example | speed-up | params (M) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | distinct outputs | ms / example | speed-up | params (M) |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         lines.append(f"| {name} | {_cell(row, 'rouge1')} | {_cell(row, 'rouge2')} | {_cell(row, 'rougeL')} | "
-                     f"{row['ms_per_example']:.1f} | {row['speedup']:.2f}x | {row['params_m']:.1f} |")
+                     f"{row['distinct']:.0%} | {row['ms_per_example']:.1f} | {row['speedup']:.2f}x | {row['params_m']:.1f} |")
     n = next(iter(rows.values()))["n"]
     return (f"Machine: {machine()}; {hours:.1f} h from the first stage's end to the last's. Data: "
             f"{'the docstring corpus (benchmarks/docstring_corpus.py)' if a.docstrings else a.data}; {n} test "

@@ -9,7 +9,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import docstring_corpus as dc  # noqa: E402
-from benchmarks.quality import gap_lines, paired_gaps, per_example_scores, ranking  # noqa: E402
+from benchmarks.quality import distinct_share, gap_lines, paired_gaps, per_example_scores, ranking  # noqa: E402
 
 DOC = '''Compute the running mean of a stream of numbers.
 
@@ -101,3 +101,10 @@ def test_per_example_scores_pair_predictions_with_their_references_by_id(tmp_pat
     a = argparse.Namespace(source_column="document", target_column="summary", test_samples=2)
     scores = per_example_scores(results, {"KD (2-layer decoder)": "kd-d2"}, data, a)
     assert [s["rouge2"] for s in scores["KD (2-layer decoder)"]] == [100.0, 100.0]  # the first 2 examples, each matched
+
+
+def test_distinct_share_flags_a_model_that_writes_one_summary_for_every_source(tmp_path):
+    path = tmp_path / "teacher-check.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prediction": "Return the object." if i else "Sum two numbers."}) + "\n"
+                            for i in range(4)))
+    assert distinct_share(path) == 0.5
