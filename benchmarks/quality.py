@@ -59,15 +59,14 @@ class Stages:
         """``done`` None: the command resumes itself (``distill generate``), so it always runs."""
         shown = " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "")
         self.commands.append(shown)
-        if done is not None and done.exists():
+        if done is not None:
             self.markers.append(done)
-            print(f"== {title}: done ({done})", flush=True)
-            return
+            if done.exists():
+                print(f"== {title}: done ({done})", flush=True)
+                return
         print(f"== {title}\n$ {shown}", flush=True)
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
-        if done is not None:
-            self.markers.append(done)
         if proc.returncode != 0 or (done is not None and not done.exists()):
             raise SystemExit(f"quality: {title} failed (exit {proc.returncode}): {shown}")
 
@@ -230,9 +229,8 @@ def main() -> None:
     if a.test_samples:
         cmd += ["--max-samples", a.test_samples]
     st.run(results / "results.json", cmd, "evaluate every model on the test split")
-    rows = {models[slug][0]: row for slug, row in json.loads((results / "results.json").read_text()).items()}
-    for slug, row in json.loads((results / "results.json").read_text()).items():
-        rows[models[slug][0]]["distinct"] = distinct_share(results / f"{slug}.jsonl")
+    rows = {models[slug][0]: {**row, "distinct": distinct_share(results / f"{slug}.jsonl")}
+            for slug, row in json.loads((results / "results.json").read_text()).items()}
     gaps = paired_gaps(per_example_scores(results, {name: slug for slug, (name, _) in students.items()}, data, a),
                        "SFT")
     body = report(rows, gaps, st.commands, a, st.hours())
