@@ -1,6 +1,9 @@
 """A real summarization corpus that every machine with this project installed has, with no download:
-the docstrings of the Python packages installed beside it. One example per docstring: its summary line
-(the target) and the prose paragraphs after it (the source), written by people.
+the docstrings of the Python standard library and the packages installed beside it. One example per
+docstring: its summary line (the target), and the source its writer had in front of them: the object's
+qualified name (``json.decoder.JSONDecoder.decode``) on the first line, then the prose paragraphs after the
+summary, written by people. The name belongs in the source because summaries so often restate it
+(``get_default_dtype``: "Get the current default floating point dtype").
 
 What is kept. Functions', classes' and modules' docstrings outside test directories whose summary is one
 sentence-like paragraph of ``--summary-words`` and whose prose body (the paragraphs before the first
@@ -70,23 +73,45 @@ def split_of(unit: str) -> str:
     return next(name for name, bound in SPLITS.items() if bucket < bound)
 
 
-def docstrings(path: Path):
+DEFS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def module_name(path: Path, site: Path) -> str:
+    parts = path.relative_to(site).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def _defs(node: ast.AST):
+    """The classes and functions defined directly in node's scope, under if/try/with blocks too."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, DEFS):
+            yield child
+        else:
+            yield from _defs(child)
+
+
+def _named_docstrings(node: ast.AST, name: str):
+    doc = ast.get_docstring(node, clean=True)
+    if doc:
+        yield name, doc
+    for child in _defs(node):
+        yield from _named_docstrings(child, f"{name}.{child.name}")
+
+
+def docstrings(path: Path, module: str):
+    """(qualified name, docstring) of the module and of every class and function in it, nested ones too."""
     try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        yield from _named_docstrings(tree, module)
     except (SyntaxError, UnicodeDecodeError, ValueError, OSError, RecursionError):
         return
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                yield getattr(node, "name", "<module>"), doc
 
 
 def python_files(site: Path):
     for path in sorted(site.rglob("*.py")):
         rel = path.relative_to(site).parts
-        if any(p in ("test", "tests", "testing", "__pycache__") or p.endswith((".dist-info", ".egg-info"))
+        if any(p in ("test", "tests", "testing", "__pycache__", "site-packages", "dist-packages")
+               or p.endswith((".dist-info", ".egg-info"))
                for p in rel[:-1]) or rel[-1].startswith("test_") or path.stat().st_size > 2_000_000:
             continue
         yield path
@@ -101,7 +126,7 @@ def build(sites: list[Path], out: Path, summary_words: tuple[int, int], body_wor
     for site in sites:
         for path in python_files(site):
             unit = unit_of(path, site)
-            for name, doc in docstrings(path):
+            for name, doc in docstrings(path, module_name(path, site)):
                 pair = summary_and_body(doc, summary_words, body_words)
                 if pair is None:
                     continue
@@ -112,7 +137,8 @@ def build(sites: list[Path], out: Path, summary_words: tuple[int, int], body_wor
                 split = split_of(unit)
                 units[split].add(unit)
                 rel = path.relative_to(site).as_posix()
-                rows[split].append({"id": f"{rel}:{name}", "document": pair[1], "summary": pair[0], "unit": unit})
+                rows[split].append({"id": f"{rel}:{name}", "document": f"{name}\n{pair[1]}", "summary": pair[0],
+                                    "unit": unit})
     digest = hashlib.sha256()
     with building(out) as tmp:
         for split, items in rows.items():
@@ -133,11 +159,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--site", type=Path, action="append",
-                        help="a site-packages directory (repeatable); default: this interpreter's")
+                        help="a directory of Python sources (repeatable); default: this interpreter's standard "
+                             "library and site-packages")
     parser.add_argument("--summary-words", type=int, nargs=2, default=(4, 30), metavar=("MIN", "MAX"))
-    parser.add_argument("--body-words", type=int, nargs=2, default=(30, 300), metavar=("MIN", "MAX"))
+    parser.add_argument("--body-words", type=int, nargs=2, default=(15, 300), metavar=("MIN", "MAX"))
     args = parser.parse_args()
-    sites = args.site or sorted({Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")})
+    sites = args.site or sorted({Path(sysconfig.get_paths()[k]) for k in ("stdlib", "purelib", "platlib")})
     for site in sites:
         if not site.is_dir():
             raise SystemExit(f"docstring_corpus: {site} is not a directory")

@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-rouge2", type=float, default=10.0, help="PL filter: drop labels under this ROUGE-2")
-    p.add_argument("--max-source-length", type=int, default=192)
+    p.add_argument("--max-source-length", type=int, default=128)
     p.add_argument("--max-target-length", type=int, default=48)
     p.add_argument("--train-samples", type=int, help="training examples (default: the whole split)")
     p.add_argument("--eval-samples", type=int, default=512, help="validation examples per evaluation")

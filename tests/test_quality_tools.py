@@ -50,6 +50,18 @@ def test_the_corpus_splits_whole_units_and_keeps_a_docstring_once(tmp_path):
     assert all(not (units[a] & units[b]) for a in units for b in units if a < b)
     assert all(dc.split_of(r["unit"]) == s for s, rs in rows.items() for r in rs)
     assert not any("median" in r["document"] + r["summary"] for rs in rows.values() for r in rs)
+    names = {r["document"].splitlines()[0] for rs in rows.values() for r in rs}
+    assert {"alpha.core.f", "alpha.core.g", "beta.extra.f"} <= names  # the qualified name heads the source
+
+
+def test_qualified_names_follow_classes_and_nested_scopes(tmp_path):
+    path = tmp_path / "pkg" / "mod.py"
+    path.parent.mkdir()
+    path.write_text('"""Module."""\nclass A:\n    """A."""\n    if True:\n        def m(self):\n'
+                    '            """M."""\n            def inner():\n                """Inner."""\n')
+    assert list(dc.docstrings(path, dc.module_name(path, tmp_path))) == [
+        ("pkg.mod", "Module."), ("pkg.mod.A", "A."), ("pkg.mod.A.m", "M."), ("pkg.mod.A.m.inner", "Inner.")]
+    assert dc.module_name(tmp_path / "pkg" / "__init__.py", tmp_path) == "pkg"
 
 
 def _row(r2, low, high):
