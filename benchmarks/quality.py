@@ -1,10 +1,13 @@
 """Shleifer & Rush's comparison of SFT, KD and pseudo-labels (methods.md section 1), in miniature, on any
 summarization dataset the trainer reads, with the project's own commands and launcher (2 ranks):
 
-1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``), a random-init
-   BART (``distill init-bart``) trained until its validation CE stops improving
-   (``training.early_stopping_patience``); the teacher is its best checkpoint (``best/``);
-   it must write distinct summaries for at least ``--min-distinct`` of 64 validation sources (one that
+1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``) and a random-init
+   BART (``distill init-bart``), pretrained as BART is, by text infilling on the train split's sources
+   (``--pretrain-steps``), then trained on the summaries; both until their validation CE stops improving
+   (``training.early_stopping_patience``); the teacher is the second one's best checkpoint (``best/``).
+   Without the pretraining the summaries alone never taught it to read: on the docstring corpus its
+   encoder's output became the same for every source and it wrote one summary for all (BENCHMARKS.md).
+   The teacher must write distinct summaries for at least ``--min-distinct`` of 64 validation sources (one that
    ignores its source teaches nothing), checked before any student;
 2. students by layer copy (``distill make-student``): the decoder halved, and ``--second-depth`` layers;
 3. each student trained with the same step budget and seed by SFT (gold summaries, CE), KD (the distilBART
@@ -28,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -106,6 +111,50 @@ def training(a: argparse.Namespace, steps: int, lr: float) -> list[str]:
             f"training.save_every={a.eval_every}", "eval.generate=false"]
 
 
+def infill(words: list[str], rng: random.Random, mask: str, ratio: float = 0.3, mean_span: float = 3.0) -> str:
+    """BART's text infilling at the word level: spans of Poisson(``mean_span``) words, at least one, each
+    replaced by one ``mask``, until ``ratio`` of the words are masked."""
+    words, budget = list(words), round(ratio * len(words))
+    while budget > 0:
+        span = min(budget, max(1, _poisson(rng, mean_span)), len(words))
+        unmasked = [i for i in range(len(words) - span + 1) if mask not in words[i:i + span]]
+        if not unmasked:
+            break
+        start = rng.choice(unmasked)
+        words[start:start + span] = [mask]
+        budget -= span
+    return " ".join(words)
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    k, p, limit = 0, rng.random(), math.exp(-lam)
+    while p > limit:
+        k, p = k + 1, p * rng.random()
+    return k
+
+
+def write_infilling(data: Path, out: Path, a: argparse.Namespace, mask: str, window: int = 32,
+                    per_document: int = 3) -> None:
+    """The train and validation splits' sources as (infilled window, window) pairs: up to ``per_document``
+    windows of ``window`` words from each source, with the same column names as the corpus."""
+    from distill.config.settings import DataConfig
+    from distill.data.loading import load_split
+    from distill.models.from_scratch import building
+
+    cfg = DataConfig(path=str(data), source_column=a.source_column, target_column=a.target_column)
+    with building(out) as tmp:
+        for split in ("train", "validation"):
+            rng = random.Random(f"{a.seed}-{split}")
+            with open(tmp / f"{split}.jsonl", "w") as f:
+                for row in load_split(cfg, split, split):
+                    words = str(row[a.source_column]).split()
+                    for start in range(0, min(len(words), window * per_document), window):
+                        part = words[start:start + window]
+                        if len(part) >= 8:
+                            f.write(json.dumps({a.source_column: infill(part, rng, mask),
+                                                a.target_column: " ".join(part)}) + "\n")
+
+
 def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
     w = a.workdir
     tok, init = w / "tokenizer", w / "teacher-init"
@@ -117,11 +166,21 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
                                             "--heads", a.heads, "--seed", a.seed,
                                             "--max-positions", max(a.max_source_length, a.max_target_length) + 2),
            "random-init teacher")
+    until_best = [f"training.eval_every={a.eval_every}", "eval.best_metric=eval/ce",
+                  f"training.early_stopping_patience={a.patience}"]
+    if a.pretrain_steps:
+        infilling = w / "infilling"
+        if not (infilling / "train.jsonl").exists():
+            from transformers import AutoTokenizer
+
+            write_infilling(Path(data), infilling, a, AutoTokenizer.from_pretrained(tok).mask_token)
+        pre = st.train("teacher.yaml", w / "pretrain", [f"student.path={init}", *data_settings(a, infilling),
+                                                        *training(a, a.pretrain_steps, a.teacher_lr), *until_best],
+                       "pretrain the teacher by text infilling until its validation CE stops improving")
+        init = pre / "best"
     run = st.train("teacher.yaml", w / "teacher", [f"student.path={init}", *data_settings(a, data),
-                                                   *training(a, a.teacher_max_steps, a.teacher_lr),
-                                                   f"training.eval_every={a.eval_every}", "eval.best_metric=eval/ce",
-                                                   f"training.early_stopping_patience={a.patience}"],
-                   "train the teacher until its validation CE stops improving")
+                                                   *training(a, a.teacher_max_steps, a.teacher_lr), *until_best],
+                   "train the teacher on the summaries until its validation CE stops improving")
     return run / "best"
 
 
@@ -138,6 +197,8 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--pretrain-steps", type=int, default=2000,
+                   help="most steps of the teacher's text-infilling pretraining (0: none)")
     p.add_argument("--teacher-max-steps", type=int, default=20000)
     p.add_argument("--patience", type=int, default=3, help="evaluations without a better validation CE")
     p.add_argument("--eval-every", type=int, default=200)
