@@ -105,9 +105,10 @@ def data_settings(a: argparse.Namespace, path) -> list[str]:
             "data.eval_split=validation"]
 
 
-def training(a: argparse.Namespace, steps: int, lr: float) -> list[str]:
+def training(a: argparse.Namespace, steps: int, lr: float, warmup: int | None = None) -> list[str]:
+    warmup = max(1, steps // 20) if warmup is None else min(warmup, steps)
     return [f"training.max_steps={steps}", f"training.learning_rate={lr}", f"training.micro_batch_size={a.batch}",
-            f"training.seed={a.seed}", f"training.warmup_steps={max(1, steps // 20)}", "training.log_every=50",
+            f"training.seed={a.seed}", f"training.warmup_steps={warmup}", "training.log_every=50",
             f"training.save_every={a.eval_every}", "eval.generate=false"]
 
 
@@ -155,6 +156,11 @@ def write_infilling(data: Path, out: Path, a: argparse.Namespace, mask: str, win
                                                 a.target_column: " ".join(part)}) + "\n")
 
 
+def decoding(a: argparse.Namespace) -> list:
+    """Every model's generation settings: greedy, as the models' configs say, without repeated 3-grams."""
+    return ["--max-new-tokens", a.max_new_tokens, "--no-repeat-ngram-size", a.no_repeat_ngram_size]
+
+
 def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
     w = a.workdir
     tok, init = w / "tokenizer", w / "teacher-init"
@@ -175,11 +181,13 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
 
             write_infilling(Path(data), infilling, a, AutoTokenizer.from_pretrained(tok).mask_token)
         pre = st.train("teacher.yaml", w / "pretrain", [f"student.path={init}", *data_settings(a, infilling),
-                                                        *training(a, a.pretrain_steps, a.teacher_lr), *until_best],
+                                                        *training(a, a.pretrain_steps, a.teacher_lr, a.teacher_warmup),
+                                                        *until_best],
                        "pretrain the teacher by text infilling until its validation CE stops improving")
         init = pre / "best"
     run = st.train("teacher.yaml", w / "teacher", [f"student.path={init}", *data_settings(a, data),
-                                                   *training(a, a.teacher_max_steps, a.teacher_lr), *until_best],
+                                                   *training(a, a.teacher_max_steps, a.teacher_lr, a.teacher_warmup),
+                                                   *until_best],
                    "train the teacher on the summaries until its validation CE stops improving")
     return run / "best"
 
@@ -196,7 +204,11 @@ def main() -> None:
     p.add_argument("--teacher-layers", type=int, default=4)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--teacher-lr", type=float, default=5e-4)
+    # BART is post-LN: from scratch it needs a long warmup (Xiong et al., 2020). With 1e-3 after 25 steps,
+    # within 200 steps the encoder's feed-forward output became one vector ~50x the tokens' own, the same
+    # for every source, and nothing of the source reached the decoder again
+    p.add_argument("--teacher-warmup", type=int, default=250, help="warmup steps of each teacher stage")
     p.add_argument("--pretrain-steps", type=int, default=2000,
                    help="most steps of the teacher's text-infilling pretraining (0: none)")
     p.add_argument("--teacher-max-steps", type=int, default=20000)
@@ -214,6 +226,7 @@ def main() -> None:
     p.add_argument("--eval-samples", type=int, default=512, help="validation examples per evaluation")
     p.add_argument("--test-samples", type=int, help="test examples (default: the whole split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=3, help="as BART's summarization models generate")
     p.add_argument("--min-distinct", type=float, default=0.5,
                    help="the least share of distinct teacher summaries on validation sources to go on to the students")
     p.add_argument("--nproc", type=int, default=2)
@@ -231,7 +244,7 @@ def main() -> None:
     teacher = Path(a.teacher).resolve() if a.teacher else build_teacher(a, st, data)
     check = a.workdir / "teacher-check.jsonl"  # before any student: a teacher that ignores its source teaches nothing
     st.run(None, st.distill("generate", "--model", teacher, "--data", data, "--split", "validation", "--out", check,
-                            "--source-column", a.source_column, "--max-new-tokens", a.max_new_tokens,
+                            "--source-column", a.source_column, *decoding(a),
                             "--max-source-length", a.max_source_length, "--max-samples", 64),
            "the teacher's summaries of 64 validation sources")
     share = distinct_share(check)
@@ -255,7 +268,7 @@ def main() -> None:
 
     pl = a.workdir / "pl"
     generation = ["--split", "train", "--source-column", a.source_column, "--target-column", a.target_column,
-                  "--max-new-tokens", a.max_new_tokens, "--max-source-length", a.max_source_length,
+                  *decoding(a), "--max-source-length", a.max_source_length,
                   *(["--max-samples", a.train_samples] if a.train_samples else [])]
     st.run(pl / "pseudo_label.json", st.distill("pseudo-label", "--model", teacher, "--data", data, "--out", pl,
                                                 *generation, ranks=a.nproc), "pseudo-labels")
@@ -283,7 +296,7 @@ def main() -> None:
     results = a.workdir / "eval"
     models = {"teacher": ("teacher", teacher), **students}  # file-safe name -> (name in the table, model)
     cmd = st.distill("evaluate", "--data", data, "--split", "test", "--source-column", a.source_column,
-                     "--target-column", a.target_column, "--max-new-tokens", a.max_new_tokens,
+                     "--target-column", a.target_column, *decoding(a),
                      "--max-source-length", a.max_source_length, "--out", results)
     for slug, (_, path) in models.items():
         cmd += ["--model", path, "--model-name", slug]
