@@ -23,8 +23,8 @@ a result file); a rerun skips finished stages and continues unfinished runs from
     python benchmarks/quality.py --data DIR --workdir runs/quality [--teacher DIR] [--steps 1500] ...
     python benchmarks/quality.py --docstrings --workdir runs/quality   # the corpus of benchmarks/docstring_corpus.py
 
-The defaults fit a few hours on 2 CPU cores with the docstring corpus (a 6-6, d_model 256 teacher at 256
-source tokens took 3.1 s per 32-example step there: the default teacher is 4-4 at 192).
+The defaults are sized for a few hours on 2 CPU cores with the docstring corpus: a 4-4, d_model 256 teacher
+at 128 source tokens takes about 1.5 s per 32-example step there (BENCHMARKS.md has the run's settings).
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ class Stages:
         return out
 
 
-def data_settings(a: argparse.Namespace, path) -> list[str]:
+def data_settings(a: argparse.Namespace, path, train_samples: int | None = None) -> list[str]:
     return [f"data.path={path}", f"data.source_column={a.source_column}", f"data.target_column={a.target_column}",
             f"data.max_source_length={a.max_source_length}", f"data.max_target_length={a.max_target_length}",
-            f"data.max_train_samples={a.train_samples or 'null'}", f"data.max_eval_samples={a.eval_samples}", "data.train_split=train",
+            f"data.max_train_samples={train_samples or 'null'}", f"data.max_eval_samples={a.eval_samples}",
+            "data.train_split=train",
             "data.eval_split=validation"]
 
 
@@ -222,7 +223,6 @@ def main() -> None:
     p.add_argument("--min-rouge2", type=float, default=10.0, help="PL filter: drop labels under this ROUGE-2")
     p.add_argument("--max-source-length", type=int, default=128)
     p.add_argument("--max-target-length", type=int, default=48)
-    p.add_argument("--train-samples", type=int, help="training examples (default: the whole split)")
     p.add_argument("--eval-samples", type=int, default=512, help="validation examples per evaluation")
     p.add_argument("--test-samples", type=int, help="test examples (default: the whole split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -235,6 +235,8 @@ def main() -> None:
     if bool(a.data) == a.docstrings:
         raise SystemExit("quality: give --data or --docstrings (one of them)")
     a.workdir = a.workdir.resolve()
+    # every student reads the same examples, each once, and the teacher labels only those for PL
+    a.student_examples = a.steps * a.batch * a.nproc
     st = Stages(a.workdir, a.nproc)
     data = a.data
     if a.docstrings:
@@ -269,7 +271,7 @@ def main() -> None:
     pl = a.workdir / "pl"
     generation = ["--split", "train", "--source-column", a.source_column, "--target-column", a.target_column,
                   *decoding(a), "--max-source-length", a.max_source_length,
-                  *(["--max-samples", a.train_samples] if a.train_samples else [])]
+                  "--max-samples", a.student_examples]
     st.run(pl / "pseudo_label.json", st.distill("pseudo-label", "--model", teacher, "--data", data, "--out", pl,
                                                 *generation, ranks=a.nproc), "pseudo-labels")
     pl_r2 = a.workdir / "pl-rouge2"
@@ -289,7 +291,8 @@ def main() -> None:
             slug = method.lower().replace(" + ", "-").replace(" ", "-") + f"-d{layers}"
             teacher_setting = [f"teacher.path={teacher}"] if recipe == "kd.yaml" else []
             run = st.train(recipe, a.workdir / "runs" / slug,
-                           [f"student.path={init}", *teacher_setting, *data_settings(a, source), *training(a, a.steps, a.lr),
+                           [f"student.path={init}", *teacher_setting, *data_settings(a, source, a.student_examples),
+                            *training(a, a.steps, a.lr),
                             "training.eval_every=0", *extra], f"student: {name}")
             students[slug] = (name, run / "final")
 
@@ -390,7 +393,8 @@ def report(rows: dict, gaps: dict, commands: list[str], a: argparse.Namespace, h
     n = next(iter(rows.values()))["n"]
     return (f"Machine: {machine()}; {hours:.1f} h from the first stage's end to the last's. Data: "
             f"{'the docstring corpus (benchmarks/docstring_corpus.py)' if a.docstrings else a.data}; {n} test "
-            f"examples, greedy decoding, at most {a.max_new_tokens} new tokens; ROUGE F1 × 100 with bootstrap 95% "
+            f"examples, greedy decoding without repeated {a.no_repeat_ngram_size}-grams, at most {a.max_new_tokens} new "
+            "tokens; ROUGE F1 × 100 with bootstrap 95% "
             f"intervals. Every student: {a.steps} steps, learning rate {a.lr}, seed {a.seed}, micro-batch {a.batch} "
             f"on each of {a.nproc} ranks.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(ranking(rows))
             + "\n\nEach method against SFT at the same depth, paired over the same test examples (bootstrap 95% "
