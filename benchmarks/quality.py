@@ -158,7 +158,7 @@ def write_infilling(data: Path, out: Path, a: argparse.Namespace, mask: str, win
 
 
 def decoding(a: argparse.Namespace) -> list:
-    """Every model's generation settings: greedy, as the models' configs say, without repeated 3-grams."""
+    """Every model's generation settings: greedy, as the models' configs say, without repeated n-grams."""
     return ["--max-new-tokens", a.max_new_tokens, "--no-repeat-ngram-size", a.no_repeat_ngram_size]
 
 
@@ -180,7 +180,12 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
         if not (infilling / "train.jsonl").exists():
             from transformers import AutoTokenizer
 
-            write_infilling(Path(data), infilling, a, AutoTokenizer.from_pretrained(tok).mask_token)
+            from distill.errors import DistillError
+
+            try:
+                write_infilling(Path(data), infilling, a, AutoTokenizer.from_pretrained(tok).mask_token)
+            except DistillError as exc:
+                raise SystemExit(f"quality: text infilling data: {exc}") from None
         pre = st.train("teacher.yaml", w / "pretrain", [f"student.path={init}", *data_settings(a, infilling),
                                                         *training(a, a.pretrain_steps, a.teacher_lr, a.teacher_warmup),
                                                         *until_best],
@@ -206,9 +211,9 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--teacher-lr", type=float, default=5e-4)
-    # BART is post-LN: from scratch it needs a long warmup (Xiong et al., 2020). With 1e-3 after 25 steps,
-    # within 200 steps the encoder's feed-forward output became one vector ~50x the tokens' own, the same
-    # for every source, and nothing of the source reached the decoder again
+    # BART is post-LN: from scratch it needs a long warmup (Xiong et al., 2020). At 1e-3 after 25 warmup steps,
+    # within 200 steps the encoder's feed-forward output became one vector, 3.2x the layer's input and the same
+    # for every token, and nothing of the source reached the decoder again (BENCHMARKS.md)
     p.add_argument("--teacher-warmup", type=int, default=250, help="warmup steps of each teacher stage")
     p.add_argument("--pretrain-steps", type=int, default=2000,
                    help="most steps of the teacher's text-infilling pretraining (0: none)")
