@@ -121,11 +121,14 @@ def _reference(kind, student, teacher, h_s, h_t, labels):
 @pytest.mark.parametrize("kind", DIVERGENCES)
 @pytest.mark.parametrize("rows", [1, 4, 100])
 @pytest.mark.parametrize("sub_chunks", ["cpu", "3 rows", "none (GPU)"])
-def test_pass_matches_the_unfused_float64_reference(kind, rows, sub_chunks, monkeypatch):
+@pytest.mark.parametrize("vocab_block", [None, 7])
+def test_pass_matches_the_unfused_float64_reference(kind, rows, sub_chunks, vocab_block, monkeypatch):
     # the row functions over cache-sized sub-chunks (CPU: larger than these chunks), sub-chunks of 3 rows
-    # inside each chunk, and none (a GPU's whole chunk)
+    # inside each chunk, and none (a GPU's whole chunk); the logits in one matmul, or 7 weight rows at a
+    # time (CPU's VOCAB_BLOCK, here with a partial last block of both heads)
     sub = {"cpu": fused_head.SUB_CHUNK_ELEMENTS, "3 rows": {"cpu": 3 * 20}, "none (GPU)": {}}[sub_chunks]
     monkeypatch.setattr(fused_head, "SUB_CHUNK_ELEMENTS", sub)
+    monkeypatch.setattr(fused_head, "VOCAB_BLOCK", {} if vocab_block is None else {"cpu": vocab_block})
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         student, teacher, h_s, h_t, labels = _case(dtype)
         budget = rows * row_bytes([20, 23], torch.device("cpu")) / 2**20
@@ -207,8 +210,9 @@ def test_rows_per_chunk_follow_the_byte_budget():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert rows_per_chunk(1024, [128256, 128256], gpu) == 1024 * 2**20 // (LIVE_ROW_TENSORS * 4 * 2 * 128256)
     assert rows_per_chunk(1024, [128256, 128256], gpu) > 100  # hundreds of rows at a 128k vocabulary on a GPU
-    # on CPU the row functions run over cache-sized sub-chunks: a chunk holds both logits and one gradient
-    assert rows_per_chunk(1024, [128256, 128256], cpu) == 1024 * 2**20 // (4 * 3 * 128256)
+    # on CPU the row functions run over cache-sized sub-chunks: a chunk holds both logits (the gradient
+    # overwrites the student's)
+    assert rows_per_chunk(1024, [128256, 128256], cpu) == 1024 * 2**20 // (4 * 2 * 128256)
     assert rows_per_chunk(1e-9, [10], cpu) == 1
 
 

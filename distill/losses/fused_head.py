@@ -33,7 +33,7 @@ LIVE_ROW_TENSORS = 6
 # Elements of the sub-chunks the row functions run over on CPU. A chunk's logits are made and its gradient
 # pushed through the head in a few large matmuls, but the divergences' dozen elementwise passes run over
 # slices of it that fit in the CPU's cache: over a whole chunk of hundreds of rows × 128k they are bound by
-# memory bandwidth (BENCHMARKS.md). Then a chunk holds only its logits and its gradient (``row_bytes``). A
+# memory bandwidth (BENCHMARKS.md). Then a chunk holds only its logits (``row_bytes``). A
 # GPU runs them over the whole chunk (one kernel each).
 SUB_CHUNK_ELEMENTS = {"cpu": 1 << 20}
 
@@ -72,9 +72,9 @@ def chunk_budget(budget_mib: Optional[float], device: torch.device) -> float:
 
 def row_bytes(vocab_sizes: Sequence[int], device: torch.device) -> int:
     """Bytes of working set per row of a chunk: the float32 intermediates of every model's logits, or, with
-    sub-chunks, the logits of each model and the student's gradient (``vocab_sizes[0]``: the student's)."""
+    sub-chunks, the logits of each model (the student's gradient overwrites its logits)."""
     if device.type in SUB_CHUNK_ELEMENTS:
-        return 4 * (sum(vocab_sizes) + vocab_sizes[0])
+        return 4 * sum(vocab_sizes)
     return LIVE_ROW_TENSORS * 4 * sum(vocab_sizes)
 
 
@@ -153,7 +153,7 @@ class _HeadPass(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         differentiable = (need_h or need_w or need_b) and any(s.coef is not None for s in sums)
         grad_h = torch.zeros_like(hidden) if need_h and differentiable else None
-        grad_w = torch.zeros_like(weight) if need_w and differentiable else None
+        grad_w = None  # the first chunk's product, then accumulated: no zeroing pass over V × d
         grad_b = torch.zeros_like(bias) if need_b and differentiable else None
         compute = torch.promote_types(weight.dtype, torch.float32)
         total = torch.zeros((), dtype=compute, device=hidden.device)
@@ -161,15 +161,19 @@ class _HeadPass(torch.autograd.Function):
         device = hidden.device.type
         block = VOCAB_BLOCK.get(device)
         sub = chunk if device not in SUB_CHUNK_ELEMENTS else max(1, SUB_CHUNK_ELEMENTS[device] // weight.shape[0])
+        # one buffer per model for every chunk's logits, the student's then holding the chunk's gradient: on CPU
+        # a fresh chunk-sized tensor is fresh pages, faulted in again for every chunk
+        z_buf = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=weight.dtype)
+        t_buf = t_hidden.new_empty(z_buf.shape[0], t_weight.shape[0], dtype=t_weight.dtype) \
+            if isinstance(t_head, Head) else None
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, min(start + chunk, hidden.shape[0]))
             h = hidden[rows]
-            z_rows = head.linear(h, weight, bias, block)
+            z_rows = head.linear(h, weight, bias, block, out=z_buf[:h.shape[0]])
             if isinstance(t_head, Head):
-                t_rows = t_head.linear(t_hidden[rows], t_weight, t_bias, block)
+                t_rows = t_head.linear(t_hidden[rows], t_weight, t_bias, block, out=t_buf[:h.shape[0]])
             else:  # a cached teacher's rows, or none
                 t_rows = None if t_head is None else t_head[rows]
-            g_rows = torch.empty_like(z_rows) if differentiable else None
             for a in range(0, z_rows.shape[0], sub):
                 part, absolute = slice(a, a + sub), slice(start + a, min(start + a + sub, rows.stop))
                 z = z_rows[part].to(compute).requires_grad_(differentiable)
@@ -181,17 +185,23 @@ class _HeadPass(torch.autograd.Function):
                         z.new_zeros(0)
                     weighted = sum((item.coef * part_sums[k] for k, item in enumerate(sums) if item.coef is not None),
                                    start=torch.zeros((), dtype=compute, device=z.device))
-                if differentiable:
-                    g_rows[part] = torch.autograd.grad(weighted, z)[0]
+                if differentiable:  # the gradient replaces the logits it came from, which nothing reads again
+                    z_rows[part] = torch.autograd.grad(weighted, z)[0]
                 total += weighted.detach()
                 values += part_sums.detach().double()
             if differentiable:
+                g_rows = z_rows
                 if grad_h is not None:
-                    grad_h[rows] = g_rows @ weight * head.scale if head.scale != 1.0 else g_rows @ weight
-                if grad_w is not None:  # accumulated in the weight's dtype, as the model's own head would hold it
-                    grad_w.addmm_(g_rows.t(), h * head.scale if head.scale != 1.0 else h)
+                    torch.mm(g_rows, weight, out=grad_h[rows])
+                    if head.scale != 1.0:
+                        grad_h[rows] *= head.scale
+                if need_w:  # accumulated in the weight's dtype, as the model's own head would hold it
+                    h_scaled = h * head.scale if head.scale != 1.0 else h
+                    grad_w = g_rows.t() @ h_scaled if grad_w is None else grad_w.addmm_(g_rows.t(), h_scaled)
                 if grad_b is not None:
                     grad_b += g_rows.sum(0)
+        if need_w and differentiable and grad_w is None:  # no rows
+            grad_w = torch.zeros_like(weight)
         # attributes, not saved tensors: the backward hands the buffers themselves to autograd
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(values)
