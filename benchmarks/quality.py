@@ -18,7 +18,8 @@ summarization dataset the trainer reads, with the project's own commands and lau
    bootstrap 95% intervals, ms per example and speed-up; one table, with the commands, to BENCHMARKS.md.
 
 Every stage leaves a marker of completion (a finished run's ``eval_results.json``, a dataset's index file,
-a result file); a rerun skips finished stages and continues unfinished runs from their checkpoints.
+a result file); a rerun skips finished stages and continues unfinished runs from their checkpoints. A finished
+stage made with other settings (another ``--steps``, another teacher) stops the rerun with one line.
 
     python benchmarks/quality.py --data DIR --workdir runs/quality [--teacher DIR] [--steps 1500] ...
     python benchmarks/quality.py --docstrings --workdir runs/quality   # the corpus of benchmarks/docstring_corpus.py
@@ -55,10 +56,13 @@ METHODS = {  # name -> (recipe, overrides); PL runs read their own dataset
 
 
 class Stages:
-    """Runs the commands, skipping those whose output marks them done, and keeps the list for the table."""
+    """Runs the commands, skipping those whose output marks them done, and keeps the list for the table.
+    ``stages.json`` in the workdir records the command behind each marker, so a finished stage is reused
+    only for the same settings."""
 
     def __init__(self, work: Path, nproc: int):
         self.work, self.nproc, self.commands, self.markers = work, nproc, [], []
+        self.record = work / "stages.json"
 
     def run(self, done: Path | None, cmd: list, title: str) -> None:
         """``done`` None: the command resumes itself (``distill generate``), so it always runs."""
@@ -67,6 +71,7 @@ class Stages:
         if done is not None:
             self.markers.append(done)
             if done.exists():
+                self._check(done, cmd, title)
                 print(f"== {title}: done ({done})", flush=True)
                 return
         print(f"== {title}\n$ {shown}", flush=True)
@@ -74,6 +79,20 @@ class Stages:
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
         if proc.returncode != 0 or (done is not None and not done.exists()):
             raise SystemExit(f"quality: {title} failed (exit {proc.returncode}): {shown}")
+        if done is not None:
+            self._check(done, cmd, title)
+
+    def _check(self, done: Path, cmd: list, title: str) -> None:
+        """Records the stage's settings, or stops if the finished stage was made with others (a stage made
+        before this record existed is taken as it is)."""
+        key = " ".join(str(c) for k, c in enumerate(cmd) if k == 0 or cmd[k - 1] != "--master_port")
+        key = key.replace(str(ROOT) + "/", "")
+        record = json.loads(self.record.read_text()) if self.record.exists() else {}
+        made = record.setdefault(str(done), key)
+        if made != key:
+            raise SystemExit(f"quality: {title} in {done.parent} was made with other settings; remove it "
+                             f"or use another --workdir (then: {made}; now: {key})")
+        self.record.write_text(json.dumps(record, indent=1))
 
     def hours(self) -> float:
         """Wall time from the first stage's completion marker to the last one's, over every run and rerun."""

@@ -6,11 +6,13 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import docstring_corpus as dc  # noqa: E402
-from benchmarks.quality import (distinct_share, gap_lines, infill, paired_gaps, per_example_scores,  # noqa: E402
+from benchmarks.quality import (Stages, distinct_share, gap_lines, infill, paired_gaps, per_example_scores,  # noqa: E402
                                 ranking)
 
 DOC = '''Compute the running mean of a stream of numbers.
@@ -132,3 +134,18 @@ def test_text_infilling_masks_a_share_of_the_words_in_spans_and_keeps_the_rest_i
     assert len(kept) == 40 - 12 and kept == sorted(kept, key=lambda w: int(w[1:]))  # 30% masked, order kept
     assert 1 <= out.count("<mask>") <= 12  # each span becomes one mask
     assert infill(words, random.Random(1), "<mask>", ratio=0.0) == " ".join(words)
+
+
+def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path, capsys):
+    st, marker = Stages(tmp_path, 1), tmp_path / "out" / "done.json"
+
+    def make(steps, port):
+        code = f"import pathlib; p = pathlib.Path({str(marker)!r}); p.parent.mkdir(exist_ok=True); p.write_text('{steps}')"
+        return [sys.executable, "-c", code, "--master_port", port]
+
+    st.run(marker, make(10, 1234), "stage")
+    st.run(marker, make(10, 5678), "stage")  # another port is the same settings: skipped
+    assert "stage: done" in capsys.readouterr().out and marker.read_text() == "10"
+    with pytest.raises(SystemExit, match="stage in .* was made with other settings"):
+        st.run(marker, make(20, 1234), "stage")
+    assert marker.read_text() == "10"
