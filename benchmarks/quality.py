@@ -92,7 +92,9 @@ class Stages:
         if made != key:
             raise SystemExit(f"quality: {title} in {done.parent} was made with other settings; remove it "
                              f"or use another --workdir (then: {made}; now: {key})")
-        self.record.write_text(json.dumps(record, indent=1))
+        partial = self.record.with_suffix(".partial")  # replaced whole: a kill mid-write leaves the old record
+        partial.write_text(json.dumps(record, indent=1))
+        partial.replace(self.record)
 
     def hours(self) -> float:
         """Wall time from the first stage's completion marker to the last one's, over every run and rerun."""
