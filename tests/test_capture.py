@@ -1,12 +1,19 @@
 """Feature capture against transformers' own outputs: hidden states against ``output_hidden_states``,
 attention distributions rebuilt from captured Q/K against eager ``output_attentions`` on the same
-weights, for BART, T5 (relative-position bias) and LLaMA (rotary, grouped-query attention)."""
+weights, for BART, T5 (relative-position bias), LLaMA (rotary, grouped-query attention) and the masked
+LMs BERT, RoBERTa and ModernBERT (rotary, sliding-window layers)."""
 
 import pytest
 import torch
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
+    BertConfig,
+    BertForMaskedLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
     LlamaConfig,
     LlamaForCausalLM,
     T5Config,
@@ -25,6 +32,10 @@ register_attention()
 BART = dict(vocab_size=64, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=1,
             decoder_start_token_id=2, dropout=0.0, attention_dropout=0.0)
+
+
+ENCODER = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               pad_token_id=1, max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def _models(cls, config, tmp_path):
@@ -56,6 +67,12 @@ CASES = {
                             num_heads=4, pad_token_id=1, decoder_start_token_id=2, dropout_rate=0.0),
            {"encoder": (0, 2), "decoder": (1, 2)},
            {"encoder_self": (0, 1), "decoder_self": (0, 1), "decoder_cross": (1,)}),
+    "bert": (BertForMaskedLM, lambda: BertConfig(**ENCODER), {"encoder": (0, 1, 3)}, {"encoder_self": (0, 2)}),
+    "roberta": (RobertaForMaskedLM, lambda: RobertaConfig(**ENCODER), {"encoder": (2, 3)}, {"encoder_self": (1,)}),
+    "modernbert": (ModernBertForMaskedLM,
+                   lambda: ModernBertConfig(**ENCODER, global_attn_every_n_layers=2, local_attention=4, bos_token_id=0,
+                                            eos_token_id=2, cls_token_id=0, sep_token_id=2),
+                   {"encoder": (0, 1, 3)}, {"encoder_self": (0, 1)}),
     "llama-gqa": (LlamaForCausalLM,
                   lambda: LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=1),
@@ -77,15 +94,21 @@ def test_capture_matches_transformers_outputs(case, tmp_path):
         out = wrapped(features=True, **batch)
         logits = out.head.logits(out.hidden)
     features = out.features
-    torch.testing.assert_close(logits, reference.logits.reshape(logits.shape), atol=1e-5, rtol=1e-4)
+    # padding rows are never read (ModernBERT's eager and SDPA paths differ there)
+    real = (batch.get("decoder_input_ids", batch["input_ids"]) != 1).reshape(-1)
+    torch.testing.assert_close(logits[real], reference.logits.reshape(logits.shape)[real], atol=1e-5, rtol=1e-4)
 
-    tuples = {"encoder": getattr(reference, "encoder_hidden_states", None),
+    encoder_only = not config.is_encoder_decoder and "encoder" in hidden
+    tuples = {"encoder": reference.hidden_states if encoder_only else getattr(reference, "encoder_hidden_states", None),
               "decoder": getattr(reference, "decoder_hidden_states", None) or reference.hidden_states}
+    tokens = {"encoder": batch["attention_mask"].bool(),
+              "decoder": batch.get("decoder_input_ids", batch["input_ids"]) != 1}
     for stack, indices in hidden.items():
         for i in indices:
-            torch.testing.assert_close(features.hidden[(stack, i)], tuples[stack][i], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(features.hidden[(stack, i)][tokens[stack]], tuples[stack][i][tokens[stack]],
+                                       atol=1e-5, rtol=1e-4)
 
-    maps = {"encoder_self": getattr(reference, "encoder_attentions", None),
+    maps = {"encoder_self": reference.attentions if encoder_only else getattr(reference, "encoder_attentions", None),
             "decoder_self": getattr(reference, "decoder_attentions", None) or reference.attentions,
             "decoder_cross": getattr(reference, "cross_attentions", None)}
     rows = {"encoder_self": batch["attention_mask"].bool(),

@@ -11,9 +11,10 @@ from torch import nn
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import (BartConfig, BartForConditionalGeneration, Gemma2Config, Gemma2ForCausalLM, GPT2Config,
-                          GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, T5Config,
-                          T5ForConditionalGeneration)
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForMaskedLM, Gemma2Config,
+                          Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, ModernBertConfig,
+                          ModernBertForMaskedLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig, RobertaForMaskedLM,
+                          T5Config, T5ForConditionalGeneration, XLMRobertaConfig, XLMRobertaForMaskedLM)
 
 from distill.losses.divergences import DIVERGENCES, scaled_divergence
 from distill.losses import fused_head
@@ -25,6 +26,9 @@ from distill.models.lm_head import Head, head_of, trunk
 PARAMS = {"beta": 0.3, "alpha": 0.2, "lam": 0.6}
 LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, pad_token_id=1)
+
+ENCODER = dict(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               pad_token_id=1, max_position_embeddings=40)
 
 FAMILIES = {
     "bart": lambda: BartForConditionalGeneration(BartConfig(
@@ -40,6 +44,12 @@ FAMILIES = {
     "qwen2-tied": lambda: Qwen2ForCausalLM(Qwen2Config(**LLAMA, tie_word_embeddings=True)),
     "gemma2-softcap": lambda: Gemma2ForCausalLM(Gemma2Config(**LLAMA, head_dim=8, final_logit_softcapping=3.0)),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=90, n_embd=32, n_layer=2, n_head=4)),
+    # masked LMs: a transform (dense, activation, LayerNorm) before the vocabulary matrix
+    "bert": lambda: BertForMaskedLM(BertConfig(**ENCODER, hidden_act="gelu_new")),
+    "roberta": lambda: RobertaForMaskedLM(RobertaConfig(**ENCODER)),
+    "xlm-roberta": lambda: XLMRobertaForMaskedLM(XLMRobertaConfig(**ENCODER)),
+    "modernbert": lambda: ModernBertForMaskedLM(ModernBertConfig(**ENCODER, global_attn_every_n_layers=2,
+                                                                 local_attention=4)),
 }
 
 
@@ -58,13 +68,23 @@ def test_trunk_and_head_give_the_models_own_logits(family):
     if hasattr(model, "final_logits_bias"):
         model.final_logits_bias.normal_()  # zeros at init would hide a missing bias
     head = head_of(model)
+    encoder = family in ("bert", "roberta", "xlm-roberta", "modernbert")
+    if encoder:
+        with torch.no_grad():
+            head.bias.normal_()
+            for name, p in model.named_parameters():  # LayerNorm's 1 and 0 would hide a missing transform
+                if "norm" in name.lower():
+                    p.normal_()
     expected = {"bart": (1.0, None, True), "t5-tied": (32**-0.5, None, False), "t5-untied": (1.0, None, False),
-                "gemma2-softcap": (1.0, 3.0, False)}.get(family, (1.0, None, False))
-    assert (head.scale, head.softcap, head.bias is not None) == expected
+                "gemma2-softcap": (1.0, 3.0, False)}.get(family, (1.0, None, encoder))
+    assert (head.scale, head.softcap, head.bias is not None, head.transform is not None) == (*expected, encoder)
+    inputs = _inputs(model)
+    if family == "modernbert":  # longer than its 4-token sliding window
+        inputs = {k: torch.cat([v, v, v], 1) for k, v in inputs.items()}
     with torch.no_grad():
-        reference = model(**_inputs(model)).logits
-        hidden, _ = trunk(model, **_inputs(model))
-        logits = head.logits(hidden)
+        reference = model(**inputs).logits
+        hidden, _ = trunk(model, **inputs)
+        logits = head.logits(head.prepare(hidden))
     assert_close(logits, reference, rtol=1e-5, atol=1e-5)
 
 

@@ -165,7 +165,9 @@ def test_bad_input_is_one_line_through_the_launcher(pair, tmp_path):
 
 def tiny(config_cls, out, **kw):
     model_cls = {"T5Config": "T5ForConditionalGeneration", "PegasusConfig": "PegasusForConditionalGeneration",
-                 "MarianConfig": "MarianMTModel", "LlamaConfig": "LlamaForCausalLM"}[config_cls.__name__]
+                 "MarianConfig": "MarianMTModel", "LlamaConfig": "LlamaForCausalLM", "BertConfig": "BertForMaskedLM",
+                 "XLMRobertaConfig": "XLMRobertaForMaskedLM",
+                 "ModernBertConfig": "ModernBertForMaskedLM"}[config_cls.__name__]
     import transformers
 
     torch_model = getattr(transformers, model_cls)(config_cls(**kw))
@@ -175,8 +177,10 @@ def tiny(config_cls, out, **kw):
 
 @pytest.fixture(scope="module")
 def tiny_family(demo_assets, tmp_path_factory):
-    """T5, Pegasus, Marian and LLaMA models with the demo tokenizer, sized so ZeRO-3 partitions them."""
-    from transformers import AutoTokenizer, LlamaConfig, MarianConfig, PegasusConfig, T5Config
+    """T5, Pegasus, Marian, LLaMA, BERT, XLM-R and ModernBERT models with the demo tokenizer, sized so ZeRO-3
+    partitions them."""
+    from transformers import (AutoTokenizer, BertConfig, LlamaConfig, MarianConfig, ModernBertConfig, PegasusConfig,
+                              T5Config, XLMRobertaConfig)
 
     root = tmp_path_factory.mktemp("family")
     tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
@@ -192,6 +196,12 @@ def tiny_family(demo_assets, tmp_path_factory):
         "marian": tiny(MarianConfig, root / "marian", **seq2seq),
         "llama": tiny(LlamaConfig, root / "llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, **common),
+        **{name: tiny(config_cls, root / name, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=258, **common, **extra)
+           for name, config_cls, extra in [
+               ("bert", BertConfig, {}), ("xlm-roberta", XLMRobertaConfig, {}),
+               ("modernbert", ModernBertConfig, dict(bos_token_id=0, cls_token_id=0, sep_token_id=2,
+                                                     global_attn_every_n_layers=2, local_attention=4))]},
     }
     for path in models.values():
         tok.save_pretrained(path)
@@ -202,9 +212,9 @@ def test_every_family_loads_partitioned(tiny_family):
     proc = ranks.launch(ROOT / "tests/scripts/load_zero3.py", list(tiny_family.values()))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["type"] for r in rows) == ["llama", "marian", "pegasus", "t5"]
+    assert sorted(r["type"] for r in rows) == ["bert", "llama", "marian", "modernbert", "pegasus", "t5", "xlm-roberta"]
     for r in rows:
-        assert r["max_diff"] < 1e-4 and 0.45 < r["share"] < 0.6, r
+        assert r["max_diff"] < 1e-4 and r["fused_diff"] < 1e-4 and 0.45 < r["share"] < 0.6, r
 
 
 def test_t5_distills(tiny_family, demo_assets, tmp_path):

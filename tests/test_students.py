@@ -10,23 +10,28 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     BartConfig,
+    BertConfig,
     GenerationConfig,
     GPT2Config,
     LlamaConfig,
     MarianConfig,
     MBartConfig,
     MistralConfig,
+    ModernBertConfig,
     MT5Config,
     PegasusConfig,
     Qwen2Config,
     Qwen3Config,
+    RobertaConfig,
     T5Config,
     UMT5Config,
+    XLMRobertaConfig,
 )
 
 from distill.errors import DistillError
 from distill.models.make_student import format_layer_map, make_student
 from distill.models.architectures import layer_stacks, stack_depths
+from distill.models.loading import auto_class
 from distill.models.layer_maps import layers_to_copy, layers_to_supervise
 
 # ---------------------------------------------------------------------------------------------
@@ -160,10 +165,21 @@ CAUSAL = {
 }
 
 
+BERT_KW = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+               max_position_embeddings=66, pad_token_id=1)
+
+ENCODERS = {
+    "bert": lambda: BertConfig(**BERT_KW),
+    "roberta": lambda: RobertaConfig(**BERT_KW),
+    "xlm-roberta": lambda: XLMRobertaConfig(**BERT_KW),
+    "modernbert": lambda: ModernBertConfig(**{**BERT_KW, "global_attn_every_n_layers": 2}, bos_token_id=0,
+                                           eos_token_id=2, cls_token_id=0, sep_token_id=2),
+}
+
+
 def save_teacher(path, config, seed=0):
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_config(config).eval()
+    model = auto_class(config).from_config(config).eval()
     model.save_pretrained(path)
     return model
 
@@ -183,8 +199,7 @@ def save_tokenizer(path):
 def reload_and_forward(path):
     """Every student directory must reload with from_pretrained and run a forward pass."""
     config = AutoConfig.from_pretrained(path)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path).eval()
+    model = auto_class(config).from_pretrained(path).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 2]])
     kwargs = {"decoder_input_ids": torch.tensor([[2, 5, 6]])} if config.is_encoder_decoder else {}
     with torch.no_grad():
@@ -304,6 +319,36 @@ def test_decoder_only_shrink(tmp_path, family):
         assert student.config.num_key_value_heads == 2 < student.config.num_attention_heads
         assert not student.config.tie_word_embeddings  # an untied head stays untied
         assert student.lm_head.weight.data_ptr() != student.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_encoder_only_shrink(tmp_path, family):
+    teacher_dir, out = tmp_path / "teacher", tmp_path / "student"
+    config = ENCODERS[family]()
+    teacher = save_teacher(teacher_dir, config)
+    info = make_student(teacher_dir, out, encoder_layers=3)
+    assert info["layer_map"] == {"encoder": [0, 2, 5]}
+    student = reload_and_forward(out)
+    assert type(student).__name__.endswith("ForMaskedLM")
+    assert stack_depths(student.config) == {"encoder": 3}
+    assert_copied(teacher, student, info["layer_map"])
+    assert_tied_if_configured(student)
+    if family == "modernbert":  # full and sliding-window layers follow the layer map
+        assert student.config.layer_types == [config.layer_types[j] for j in (0, 2, 5)]
+    with pytest.raises(DistillError, match="is encoder-only: decoder_layers does not apply"):
+        make_student(teacher_dir, tmp_path / "bad", decoder_layers=3)
+
+
+@pytest.mark.parametrize("family", list(ENCODERS))
+def test_width_student_encoder_only(tmp_path, family):
+    teacher_dir, out = tmp_path / "teacher", tmp_path / "student"
+    save_teacher(teacher_dir, ENCODERS[family]())
+    info = make_student(teacher_dir, out, encoder_layers=2, hidden_size=16, num_heads=2)
+    assert info["mode"] == "width" and info["copied_tensors"] == 0
+    student = reload_and_forward(out)
+    cfg = student.config
+    assert student.get_input_embeddings().weight.shape == (V, 16)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (2, 2, 32)
 
 
 def test_keep_depth_and_dtype(tmp_path):

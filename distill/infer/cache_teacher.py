@@ -96,7 +96,7 @@ def _top_k(model, head, batch: dict, settings: CacheSettings, vocab: int, encode
     inputs = ({k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")} | {"use_cache": False}
               if encoder_decoder else causal_model_inputs(batch, packed=False))
     hidden, _ = trunk(model, **inputs)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"])
+    rows = head.prepare(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"]))
     chunk = rows_per_chunk(chunk_budget(settings.chunk_mib, device), [vocab], device)
     ids_dtype = torch.int32 if vocab > 2**16 else torch.uint16
     out: dict[str, list[torch.Tensor]] = {part: [] for part in tc.TEACHER_KEYS.values()}

@@ -247,7 +247,7 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int, max_length: 
             following[:, :-1] = enc["attention_mask"][:, 1:].bool()
             rows = following.reshape(-1).nonzero().squeeze(1)
             targets = enc["input_ids"].roll(-1, dims=1).reshape(-1)[rows]
-            hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+            hidden = head.prepare(hidden.reshape(-1, hidden.shape[-1])[rows])
             fn = RowSum(lambda s, t, r: F.cross_entropy(s, targets[r], reduction="none"))
             nll += float(head_pass(Side(hidden, head), None, [fn])[1][0])
             count += rows.numel()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from distill.dtypes import torch_dtype
 from distill.errors import DistillError, first_line
 from distill.infer.outputs import _parts_dir, _read_records, done_records
+from distill.models.architectures import ENCODER_ONLY, model_kind
 from distill.paths import is_local_path
 from distill.runtime.cluster import join_process_group
 
@@ -126,6 +127,9 @@ def open_model(path: str):
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as exc:
         raise DistillError(f"cannot load a model and tokenizer from {path}: {first_line(exc)}") from None
+    if model_kind(config) == ENCODER_ONLY:
+        raise DistillError(f"{path} is an encoder-only masked LM ({config.model_type}), which does not generate text: "
+                           "judge it with distill finetune")
     if not config.is_encoder_decoder:
         tokenizer.padding_side = "left"  # prompts end where generation starts
         if tokenizer.pad_token is None:
@@ -153,9 +157,9 @@ def load_for_generation(location: str, config, settings: GenerateSettings, devic
                         ds_config: Optional[str] = None):
     """(model, engine-or-None) from ``open_model``'s location and config: whole on ``device``, or
     partitioned under ZeRO-3 with ``ds_config``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from distill.models.loading import auto_class
 
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    auto = auto_class(config)
     dtype = resolve_dtype(settings.dtype, device)
     if ds_config is None:
         model = auto.from_pretrained(location, dtype=dtype, attn_implementation="sdpa").to(device).eval()

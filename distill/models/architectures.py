@@ -13,7 +13,8 @@ class ArchSpec:
     """Attribute names of one model family.
 
     ``stacks``: stack name ("encoder"/"decoder") -> (module path in the *ForConditionalGeneration /
-    *ForCausalLM model, config attribute holding that stack's depth).
+    *ForCausalLM / *ForMaskedLM model, config attribute holding that stack's depth). A family with an
+    encoder stack alone is encoder-only (a masked LM), one with a decoder stack alone decoder-only.
     ``heads``: config attributes holding attention-head counts; ``ffn``: feed-forward widths.
     """
 
@@ -30,8 +31,16 @@ class ArchSpec:
     attention: dict[str, tuple[str, str]] = field(default_factory=dict)
     # Stack -> final norm applied after its last layer (some members of a family have none, e.g. BART).
     final_norm: dict[str, str] = field(default_factory=dict)
+    # What a masked LM's head does to the final hidden states before its vocabulary matrix, in order:
+    # module paths, or an activation name of transformers' ACT2FN (RoBERTa's head calls gelu itself).
+    head_transform: tuple[str, ...] = ()
 
 
+# Encoder-only masked LMs. Their layers are post-LN (BERT, RoBERTa) or end in a final norm (ModernBERT);
+# the MLM head's transform (dense, activation, LayerNorm) runs on the rows the loss reads, then the
+# vocabulary matrix in the fused head pass.
+_BERT_LIKE = dict(hidden="hidden_size", heads=("num_attention_heads",), ffn=("intermediate_size",),
+                  attention={"encoder_self": ("encoder", "attention.self")})
 _FAMILIES: dict[str, ArchSpec] = {
     "bart": ArchSpec(
         family="bart",
@@ -82,6 +91,21 @@ _FAMILIES: dict[str, ArchSpec] = {
         attention={"decoder_self": ("decoder", "attn")},
         final_norm={"decoder": "transformer.ln_f"},
     ),
+    "bert": ArchSpec(family="bert", stacks={"encoder": ("bert.encoder.layer", "num_hidden_layers")},
+                     head_transform=("cls.predictions.transform",), **_BERT_LIKE),
+    "roberta": ArchSpec(family="roberta", stacks={"encoder": ("roberta.encoder.layer", "num_hidden_layers")},
+                        head_transform=("lm_head.dense", "gelu", "lm_head.layer_norm"), **_BERT_LIKE),
+    "modernbert": ArchSpec(
+        family="modernbert",
+        stacks={"encoder": ("model.layers", "num_hidden_layers")},
+        hidden="hidden_size",
+        heads=("num_attention_heads",),
+        ffn=("intermediate_size",),
+        per_layer={"layer_types": "encoder"},
+        attention={"encoder_self": ("encoder", "attn")},
+        final_norm={"encoder": "model.final_norm"},
+        head_transform=("head",),
+    ),
 }
 
 _MODEL_TYPES: dict[str, str] = {
@@ -91,7 +115,12 @@ _MODEL_TYPES: dict[str, str] = {
     **dict.fromkeys(["t5", "mt5", "umt5"], "t5"),
     **dict.fromkeys(["llama", "qwen2", "qwen3", "mistral"], "llama"),
     "gpt2": "gpt2",
+    "bert": "bert",
+    **dict.fromkeys(["roberta", "xlm-roberta", "camembert"], "roberta"),
+    "modernbert": "modernbert",
 }
+
+ENCODER_DECODER, DECODER_ONLY, ENCODER_ONLY = "encoder-decoder", "decoder-only", "encoder-only"
 
 
 def arch_spec(config_or_model: Any) -> ArchSpec:
@@ -112,9 +141,17 @@ def arch_spec(config_or_model: Any) -> ArchSpec:
         else:
             raise DistillError(
                 f"unsupported architecture {getattr(config, 'model_type', type(config).__name__)!r}: "
-                "expected a BART/T5-style encoder-decoder or a LLaMA/GPT-2-style decoder"
+                "expected a BART/T5-style encoder-decoder, a LLaMA/GPT-2-style decoder or a BERT/RoBERTa/ModernBERT "
+                "encoder"
             )
     return _FAMILIES[family]
+
+
+def model_kind(config: Any) -> str:
+    """ENCODER_DECODER, DECODER_ONLY or ENCODER_ONLY (a masked LM), from a HF config."""
+    if getattr(config, "is_encoder_decoder", False):
+        return ENCODER_DECODER
+    return ENCODER_ONLY if set(arch_spec(config).stacks) == {"encoder"} else DECODER_ONLY
 
 
 def stack_depths(config_or_model: Any) -> dict[str, int]:

@@ -55,7 +55,7 @@ class Features:
 @dataclass
 class Output:
     """What one model's forward gives the losses: its final hidden states at the batch's target rows
-    (``rows``, flat indices), the ``Head`` that turns them into logits, the captured features and the
+    (``rows``, flat indices) through ``Head.prepare``, the ``Head`` that turns them into logits, the captured features and the
     encoder's last hidden state (encoder-decoder models)."""
 
     hidden: Tensor  # (N, d)
@@ -236,5 +236,6 @@ class FeatureModel(nn.Module):
         else:
             hidden, encoded = trunk(self.model, **inputs)
         flat = hidden.reshape(-1, hidden.shape[-1])
-        output = Output(flat if rows is None else flat.index_select(0, rows), self.head, captured, encoded)
+        output = Output(self.head.prepare(flat if rows is None else flat.index_select(0, rows)), self.head, captured,
+                        encoded)
         return output if loss is None else loss(output)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import DistillError
-from distill.models.architectures import arch_spec
+from distill.models.architectures import arch_spec, find_module
 
 T = TypeVar("T")
 
@@ -28,13 +28,23 @@ class Head:
       logits are produced as the model produces them; pairs are cropped to the shared rows by the loss);
     * ``bias``: BART-family ``final_logits_bias`` (a buffer), or the head's own bias;
     * ``scale``: T5's ``d_model**-0.5`` on the decoder output when the embeddings are tied;
-    * ``softcap``: Gemma-style final soft-capping, ``cap · tanh(z / cap)``.
+    * ``softcap``: Gemma-style final soft-capping, ``cap · tanh(z / cap)``;
+    * ``transform``: a masked LM's head before its vocabulary matrix (BERT: dense, activation, LayerNorm),
+      applied by ``prepare`` to the rows the loss reads, never to the whole sequence.
+
+    Every method takes rows already through ``prepare``.
     """
 
     module: nn.Module
     bias: Optional[Tensor] = None
     scale: float = 1.0
     softcap: Optional[float] = None
+    transform: Optional[Callable[[Tensor], Tensor]] = None
+
+    def prepare(self, hidden: Tensor) -> Tensor:
+        """The head's input rows from final hidden rows. Under ZeRO-3 the transform's modules gather their
+        own weights, so a model runs it inside its engine's forward, as ``FeatureModel`` does."""
+        return hidden if self.transform is None else self.transform(hidden)
 
     @property
     def weight(self) -> Tensor:
@@ -107,7 +117,7 @@ class Head:
 
 
 def head_of(model: nn.Module) -> Head:
-    """The ``Head`` of a Hugging Face *ForConditionalGeneration / *ForCausalLM model."""
+    """The ``Head`` of a Hugging Face *ForConditionalGeneration / *ForCausalLM / *ForMaskedLM model."""
     module = model.get_output_embeddings()
     if module is None or not hasattr(module, "weight"):
         raise DistillError(f"{type(model).__name__} has no LM head to distill logits through")
@@ -121,7 +131,27 @@ def head_of(model: nn.Module) -> Head:
         tied = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", True))
         scale = config.d_model ** -0.5 if tied else 1.0
     softcap = getattr(config, "final_logit_softcapping", None)
-    return Head(module, bias, scale, float(softcap) if softcap else None)
+    return Head(module, bias, scale, float(softcap) if softcap else None, _transform(model))
+
+
+def _transform(model: nn.Module) -> Optional[Callable[[Tensor], Tensor]]:
+    """The masked LM head's steps before its vocabulary matrix (``ArchSpec.head_transform``), as one call."""
+    from transformers.activations import ACT2FN
+
+    steps = []
+    for name in arch_spec(model.config).head_transform:
+        found = find_module(model, name) if name not in ACT2FN else (name, ACT2FN[name])
+        if found is None:
+            raise DistillError(f"cannot find the {name} of {type(model).__name__}'s masked LM head")
+        steps.append(found[1])
+    if not steps:
+        return None
+
+    def transform(hidden: Tensor) -> Tensor:
+        for step in steps:
+            hidden = step(hidden)
+        return hidden
+    return transform
 
 
 def trunk(model: nn.Module, **inputs: Any) -> tuple[Tensor, Optional[Tensor]]:

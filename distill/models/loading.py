@@ -15,6 +15,7 @@ import torch
 
 from distill.config.settings import ModelConfig
 from distill.dtypes import torch_dtype
+from distill.models.architectures import ENCODER_DECODER, ENCODER_ONLY, model_kind
 from distill.errors import DistillError, first_line
 from distill.paths import is_local_path
 
@@ -61,10 +62,8 @@ class Vocab:
 def check_pair(teacher_cfg, student_cfg, teacher_tok, student_tok, cross_tokenizer: Optional[str] = None) -> Vocab:
     """Refuse teacher/student pairs whose outputs cannot be compared token for token (or, with
     ``loss.cross_tokenizer``, span by span: any two tokenizers)."""
-    if teacher_cfg.is_encoder_decoder != student_cfg.is_encoder_decoder:
-        kinds = {True: "encoder-decoder", False: "decoder-only"}
-        raise DistillError(f"teacher is {kinds[teacher_cfg.is_encoder_decoder]} but student is "
-                           f"{kinds[student_cfg.is_encoder_decoder]}")
+    if model_kind(teacher_cfg) != model_kind(student_cfg):
+        raise DistillError(f"teacher is {model_kind(teacher_cfg)} but student is {model_kind(student_cfg)}")
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
     if cross_tokenizer is not None:
         for role, tok, config in (("teacher", teacher_tok, teacher_cfg), ("student", student_tok, student_cfg)):
@@ -95,11 +94,10 @@ def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: st
     Returns the model and the ``HfDeepSpeedConfig`` that must stay alive while it is in use:
     transformers consults it (through a weak reference) whenever it asks whether ZeRO-3 is on.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     from transformers.integrations import HfDeepSpeedConfig
 
     keep_alive = HfDeepSpeedConfig(ds_config)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    auto = auto_class(config)
     path = str(Path(mc.path).expanduser()) if is_local_path(mc.path) else mc.path
     with _gather_for_late_init():
         model = auto.from_pretrained(path, revision=mc.revision, dtype=torch_dtype(precision),
@@ -146,15 +144,23 @@ def rank_param_counts(model: torch.nn.Module) -> tuple[int, int]:
     return local, total
 
 
+def auto_class(config):
+    """The transformers auto class of a model's language-modelling task: AutoModelForSeq2SeqLM,
+    AutoModelForMaskedLM (encoder-only) or AutoModelForCausalLM."""
+    import transformers
+
+    kind = model_kind(config)
+    return (transformers.AutoModelForSeq2SeqLM if kind == ENCODER_DECODER
+            else transformers.AutoModelForMaskedLM if kind == ENCODER_ONLY else transformers.AutoModelForCausalLM)
+
+
 def model_class(config):
-    """The task class (*ForConditionalGeneration, *ForCausalLM) of a config, or None if unknown.
+    """The task class (*ForConditionalGeneration, *ForCausalLM, *ForMaskedLM) of a config, or None if
+    unknown.
 
     Instantiating it directly (not through ``from_config``) stays outside ZeRO-3's ``zero.Init``
     even while a run has ZeRO-3 on: export builds plain skeletons from it."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
-
-    mapping = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if config.is_encoder_decoder else MODEL_FOR_CAUSAL_LM_MAPPING
     try:
-        return mapping[type(config)]
-    except KeyError:
+        return auto_class(config)._model_mapping[type(config)]
+    except (KeyError, DistillError):
         return None

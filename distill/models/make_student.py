@@ -8,7 +8,7 @@ from typing import Any
 
 from distill.dtypes import torch_dtype
 from distill.errors import DistillError, first_line
-from distill.models.architectures import ArchSpec, arch_spec, layer_stacks, stack_depths
+from distill.models.architectures import ArchSpec, arch_spec, layer_stacks, model_kind, stack_depths
 from distill.models.layer_maps import layers_to_copy
 from distill.paths import is_local_path
 
@@ -21,7 +21,9 @@ def _positive(name: str, value: Any) -> None:
 
 
 def _load_teacher(teacher_path: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
+
+    from distill.models.loading import auto_class
 
     if is_local_path(teacher_path) and not os.path.exists(os.path.expanduser(teacher_path)):
         raise DistillError(f"teacher not found: {teacher_path}")
@@ -31,7 +33,7 @@ def _load_teacher(teacher_path: str):
         if not os.path.exists(teacher_path):
             raise DistillError(f"teacher not found: {teacher_path}") from None
         raise DistillError(f"cannot read the teacher config at {teacher_path}: {first_line(exc)}") from None
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = auto_class(config)
     try:
         model = auto.from_pretrained(teacher_path, config=config, dtype="auto")
     except (OSError, ValueError) as exc:
@@ -42,11 +44,10 @@ def _load_teacher(teacher_path: str):
 def _target_depths(spec: ArchSpec, config: Any, encoder_layers, decoder_layers) -> dict[str, int]:
     requested = {"encoder": encoder_layers, "decoder": decoder_layers}
     teacher = stack_depths(config)
-    if encoder_layers is not None and "encoder" not in spec.stacks:
-        raise DistillError(
-            f"{getattr(config, 'model_type', 'this model')} is decoder-only: "
-            "encoder_layers does not apply (use decoder_layers)"
-        )
+    for name, other in (("encoder", "decoder"), ("decoder", "encoder")):
+        if requested[name] is not None and name not in spec.stacks:
+            raise DistillError(f"{getattr(config, 'model_type', 'this model')} is {model_kind(config)}: "
+                               f"{name}_layers does not apply (use {other}_layers)")
     out = {}
     for name, n_teacher in teacher.items():
         n = requested[name]

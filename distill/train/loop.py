@@ -29,6 +29,7 @@ from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.losses.objective import AGREEMENT, Objective
 from distill.losses.schedules import lr_multiplier
+from distill.models.architectures import ENCODER_ONLY, model_kind
 from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention
 from distill.dtypes import torch_dtype
 from distill.models.loading import (check_pair, hidden_size, load_model, load_model_config, load_tokenizer,
@@ -88,6 +89,9 @@ class Trainer:
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
         if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
             raise DistillError("training.freeze_encoder needs an encoder-decoder student")
+        if model_kind(self.student_config) == ENCODER_ONLY and (cfg.eval.generate or cfg.loss.on_policy_fraction):
+            raise DistillError("the student is an encoder-only masked LM, which does not generate text: set "
+                               "eval.generate=false and loss.on_policy_fraction=0")
         world = _world()[1]
         from deepspeed.accelerator import get_accelerator
 
@@ -186,7 +190,8 @@ class Trainer:
             self.example_ids = ExampleIds(self.out, self.rank, self.world, self.step, t.gradient_accumulation_steps)
         self.models = Models(self.student, self.teacher, encoder_decoder, cfg.data.packing and not encoder_decoder,
                              cfg.loss.teacher_uses_student_encoder, loss_scale=self.world * t.gradient_accumulation_steps,
-                             check_grad_norm=t.precision != "fp16")
+                             check_grad_norm=t.precision != "fp16",
+                             encoder_only=model_kind(self.student_config) == ENCODER_ONLY)
         self.evaluator = Evaluator(cfg, self.student, self.tokenizer, self.eval_data, collate,
                                    lambda engine, batch, loss: forward(engine, self.models, batch, loss), self.device, self.out,
                                    self._partitioned_student)
@@ -449,7 +454,8 @@ def _freeze(model: torch.nn.Module, embeddings: bool, encoder: bool) -> None:
     if embeddings:
         model.get_input_embeddings().requires_grad_(False)
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in ("embed_tokens", "embed_positions", "shared", "wpe"):
+            if name.rsplit(".", 1)[-1] in ("embed_tokens", "embed_positions", "shared", "wpe", "position_embeddings",
+                                           "token_type_embeddings"):
                 module.requires_grad_(False)
     if encoder:
         model.get_encoder().requires_grad_(False)

@@ -21,6 +21,7 @@ from distill.data.token_alignment import teacher_view
 from distill.losses.objective import Objective, Output
 
 SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
+ENCODER_INPUTS = ("input_ids", "attention_mask")
 
 
 @dataclass
@@ -37,9 +38,13 @@ class Models:
     loss_scale: float = 1.0
     check_grad_norm: bool = True  # fp16's loss scaler overflows routinely: there only the loss counts
 
+    encoder_only: bool = False  # a masked LM: it reads the whole (corrupted) row, bidirectionally
+
     def inputs(self, batch: dict[str, Tensor]) -> dict[str, Any]:
         if self.encoder_decoder:
             return {**{k: batch[k] for k in SEQ2SEQ_INPUTS}, "use_cache": False}
+        if self.encoder_only:
+            return {k: batch[k] for k in ENCODER_INPUTS}
         return causal_model_inputs(batch, self.packed)
 
 

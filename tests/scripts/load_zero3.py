@@ -9,14 +9,14 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from distill.runtime.cluster import join_process_group
 from distill.config.settings import ModelConfig
 from distill.config.parsing import load_config
 from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
-from distill.models.loading import hidden_size, load_model, load_model_config, rank_param_counts
+from distill.models.lm_head import head_of, trunk
+from distill.models.loading import auto_class, hidden_size, load_model, load_model_config, rank_param_counts
 
 join_process_group()
 run = load_config(None, ["student.path=x", "student.ds_config=x", "data.path=x", "training.output_dir=x",
@@ -27,19 +27,23 @@ for path in [a for a in sys.argv[1:] if not a.startswith("--")]:  # the launcher
     ds = resolve_ds_config(read_ds_config(mc.ds_config, "teacher"), run, "teacher", dist.get_world_size(),
                            hidden_size(config), "cpu", mc.ds_config)
     model, keep = load_model(mc, config, ds, "fp32")
-    AutoModel = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds)
     ids = torch.tensor([[5, 6, 7, 8, 2], [9, 10, 11, 2, 1]])
     kwargs = {"decoder_input_ids": ids[:, :3]} if config.is_encoder_decoder else {}
     with torch.no_grad():
         logits = engine(input_ids=ids, attention_mask=(ids != 1).long(), **kwargs).logits
+        # the fused head's view of the partitioned model: its trunk, the head's transform and matrix
+        hidden, _ = trunk(engine.module, input_ids=ids, attention_mask=(ids != 1).long(), **kwargs)
+        head = head_of(engine.module)
+        fused = head.logits(head.prepare(hidden))  # the transform's modules gather their own weights
     local, total = rank_param_counts(engine.module)
     # The same model loaded whole, without ZeRO: the partitioned one must compute the same logits.
     unset_hf_deepspeed_config()
-    plain = AutoModel.from_pretrained(path).eval()
+    plain = auto_class(config).from_pretrained(path).eval()
     with torch.no_grad():
         reference = plain(input_ids=ids, attention_mask=(ids != 1).long(), **kwargs).logits
     if dist.get_rank() == 0:
         print(json.dumps({"path": path, "type": config.model_type, "share": local / total,
-                          "max_diff": (logits - reference).abs().max().item()}), flush=True)
+                          "max_diff": (logits - reference).abs().max().item(),
+                          "fused_diff": (fused - reference).abs().max().item()}), flush=True)
