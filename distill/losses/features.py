@@ -137,6 +137,13 @@ def relation_log_probs(x: Tensor, heads: int, keep: Tensor | None, rows: slice |
     return _masked_log_softmax(scores, row_slice(keep, rows))
 
 
+def common_keep(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Where both models may attend (None: everywhere). A relation compares the same key positions on
+    both sides, so a sliding-window layer of one model against a full layer of the other (ModernBERT,
+    Qwen2) is compared inside the window, and no key has probability 0 on one side only (an infinite KL)."""
+    return b if a is None else a if b is None else a & b
+
+
 def row_slice(x: Tensor | None, rows: slice | None) -> Tensor | None:
     """The query rows ``rows`` of a mask or bias broadcastable to (..., Tq, Tk); a broadcast row stays."""
     return x if x is None or rows is None or x.shape[-2] == 1 else x[..., rows, :]

@@ -220,6 +220,17 @@ def layer_stacks(model: Any) -> dict[str, tuple[str, Any]]:
     return stacks
 
 
+def layer_kind(config: Any, stack: str, layer: int) -> str:
+    """A layer's attention kind ("full_attention", "sliding_attention", ...) from the config's per-layer
+    list (``ArchSpec.per_layer``), or "full_attention" where the family has none."""
+    spec = arch_spec(config)
+    for attr, of in spec.per_layer.items():
+        kinds = getattr(config, attr, None)
+        if of == stack and isinstance(kinds, (list, tuple)) and len(kinds) > layer:
+            return str(kinds[layer])
+    return "full_attention"
+
+
 def attention_dims(config: Any, stack: str) -> tuple[int, int, int]:
     """(query heads, key/value heads, head dim) of the attention in ``stack``, from the config."""
     spec = arch_spec(config)

@@ -10,7 +10,7 @@ from distill.errors import DistillError
 from distill.losses.features import attention_log_probs, map_kl, row_slice
 from distill.losses.terms.base import (SITE_STACK, STACK_COUNT, Output, Term, layer_request, register,
                                        stack_depths_of, stack_index)
-from distill.models.architectures import attention_dims
+from distill.models.architectures import attention_dims, layer_kind
 from distill.models.capture import AttentionInputs
 from distill.models.layer_maps import resolve_layer
 
@@ -38,6 +38,11 @@ class AttentionMaps(Term):
                                    "across head counts")
             self.layers[site] = (resolve_layer(a.student_layer, n_s, "loss.attention.student_layer"),
                                  resolve_layer(a.teacher_layer, n_t, "loss.attention.teacher_layer"))
+            kinds = [layer_kind(c, stack, layer) for c, layer in zip((student_config, teacher_config), self.layers[site])]
+            if kinds[0] != kinds[1]:  # a window hides keys from one side only: an infinite KL
+                raise DistillError(f"loss.attention compares the student's {site} layer {self.layers[site][0]} "
+                                   f"({kinds[0]}) with the teacher's layer {self.layers[site][1]} ({kinds[1]}): pick "
+                                   "layers of the same kind with loss.attention.student_layer / teacher_layer")
             self.parts[f"attn/{site}"] = STACK_COUNT[stack]
         self.student_request = layer_request(attention=[(site, i) for site, (i, _) in self.layers.items()])
         self.teacher_request = layer_request(attention=[(site, j) for site, (_, j) in self.layers.items()])

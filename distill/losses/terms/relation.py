@@ -7,7 +7,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from distill.errors import DistillError
-from distill.losses.features import concat_heads, hidden_distance, map_kl, relation_log_probs
+from distill.losses.features import common_keep, concat_heads, hidden_distance, map_kl, relation_log_probs
 from distill.losses.terms.base import (QKV, SITE_STACK, STACK_COUNT, Output, Term, layer_request, qkv_width,
                                        register, stack_depths_of, stack_index)
 from distill.models.capture import Features
@@ -72,6 +72,6 @@ class Relations(Term):
             x_s = s.projected.get(f"rel_{site}_{kind}")
             x_s = concat_heads(getattr(a_s, QKV[kind])) if x_s is None else x_s
             return hidden_distance(x_s, x_t, index, "mse")
-        x_s = concat_heads(getattr(a_s, QKV[kind]))
-        return map_kl(lambda ins, sl: relation_log_probs(ins[0], r.heads, a_s.keep, rows=sl),
-                      lambda sl: relation_log_probs(x_t, r.heads, a_t.keep, rows=sl), (x_s,), index, x_s.shape[1])
+        x_s, keep = concat_heads(getattr(a_s, QKV[kind])), common_keep(a_s.keep, a_t.keep)
+        return map_kl(lambda ins, sl: relation_log_probs(ins[0], r.heads, keep, rows=sl),
+                      lambda sl: relation_log_probs(x_t, r.heads, keep, rows=sl), (x_s,), index, x_s.shape[1])
