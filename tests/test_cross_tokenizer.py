@@ -366,6 +366,7 @@ COMMON = ["data.max_train_samples=48", "training.max_steps=4", "training.warmup_
           "training.export=false"]
 
 
+@pytest.mark.integration
 def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_and_resume(demo_assets, unigram_dir,
                                                                                            tmp_path):
     from distill.models.from_scratch import init_bart
@@ -388,6 +389,7 @@ def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_an
             assert after[step][key] == pytest.approx(logged[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
+@pytest.mark.integration
 def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokenizer_on_packed_rows(
         demo_assets, unigram_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

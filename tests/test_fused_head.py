@@ -309,6 +309,7 @@ def _pairs(root):
             model.save_pretrained(root / name / role)
 
 
+@pytest.mark.integration
 def test_zero3_fused_gradients_equal_the_unfused_path_on_two_ranks(tmp_path):
     import json
 

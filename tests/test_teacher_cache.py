@@ -91,6 +91,7 @@ def test_cache_holds_the_teachers_top_k_of_every_training_target(one_rank, demo_
     assert 72 <= index["bytes"] / total < 80
 
 
+@pytest.mark.integration
 def test_two_zero3_ranks_write_the_same_cache_as_one(one_rank, demo_assets, tmp_path):
     out = tmp_path / "two"
     proc = launch(ROOT / "launchers/distill_cli.py", [
@@ -255,6 +256,7 @@ def test_cached_rows_follow_the_targets_of_packed_rows(tokenizer):
         tc.CachedTeacherCollator(collate, cache)([{**texts[i], tc.ID_KEY: i} for i in order])
 
 
+@pytest.mark.integration
 def test_training_from_a_cache_of_every_token_equals_online_kd_and_resumes_exactly(demo_assets, pair, tmp_path):
     from transformers import AutoTokenizer
 
