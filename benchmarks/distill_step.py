@@ -29,7 +29,7 @@ from benchmarks.common import append_section, machine  # noqa: E402
 
 def assets(root: Path, d_model: int) -> tuple[Path, Path, Path]:
     from examples.demo.corpus import write_demo_data
-    from distill.models.from_scratch import init_bart
+    from distill.models.from_scratch import init_model
     from distill.models.make_student import make_student
 
     paths = write_demo_data(root / "short", seed=3, n_train=480, n_validation=8, n_test=8)
@@ -40,7 +40,7 @@ def assets(root: Path, d_model: int) -> tuple[Path, Path, Path]:
               for i in range(0, len(rows) - 3, 4)]
     (long / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in joined))
     (long / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in joined[:4]))
-    teacher = init_bart(root / "teacher", paths["tokenizer"], layers=6, d_model=d_model, ffn=4 * d_model,
+    teacher = init_model(root / "teacher", paths["tokenizer"], layers=6, d_model=d_model, ffn=4 * d_model,
                                  heads=8)
     make_student(str(teacher), str(root / "student"), decoder_layers=3)
     return teacher, root / "student", long

@@ -2,7 +2,7 @@
 summarization dataset the trainer reads, with the project's own commands and launcher (2 ranks):
 
 1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``) and a random-init
-   BART (``distill init-bart``), pretrained as BART is, by text infilling on the train split's sources
+   BART (``distill init-model``), pretrained as BART is, by text infilling on the train split's sources
    (``--pretrain-steps``), then trained on the summaries; both until their validation CE stops improving
    (``training.early_stopping_patience``); the teacher is the second one's best checkpoint (``best/``).
    Without the pretraining the summaries alone never taught it to read: on the docstring corpus its
@@ -189,7 +189,7 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
     st.run(tok / "tokenizer.json", st.distill("train-tokenizer", "--data", data, "--out", tok, "--vocab-size", a.vocab,
                                               f"data.source_column={a.source_column}",
                                               f"data.target_column={a.target_column}"), "tokenizer")
-    st.run(init / "config.json", st.distill("init-bart", "--tokenizer", tok, "--out", init, "--layers",
+    st.run(init / "config.json", st.distill("init-model", "--tokenizer", tok, "--out", init, "--layers",
                                             a.teacher_layers, "--d-model", a.d_model, "--ffn", 4 * a.d_model,
                                             "--heads", a.heads, "--seed", a.seed,
                                             "--max-positions", max(a.max_source_length, a.max_target_length) + 2),

@@ -44,13 +44,13 @@ def _deepspeed(script: str, args: list) -> str:
 
 def speed_assets(root: Path, examples: int) -> tuple[Path, Path, Path]:
     from examples.demo.corpus import write_demo_data
-    from distill.models.from_scratch import init_bart
+    from distill.models.from_scratch import init_model
     from distill.models.make_student import make_student
 
     data, teacher, student = root / "data", root / "teacher", root / "student"
     if not data.exists():
         write_demo_data(data, seed=5, n_train=examples, n_validation=8, n_test=8)
-        init_bart(teacher, data / "tokenizer", layers=6, d_model=512, ffn=2048, heads=8)
+        init_model(teacher, data / "tokenizer", layers=6, d_model=512, ffn=2048, heads=8)
         make_student(str(teacher), str(student), encoder_layers=3, decoder_layers=3, hidden_size=256, num_heads=4,
                      ffn_size=1024)
     return data, teacher, student

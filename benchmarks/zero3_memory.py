@@ -91,13 +91,13 @@ def paper_table() -> str:
 def check() -> str:
     """Run the trainer on 2 CPU ranks and compare measured bytes with the formula."""
     from examples.demo.corpus import write_demo_data
-    from distill.models.from_scratch import init_bart
+    from distill.models.from_scratch import init_model
     from distill.models.make_student import make_student
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = write_demo_data(root / "data", seed=1, n_train=64, n_validation=8, n_test=8)
-        teacher = init_bart(root / "teacher", data["tokenizer"], layers=4, d_model=256, ffn=1024, heads=4)
+        teacher = init_model(root / "teacher", data["tokenizer"], layers=4, d_model=256, ffn=1024, heads=4)
         make_student(str(teacher), str(root / "student"), decoder_layers=2)
         env = {**os.environ, "DS_ACCELERATOR": "cpu"}
         from distill.runtime.cluster import free_port

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from distill.dtypes import DTYPE_NAMES
 from distill.errors import DistillError
-from distill.models.from_scratch import TOKENIZER_KINDS
+from distill.models.from_scratch import FAMILIES, TOKENIZER_KINDS
 from distill.runtime.cluster import exit_rank
 
 
@@ -35,17 +35,18 @@ def _train_tokenizer(a: argparse.Namespace) -> None:
     data = load_data_config(a.config, a.overrides, a.data)
     rows = load_split(data, a.split or data.train_split, "train")
     columns = [c for c in (data.source_column, data.target_column) if c is not None]
-    tok = train_tokenizer((row[c] for row in rows for c in columns), a.out, a.vocab_size, a.kind)
+    tok = train_tokenizer((row[c] for row in rows for c in columns), a.out, a.vocab_size, a.kind, a.sentinels)
     print(f"{a.kind} tokenizer of {len(tok)} tokens, trained on {len(rows)} examples ({', '.join(columns)}), "
           f"written to {a.out}")
 
 
-def _init_bart(a: argparse.Namespace) -> None:
-    from distill.models.from_scratch import init_bart
+def _init_model(a: argparse.Namespace) -> None:
+    from distill.models.from_scratch import init_model
 
-    out = init_bart(a.out, a.tokenizer, layers=a.layers, d_model=a.d_model, ffn=a.ffn, heads=a.heads, seed=a.seed,
-                    max_positions=a.max_positions)
-    print(f"random-init BART {a.layers}-{a.layers}, d_model {a.d_model}, written to {out}")
+    out = init_model(a.out, a.tokenizer, a.family, layers=a.layers, d_model=a.d_model, ffn=a.ffn, heads=a.heads,
+                     seed=a.seed, max_positions=a.max_positions)
+    print(f"random-init {a.family}, {a.layers} layers{' per stack' if a.family in ('bart', 't5') else ''}, "
+          f"d_model {a.d_model}, written to {out}")
 
 
 def _demo(name: str):
@@ -64,7 +65,9 @@ def _demo_data(a: argparse.Namespace) -> None:
     corpus = _demo("corpus")
     paths = corpus.write_demo_data(a.out, a.seed, a.n_train, a.n_validation, a.n_test)
     if a.teacher_init:
-        paths["teacher_init"] = str(corpus.init_bart(a.teacher_init, paths["tokenizer"], seed=a.seed))
+        from distill.models.from_scratch import init_model
+
+        paths["teacher_init"] = str(init_model(a.teacher_init, paths["tokenizer"], seed=a.seed))
     print(json.dumps(paths, indent=2))
 
 
@@ -330,20 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--kind", choices=TOKENIZER_KINDS, default="bpe",
                    help="bpe: byte-level BPE (GPT-2/LLaMA-3 style); unigram: SentencePiece-style, byte fallback")
+    p.add_argument("--sentinels", type=int, default=0,
+                   help="T5 span-corruption sentinels <extra_id_N> to add (T5 has 100)")
     p.add_argument("--config", help="a training recipe whose data settings (columns) to read")
     p.add_argument("overrides", nargs="*", metavar="data.key=value", help="data settings, as in a training recipe")
     p.set_defaults(func=_train_tokenizer)
 
-    p = sub.add_parser("init-bart", help="a randomly initialised BART of a chosen size for a tokenizer")
+    p = sub.add_parser("init-model", help="a randomly initialised model of a chosen family and size for a "
+                                          "tokenizer (to pretrain with data.objective)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (distill train-tokenizer)")
     p.add_argument("--out", required=True, help="model directory (written whole, then moved into place)")
-    p.add_argument("--layers", type=int, default=6, help="encoder and decoder layers each")
+    p.add_argument("--family", choices=FAMILIES, default="bart",
+                   help="bart, t5 (encoder-decoder), bert, roberta, modernbert (masked LM), llama (decoder-only)")
+    p.add_argument("--layers", type=int, default=6, help="layers (encoder and decoder layers each for bart, t5)")
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--ffn", type=int, default=2048, help="feed-forward width")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--max-positions", type=int, default=1024, help="longest input or output, in tokens")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_init_bart)
+    p.set_defaults(func=_init_model)
 
     p = sub.add_parser("demo-data", help="write the offline demo corpus and tokenizer")
     p.add_argument("out")

@@ -3,7 +3,7 @@
 import pytest
 
 from examples.demo.corpus import write_demo_data
-from distill.models.from_scratch import init_bart
+from distill.models.from_scratch import init_model
 
 
 @pytest.fixture(scope="session")
@@ -12,7 +12,7 @@ def demo_assets(tmp_path_factory):
     paths = write_demo_data(root / "data", seed=1, n_train=96, n_validation=24, n_test=8)
     # d_model 128: big enough that the shipped teacher config's persistence threshold (1e4 elements)
     # leaves the weight matrices partitioned, as in a real model.
-    teacher = init_bart(root / "teacher", paths["tokenizer"], layers=2, d_model=128, ffn=128, heads=4)
+    teacher = init_model(root / "teacher", paths["tokenizer"], layers=2, d_model=128, ffn=128, heads=4)
     return {"root": root, "data": root / "data", "tokenizer": paths["tokenizer"], "teacher": teacher}
 
 

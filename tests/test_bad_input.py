@@ -30,12 +30,12 @@ def run(capsys, argv):
 
 @pytest.fixture
 def other_vocab_teacher(tmp_path):
-    from distill.models.from_scratch import init_bart, train_tokenizer
+    from distill.models.from_scratch import init_model, train_tokenizer
 
     tok = train_tokenizer(["completely different words about weather and rivers " * 3, "zebra yak quokka"],
                           tmp_path / "tok", vocab_size=300)
     assert tok is not None
-    return init_bart(tmp_path / "other", tmp_path / "tok", layers=1, d_model=32, ffn=32, heads=2)
+    return init_model(tmp_path / "other", tmp_path / "tok", layers=1, d_model=32, ffn=32, heads=2)
 
 
 @pytest.mark.parametrize("override, message", [

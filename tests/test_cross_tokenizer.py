@@ -369,10 +369,10 @@ COMMON = ["data.max_train_samples=48", "training.max_steps=4", "training.warmup_
 @pytest.mark.integration
 def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_and_resume(demo_assets, unigram_dir,
                                                                                            tmp_path):
-    from distill.models.from_scratch import init_bart
+    from distill.models.from_scratch import init_model
     from ranks import launch_run, metrics, resumed_metrics
 
-    student = init_bart(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
+    student = init_model(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
     pair = [f"teacher.path={demo_assets['teacher']}", f"student.path={student}", f"data.path={demo_assets['data']}"]
     run = launch_run([*pair, *COMMON, "loss.cross_tokenizer=hybrid", f"training.output_dir={tmp_path / 'run'}"])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
@@ -444,12 +444,12 @@ def test_what_needs_the_same_tokens_is_refused_across_tokenizers(pair):
 
 def test_feature_terms_across_tokenizers_are_refused_before_any_model_loads(demo_assets, unigram_dir, pair, tmp_path,
                                                                             capsys):
-    from distill.models.from_scratch import init_bart
+    from distill.models.from_scratch import init_model
     from ranks import ROOT
 
     from distill.runtime.launch import main
 
-    student = init_bart(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
+    student = init_model(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
     capsys.readouterr()
     code = main(["--config", str(ROOT / "recipes/demo/kd.yaml"), *pair, f"student.path={student}",
                  "loss.cross_tokenizer=hybrid", "loss.w_hid=1", "loss.hidden.projection=true", "loss.hidden.map=uniform",

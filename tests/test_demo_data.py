@@ -6,7 +6,7 @@ import re
 import pytest
 
 from examples.demo import corpus as demo_data
-from distill.models.from_scratch import init_bart, train_tokenizer
+from distill.models.from_scratch import init_model, train_tokenizer
 from examples.demo.corpus import generate_corpus, write_demo_data
 from distill.errors import DistillError
 
@@ -32,7 +32,7 @@ def tokenizer(demo_dir):
 @pytest.fixture(scope="module")
 def teacher_dir(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher") / "init"
-    init_bart(out, demo_dir[1]["tokenizer"], layers=2, seed=3)
+    init_model(out, demo_dir[1]["tokenizer"], layers=2, seed=3)
     return out
 
 
@@ -210,8 +210,8 @@ def test_teacher_init_reloads_and_trains(teacher_dir, tokenizer):
 def test_teacher_init_is_deterministic(teacher_dir, demo_dir, tmp_path):
     from safetensors.torch import load_file
 
-    init_bart(tmp_path / "again", demo_dir[1]["tokenizer"], layers=2, seed=3)
-    init_bart(tmp_path / "other", demo_dir[1]["tokenizer"], layers=2, seed=4)
+    init_model(tmp_path / "again", demo_dir[1]["tokenizer"], layers=2, seed=3)
+    init_model(tmp_path / "other", demo_dir[1]["tokenizer"], layers=2, seed=4)
     a = load_file(str(teacher_dir / "model.safetensors"))
     b = load_file(str(tmp_path / "again" / "model.safetensors"))
     c = load_file(str(tmp_path / "other" / "model.safetensors"))
@@ -219,7 +219,7 @@ def test_teacher_init_is_deterministic(teacher_dir, demo_dir, tmp_path):
     assert all((a[k] == b[k]).all() for k in a)
     assert any(not (a[k] == c[k]).all() for k in a)
     with pytest.raises(DistillError):
-        init_bart(tmp_path / "bad", demo_dir[1]["tokenizer"], d_model=130, heads=4)
+        init_model(tmp_path / "bad", demo_dir[1]["tokenizer"], d_model=130, heads=4)
 
 
 # ------------------------------------------------------------------ demo data dir

@@ -61,7 +61,7 @@ def _results(run_dir: Path) -> dict:
 
 def run_demo(workdir: str | Path, nproc: int = 2) -> dict:
     from examples.demo.corpus import write_demo_data
-    from distill.models.from_scratch import init_bart
+    from distill.models.from_scratch import init_model
     from distill.models.make_student import format_layer_map, make_student
 
     for needed in (LAUNCHER, RECIPES):
@@ -71,7 +71,7 @@ def run_demo(workdir: str | Path, nproc: int = 2) -> dict:
     start = time.time()
     print(f"== 1. demo corpus, tokenizer and a random-init teacher in {w}", flush=True)
     paths = write_demo_data(w / "data")
-    init_bart(w / "teacher-init", paths["tokenizer"], layers=TEACHER_LAYERS, d_model=128, ffn=256, heads=4)
+    init_model(w / "teacher-init", paths["tokenizer"], layers=TEACHER_LAYERS, d_model=128, ffn=256, heads=4)
 
     data = f"data.path={w / 'data'}"
     _run(launch_command(RECIPES / "teacher.yaml",
