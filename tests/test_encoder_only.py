@@ -151,3 +151,17 @@ def test_attention_maps_of_a_sliding_window_layer_against_a_full_one_are_refused
         Objective(cfg, 10, student, teacher)
     cfg.attention.teacher_layer = -1
     Objective(cfg, 10, student, teacher)
+
+
+@pytest.mark.parametrize("family", list(PAIRS))
+def test_export_writes_a_masked_lm_directory(family, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from distill.infer.export import export_student
+
+    _, student = _pair(family)
+    export_student(student.float(), None, tmp_path / "final")
+    back = AutoModelForMaskedLM.from_pretrained(tmp_path / "final")
+    assert back.config.architectures == [type(student).__name__]
+    for (name, a), b in zip(student.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -157,7 +157,7 @@ def export_student(module: torch.nn.Module, tokenizer, out_dir: Path, dtype: Opt
     if state is not None:
         try:
             write_model_dir(module.config, state, tokenizer, out_dir, dtype, card,
-                            generation_config=module.generation_config)
+                            generation_config=getattr(module, "generation_config", None))  # masked LMs have none
         except DistillError as exc:
             error = str(exc)
     if dist.is_initialized():  # every rank learns whether rank 0 failed, so none waits for it
@@ -172,7 +172,8 @@ def save_model_files(model, tokenizer, run_config: dict, directory: Path) -> Non
     """What an offline export needs besides the weights, stored inside each checkpoint."""
     directory.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(directory)
-    model.generation_config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:  # masked LMs do not generate
+        model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "run_config.json").write_text(json.dumps(run_config, indent=2))
 
