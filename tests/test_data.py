@@ -140,6 +140,16 @@ def test_load_split_from_file_and_errors(jsonl, tmp_path):
         load_split(DataConfig(path=str(tmp_path)), "validation", "eval")
 
 
+def test_a_text_file_is_one_row_per_line_in_a_text_column(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("First paragraph, written by a person.\n\nSecond one.\n")
+    rows = load_split(DataConfig(path=str(corpus), source_column="text", target_column=None), "train", "train")
+    assert rows["text"] == ["First paragraph, written by a person.", "", "Second one."]
+    with pytest.raises(DistillError, match="data.source_column 'document' is not a column of the train split 'train' "
+                                           r"\(columns: text\)"):
+        load_split(DataConfig(path=str(corpus), target_column=None), "train", "train")
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

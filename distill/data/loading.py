@@ -10,7 +10,8 @@ from distill.config.settings import DataConfig
 from distill.errors import DistillError, first_line
 from distill.paths import is_local_path
 
-_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# A .txt file is plain text, one row per line, in a column named "text" (pre-training corpora).
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
 def load_split(cfg: DataConfig, split: str, role: str, need_target: bool = True):
@@ -56,7 +57,7 @@ def _load(cfg: DataConfig, path: Path, split: str):
     if path.is_file():
         builder = _BUILDERS.get("".join(path.suffixes[-1:]).lower())
         if builder is None:
-            raise DistillError(f"data.path {path}: unsupported file type (use json, jsonl, csv or parquet)")
+            raise DistillError(f"data.path {path}: unsupported file type (use json, jsonl, csv, parquet or txt)")
         # A single file is the "train" split; slices such as "train[-200:]" still work.
         return datasets.load_dataset(builder, data_files={"train": str(path)}, split=split)
     if path.is_dir():
