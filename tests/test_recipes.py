@@ -27,6 +27,12 @@ TERMS = {
     "udagawa_od.yaml": {"kd"},
     "udagawa_hs.yaml": {"hid", "hid/encoder", "hid/decoder"},
     "udagawa_mha.yaml": {"rel", "rel/encoder_self", "rel/decoder_self"},
+    "udagawa_od_roberta.yaml": {"kd"},
+    "udagawa_hs_roberta.yaml": {"hid", "hid/encoder"},
+    "udagawa_mha_roberta.yaml": {"rel", "rel/encoder_self"},
+    "udagawa_mha_xlmr.yaml": {"rel", "rel/encoder_self"},
+    "miniend_d_pretrain.yaml": {"kd", "attn", "attn/decoder_self", "attn/decoder_cross"},
+    "miniend_e_pretrain.yaml": {"kd", "attn", "attn/encoder_self", "attn/decoder_self"},
     "taid_t5_3b.yaml": {"ce", "kd", "rel", "rel/encoder_self"},
     "llama_kd.yaml": {"ce", "kd"},
     "llama_to_qwen_hybrid.yaml": {"ce", "kd", "kd/shared", "kd/uld"},  # run here on one tokenizer: all shared
@@ -96,7 +102,41 @@ def decoder_pairs(demo_assets):
 
 
 @pytest.fixture(scope="module")
-def recipe_runs(demo_assets, t5_pair, decoder_pairs, tmp_path_factory):
+def text_pairs(demo_assets):
+    """For the task-agnostic recipes, which read raw text through their teacher's objective: a 4-layer
+    RoBERTa-style masked LM on the demo tokenizer with a 2-layer student by layer copy, and a 2-2 T5 on a
+    tokenizer with T5's sentinels with a 1-1 student at half its width."""
+    import datasets
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    from distill.models.from_scratch import train_tokenizer
+    from distill.models.make_student import make_student
+
+    root = demo_assets["root"]
+    tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    roberta, roberta_student = root / "roberta-teacher", root / "roberta-student"
+    if not roberta_student.exists():
+        RobertaForMaskedLM(RobertaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4, max_position_embeddings=130,
+                                         pad_token_id=tok.pad_token_id)).save_pretrained(roberta)
+        tok.save_pretrained(roberta)
+        make_student(str(roberta), str(roberta_student), encoder_layers=2)
+    t5, t5_student = root / "t5-span-teacher", root / "t5-span-student"
+    if not t5_student.exists():
+        texts = datasets.load_dataset(str(demo_assets["data"]), split="train")["document"]
+        span_tok = train_tokenizer(texts, root / "t5-span-tokenizer", 600, sentinels=20)
+        T5ForConditionalGeneration(T5Config(
+            vocab_size=len(span_tok), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+            pad_token_id=span_tok.pad_token_id, eos_token_id=span_tok.eos_token_id,
+            decoder_start_token_id=span_tok.pad_token_id)).save_pretrained(t5)
+        span_tok.save_pretrained(t5)
+        make_student(str(t5), str(t5_student), encoder_layers=1, decoder_layers=1, hidden_size=32, num_heads=4,
+                     ffn_size=64)
+    return {"mlm": (roberta, roberta_student), "span_corruption": (t5, t5_student)}
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(demo_assets, t5_pair, decoder_pairs, text_pairs, tmp_path_factory):
     from distill.models.make_student import make_student
 
     out = tmp_path_factory.mktemp("recipes")
@@ -115,6 +155,9 @@ def recipe_runs(demo_assets, t5_pair, decoder_pairs, tmp_path_factory):
                             (demo_assets["teacher"], bart_student) if family == "distilbart" else t5_pair)
         shipped = load_config(ROOT / "recipes" / recipe)
         models = [f"student.path={student}"]
+        if shipped.data.objective is not None:  # raw text through the teacher's objective
+            teacher, student = text_pairs[shipped.data.objective]
+            models = [f"student.path={student}", "data.block_length=48", "loss.relation.heads=4"]
         if shipped.teacher is not None:
             models.append(f"teacher.path={teacher}")
         if shipped.data.target_column is not None:  # plain-text recipes stay plain text

@@ -24,6 +24,9 @@ HiddenMetric = Literal["mse", "cosine"]
 
 CrossTokenizer = Literal["uld", "hybrid"]
 
+# Pre-training objectives on raw text (distill.data.objectives): the teacher's own, applied on the fly.
+TextObjective = Literal["mlm", "span_corruption", "infilling", "causal"]
+
 
 @dataclass
 class ModelConfig:
@@ -80,6 +83,14 @@ class DataConfig:
     packing: bool = False  # pack short examples into full rows (no padding between them)
     # Rows whose source or target is null or not a string are dropped (and counted) instead of refused.
     skip_invalid: bool = False
+    # A pre-training objective on the raw text of source_column (target_column null): mlm (masked LMs),
+    # span_corruption (T5) or infilling (BART) for encoder-decoders, causal (decoder-only); null: the
+    # source/target pairs as they are. The text is cut into blocks of block_length tokens.
+    objective: Optional[TextObjective] = None
+    block_length: int = 512
+    mask_rate: Optional[float] = None  # null: mlm and span_corruption 0.15, infilling 0.30
+    mean_span_length: float = 3.0  # span_corruption's mean span, infilling's Poisson mean
+    whole_word_masking: bool = False  # mlm: mask every token of a chosen word
 
     def validate(self, prefix: str) -> None:
         if not self.path:
@@ -92,6 +103,29 @@ class DataConfig:
         _positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
         if self.source_column == self.target_column:
             raise DistillError(f"{prefix}.source_column and {prefix}.target_column are both '{self.source_column}'")
+        self._validate_objective(prefix)
+
+    def _validate_objective(self, prefix: str) -> None:
+        if not self.mean_span_length > 0:
+            raise DistillError(f"{prefix}.mean_span_length must be > 0, got {self.mean_span_length}")
+        if self.objective is None:
+            changed = [k for k in ("mask_rate", "whole_word_masking") if getattr(self, k) not in (None, False)]
+            if changed:
+                raise DistillError(f"{prefix}.{changed[0]} applies to a pre-training objective: set {prefix}.objective")
+            return
+        name = f"{prefix}.objective={self.objective}"
+        if self.target_column is not None:
+            raise DistillError(f"{name} reads raw text from {prefix}.source_column: set {prefix}.target_column=null")
+        if self.packing or self.source_prefix:
+            raise DistillError(f"{name} cuts the text into full blocks itself: {prefix}.packing and "
+                               f"{prefix}.source_prefix do not apply")
+        _positive(self, prefix, "block_length")
+        rate = self.mask_rate
+        if rate is not None and (self.objective == "causal" or not 0 < rate < 1):
+            raise DistillError(f"{prefix}.mask_rate must be in (0, 1) with a corrupting objective, got {rate} with "
+                               f"{name}")
+        if self.whole_word_masking and self.objective != "mlm":
+            raise DistillError(f"{prefix}.whole_word_masking applies to {prefix}.objective=mlm, not {self.objective}")
 
 
 SEED_LIMIT = 2**32 - 1024
@@ -409,6 +443,9 @@ class RunConfig:
         if loss.teacher_uses_student_encoder:
             raise DistillError(f"loss.teacher_uses_student_encoder feeds the student's encoding to the teacher, which "
                                f"reads other tokens under {name}")
+        if self.data.objective is not None:
+            raise DistillError(f"data.objective={self.data.objective} corrupts the student's tokens, which the teacher "
+                               f"does not read under {name}: use one tokenizer for both")
 
     def _check_cache(self) -> None:
         # what a cache of the dataset's top-K logits cannot stand in for

@@ -18,6 +18,7 @@ from distill.errors import DistillError
 IGNORE_INDEX = -100
 
 WEIGHT_KEY = "__weight__"
+EPOCH_KEY = "__epoch__"  # the epoch a training row is read in (pre-training objectives draw from it)
 
 
 def shift_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.Tensor:

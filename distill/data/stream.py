@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distill.data.collate import WEIGHT_KEY
+from distill.data.collate import EPOCH_KEY, WEIGHT_KEY
 from distill.errors import DistillError
 
 
@@ -77,7 +77,8 @@ class BatchStream:
         if self._it is None:
             self._batches = rank_batches(epoch_order(len(self.dataset), self.epoch, self.seed), self.batch_size,
                                          self.accumulation, self.rank, self.world_size)
-            loader = DataLoader(self.dataset, batch_sampler=self._batches[self.position:], collate_fn=self.collate,
+            loader = DataLoader(_InEpoch(self.dataset, self.epoch), batch_sampler=self._batches[self.position:],
+                                collate_fn=self.collate,
                                 num_workers=self.num_workers, generator=_private_generator(self.seed))
             self._it = iter(loader)
         batch = next(self._it)
@@ -100,6 +101,20 @@ class BatchStream:
             raise DistillError(f"the saved data position ({samples} examples into epoch {state['epoch']}, global "
                                f"batch {global_batch}) does not fit this run's global batch of {self.global_batch}")
         self.epoch, self.position, self._it = int(state["epoch"]), samples // global_batch * self.accumulation, None
+
+
+class _InEpoch(Dataset):
+    """Each row tagged with the epoch it is read in (``EPOCH_KEY``): a pre-training objective corrupts a
+    block afresh each epoch, from (seed, epoch, block) alone."""
+
+    def __init__(self, dataset, epoch: int):
+        self.dataset, self.epoch = dataset, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], EPOCH_KEY: self.epoch}
 
 
 class _Weighted(Dataset):

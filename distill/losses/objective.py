@@ -157,9 +157,10 @@ class Objective:
         if self.partitioned_student and not any(s.coef is not None for s in sums):
             # ZeRO-3 gathers a module's weights for the backward when the gradient reaches that module's
             # output. Feature terms alone enter mid-module (Q/K/V inside an attention block), so the
-            # blocks around them would miss that step; the final hidden states and the head's weight join
-            # the graph with weight 0 so that every module takes part in the backward.
-            total = total + student.head.call(lambda w, b, h: 0.0 * (h.sum() + w.sum()), student.hidden)
+            # blocks around them would miss that step; the final hidden states and the head's weight (and a
+            # trainable bias: BERT's) join the graph with weight 0 so that every module takes part in the backward.
+            total = total + student.head.call(lambda w, b, h: 0.0 * (h.sum() + w.sum() + (0 if b is None else b.sum())),
+                                              student.hidden)
         sums_agree = None
         if agree:
             n = torch.full((1,), student.hidden.shape[0], dtype=torch.float64, device=values.device)

@@ -22,6 +22,7 @@ from distill.config.resume import fit_accumulation, global_batch, resume_changes
 from distill.config.settings import FEATURE_WEIGHTS, RunConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
+from distill.data.objectives import TextObjectiveCollator, check_objective, text_blocks
 from distill.data.stream import BatchStream, check_enough_examples
 from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, with_example_ids
 from distill.data.token_alignment import CrossTokenizerCollator, SharedVocab
@@ -106,9 +107,15 @@ class Trainer:
             if request.attention and getattr(cfg, role).attn_implementation != "sdpa":
                 raise DistillError(f"attention capture runs on SDPA: set {role}.attn_implementation=sdpa "
                                    f"(got {getattr(cfg, role).attn_implementation!r})")
+        check_objective(cfg.data.objective, model_kind(self.student_config), "student")
         self.train_data = load_split(cfg.data, cfg.data.train_split, "train")
         self.eval_data = load_split(cfg.data, cfg.data.eval_split, "eval") if cfg.data.eval_split else None
-        if not cfg.data.truncation:
+        if cfg.data.objective is not None:  # raw text cut into blocks, each one example
+            causal = cfg.data.objective == "causal"
+            self.train_data = text_blocks(self.train_data, self.tokenizer, cfg.data, causal)
+            if self.eval_data is not None:
+                self.eval_data = text_blocks(self.eval_data, self.tokenizer, cfg.data, causal)
+        elif not cfg.data.truncation:
             self.train_data = drop_overlong(self.train_data, cfg.data, self.tokenizer)
             if self.eval_data is not None:
                 self.eval_data = drop_overlong(self.eval_data, cfg.data, self.tokenizer)
@@ -445,6 +452,8 @@ class Trainer:
 
 
 def _collator(tokenizer, config, cfg: RunConfig):
+    if cfg.data.objective is not None:
+        return TextObjectiveCollator(tokenizer, cfg.data, cfg.training.seed, getattr(config, "decoder_start_token_id", None))
     return (Seq2SeqCollator(tokenizer, cfg.data, config.decoder_start_token_id) if config.is_encoder_decoder
             else CausalCollator(tokenizer, cfg.data))
 
