@@ -242,17 +242,36 @@ def test_resume_changes_refuses_data_order_and_logs_the_rest():
 
 
 def test_accumulation_follows_the_world_size_to_keep_the_global_batch():
-    assert fit_accumulation(16, 4, 2, 2) == 2  # as saved
-    assert fit_accumulation(16, 4, 2, 1) == 4
-    assert fit_accumulation(16, 4, 1, 4) == 1
-    assert fit_accumulation(16, 2, 2, 2) == 4  # a smaller micro-batch, more accumulation
+    assert fit_accumulation(16, 4, 2, 2, 2) == 2  # as saved
+    assert fit_accumulation(16, 4, 2, 1, 2) == 4
+    assert fit_accumulation(16, 4, 1, 4, 1) == 1
+    assert fit_accumulation(16, 2, 2, 2, 2) == 4  # a smaller micro-batch, more accumulation
     with pytest.raises(DistillError) as info:
-        fit_accumulation(16, 3, 1, 2)
+        fit_accumulation(16, 3, 1, 2, 1)
     assert str(info.value) == ("the checkpoint's global batch is 16 examples per step, which 2 ranks of "
                                "training.micro_batch_size 3 cannot split evenly: set training.micro_batch_size to "
                                "1, 2, 4 or 8 (training.gradient_accumulation_steps then follows)")
     with pytest.raises(DistillError, match="which 3 ranks .* resume it on 1, 2, 4, 8 or 16 ranks"):
-        fit_accumulation(16, 4, 1, 3)
+        fit_accumulation(16, 4, 1, 3, 1)
+
+
+def test_a_changed_accumulation_is_refused_not_reset():
+    """The trainer's resume check: an accumulation the run asks for that would change the checkpoint's
+    global batch is refused with one line (it used to be set back to the checkpoint's without a word)."""
+    from distill.config.settings import RunConfig
+    from distill.train.loop import Trainer
+
+    saved = RunConfig().to_dict()
+    saved["training"].update(micro_batch_size=4, gradient_accumulation_steps=2)
+    cfg = RunConfig()
+    cfg.training.micro_batch_size, cfg.training.gradient_accumulation_steps = 4, 4
+    trainer = Trainer(cfg)
+    trainer.rank, trainer.world, trainer.resume_tag = 0, 2, "step-00000004"
+    with pytest.raises(DistillError, match="training.gradient_accumulation_steps=4 makes global batches of 32 .*"
+                                           "the checkpoint's are 16.* set training.gradient_accumulation_steps=2"):
+        trainer._keep_global_batch(saved, 2)
+    with pytest.raises(DistillError, match="=3 makes global batches of 12 examples on 1 ranks"):
+        fit_accumulation(16, 4, 3, 1, 2)  # on another number of ranks too
 
 
 def test_a_save_killed_halfway_is_never_resumed_and_is_cleared_by_the_next(tmp_path):

@@ -47,12 +47,20 @@ def global_batch(run_config: dict[str, Any], world_size: int) -> int:
     return t["micro_batch_size"] * t["gradient_accumulation_steps"] * world_size
 
 
-def fit_accumulation(batch: int, micro_batch: int, accumulation: int, world_size: int) -> int:
+def fit_accumulation(batch: int, micro_batch: int, accumulation: int, world_size: int, saved_accumulation: int) -> int:
     """The gradient accumulation steps that keep a checkpoint's global batch of ``batch`` examples on
     ``world_size`` ranks of ``micro_batch`` examples: the run's own when they fit, else the ones that do.
-    When none do, one line says which micro-batch sizes (or numbers of ranks) would."""
+    An accumulation the run changed from the checkpoint's ``saved_accumulation`` is never replaced
+    silently: when it does not fit, one line refuses it. When none fit, one line says which micro-batch
+    sizes (or numbers of ranks) would."""
     if micro_batch * accumulation * world_size == batch:
         return accumulation
+    if accumulation != saved_accumulation:
+        raise DistillError(f"training.gradient_accumulation_steps={accumulation} makes global batches of "
+                           f"{micro_batch * accumulation * world_size} examples on {world_size} ranks of "
+                           f"training.micro_batch_size {micro_batch}, but the checkpoint's are {batch}: a resume "
+                           f"keeps its global batch (and so its data position); set "
+                           f"training.gradient_accumulation_steps={saved_accumulation}, or start a new output_dir")
     if batch % (micro_batch * world_size) == 0:
         return batch // (micro_batch * world_size)
     if batch % world_size:

@@ -337,3 +337,14 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, world: int, universal: Opt
     if same_world:
         set_rng_state(rng)
     return state
+
+
+def apply_optimizer_settings(scheduler, learning_rate: float, weight_decay: float) -> None:
+    """A resumed run's learning rate, schedule and weight decay from its first step. Loading restores
+    the checkpoint's: the scheduler's ``base_lrs`` and each parameter group's lr and weight decay."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [learning_rate] * len(groups)
+    lrs = [learning_rate * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, lr in zip(groups, lrs):
+        group["lr"], group["weight_decay"] = lr, weight_decay
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the scheduler's next step

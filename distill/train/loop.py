@@ -190,6 +190,7 @@ class Trainer:
         if self.resume_tag is not None:
             self.state.load_state_dict(checkpoint.load(self.student, self.ckpt_dir, self.resume_tag, self.rank,
                                                        self.world, self.universal))
+            checkpoint.apply_optimizer_settings(self.scheduler, t.learning_rate, t.weight_decay)
             if checkpoint.world_size_of(self.ckpt_dir / self.resume_tag) != self.world:
                 # the saved RNG streams belonged to the old ranks: new ones, the same on every such resume
                 _seed_everything(int(np.random.SeedSequence([t.seed, self.rank, self.step]).generate_state(1)[0]))
@@ -236,9 +237,9 @@ class Trainer:
         stay the same) on any number of ranks: the accumulation steps follow the world size and the
         micro-batch size, or the run is refused, before any model loads, with what would fit."""
         t = self.cfg.training
-        batch = global_batch(saved, written)
-        accumulation = fit_accumulation(batch, t.micro_batch_size, t.gradient_accumulation_steps, self.world)
-        before = saved["training"]
+        batch, before = global_batch(saved, written), saved["training"]
+        accumulation = fit_accumulation(batch, t.micro_batch_size, t.gradient_accumulation_steps, self.world,
+                                        before["gradient_accumulation_steps"])
         if (t.micro_batch_size, accumulation, self.world) != (before["micro_batch_size"],
                                                               before["gradient_accumulation_steps"], written):
             self._say(f"distill: {self.resume_tag} took global batches of {batch} examples as {written} ranks x "
@@ -437,6 +438,10 @@ class Trainer:
         for name, v in self.objective.schedule_values().items():
             scalars[f"schedule/{name}"] = float(v)
         scalars["train/lr"] = self.scheduler.get_last_lr()[0]
+        # what the optimizer, the clipping and the loss use now (a resume may change each)
+        scalars["train/weight_decay"] = self.scheduler.optimizer.param_groups[0]["weight_decay"]
+        scalars["train/max_grad_norm"] = float(self.student.gradient_clipping())
+        scalars["train/temperature"] = self.objective.cfg.temperature
         norm = self.student.get_global_grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = float(norm)
