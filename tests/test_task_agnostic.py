@@ -75,3 +75,36 @@ def test_a_resume_on_one_rank_continues_them_too(bert_run):
     after, before = metrics(cut), metrics(bert_run / "run")
     for step in (3, 4):
         assert after[step]["loss/total"] == pytest.approx(before[step]["loss/total"], rel=1e-4), step
+
+
+def test_every_objective_pretrains_a_model_with_no_teacher(demo_assets, tmp_path):
+    """A user's own teacher from scratch: a tokenizer with sentinels, then random-init models pretrained by
+    their own objective on a text file, CE only, on 2 ranks (one launch runs them in turn)."""
+    import datasets
+
+    from distill.models.from_scratch import init_model, train_tokenizer
+
+    texts = datasets.load_dataset(str(demo_assets["data"]), split="train")["document"][:40]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    train_tokenizer(texts, tmp_path / "tok", 600, sentinels=20)
+    jobs = []
+    for objective, family in (("mlm", "modernbert"), ("span_corruption", "t5"), ("infilling", "bart"),
+                              ("causal", "llama")):
+        model = init_model(tmp_path / family, tmp_path / "tok", family, layers=1, d_model=32, ffn=64, heads=4,
+                           max_positions=64)
+        jobs.append([str(ROOT / "recipes/demo/baseline.yaml"),
+                     [f"student.path={model}", f"data.path={corpus}", "data.target_column=null", "data.source_column=text",
+                      f"data.objective={objective}", "data.block_length=48", "data.eval_split=train[-4:]",
+                      "data.max_train_samples=null", "training.max_steps=3", "training.log_every=1",
+                      "training.eval_every=0", "training.save_every=3", "training.micro_batch_size=4",
+                      "training.warmup_steps=0", f"training.output_dir={tmp_path / objective}"]])
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    from ranks import launch
+
+    proc = launch(ROOT / "tests/scripts/run_recipes.py", [tmp_path / "jobs.json"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for objective in ("mlm", "span_corruption", "infilling", "causal"):
+        m = metrics(tmp_path / objective)
+        assert sorted(m) == [1, 2, 3] and all(0 < r["loss/ce"] < 20 for r in m.values()), objective
+        assert json.loads((tmp_path / objective / "eval_results.json").read_text())["eval/ce"] > 0
