@@ -1,6 +1,8 @@
 """What a resume may change takes effect from its first step: a short 2-rank run, resumed from its middle
-checkpoint with every such setting changed, logs the new values from the first resumed step."""
+checkpoint with every such setting changed, logs the new values from the first resumed step. What it
+may not change unannounced (the data's content at the same path) is refused with one line."""
 
+import json
 import shutil
 
 import pytest
@@ -21,9 +23,11 @@ CHANGED = {"training.learning_rate": 1e-3, "training.lr_schedule": "cosine", "tr
 
 
 @pytest.fixture(scope="module")
-def short_run(pair, tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume-settings") / "run"
-    proc = launch([*pair, *FAST, f"training.output_dir={out}"])
+def short_run(pair, demo_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-settings")
+    out, data = root / "run", root / "data"  # a copy of the data of its own, which a test edits in place
+    shutil.copytree(demo_assets["data"], data)
+    proc = launch([*pair[:2], f"data.path={data}", *FAST, f"training.output_dir={out}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -70,3 +74,28 @@ def test_resumed_optimizer_takes_the_new_rate_and_decay_before_its_first_step():
     new.optimizer.step()
     new.step()
     assert new.get_last_lr()[0] == pytest.approx(1e-3)  # step 5 of a 6-step warm-up: the full new rate
+
+
+@pytest.mark.integration
+def test_data_edited_in_place_is_refused_or_allowed_and_said(short_run, tmp_path):
+    """Rows rotated and one target changed at the same path: refused with one line before any model loads;
+    with training.allow_data_change the resume goes on and says why."""
+    train = short_run.parent / "data" / "train.jsonl"
+    original = train.read_text()
+    rows = [json.loads(line) for line in original.splitlines()]
+    rows = rows[1:] + rows[:1]
+    rows[0]["summary"] += " edited"
+    try:
+        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        proc = _resume(short_run, tmp_path / "refused")
+        text = proc.stdout + proc.stderr
+        errors = [line for line in text.splitlines() if "distill: error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        assert "the training data is not what step-00000002 was trained on" in errors[0]
+        assert "training.allow_data_change=true" in errors[0]
+        proc = _resume(short_run, tmp_path / "allowed", "training.allow_data_change=true")
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "training.allow_data_change is set: continuing on it from the same position" in proc.stdout
+        assert sorted(metrics(tmp_path / "allowed")) == [1, 2, 3, 4]
+    finally:
+        train.write_text(original)

@@ -155,6 +155,9 @@ class TrainingConfig:
     # Discard what output_dir holds of an earlier run (resume: never), or the checkpoints newer than the
     # resume tag; without it such a start is refused.
     overwrite: bool = False
+    # A resume on data whose content differs from what its checkpoint was trained on (edited in place) is
+    # refused; with this it continues on the new content from the same position, and says so.
+    allow_data_change: bool = False
     # A run whose loss or gradient norm is not finite for this many steps in a row stops with an error.
     max_nonfinite_steps: int = 3
     export: bool = True  # write a Hugging Face directory of the student at the end

@@ -348,3 +348,24 @@ def apply_optimizer_settings(scheduler, learning_rate: float, weight_decay: floa
     for group, lr in zip(groups, lrs):
         group["lr"], group["weight_decay"] = lr, weight_decay
     scheduler._last_lr = lrs  # what get_last_lr() reports until the scheduler's next step
+
+
+DATA_RECORD = "data.json"  # the training data's identity when the checkpoint was written
+
+
+def check_data(tag_dir: Path, identity: dict[str, Any], allow_change: bool) -> Optional[str]:
+    """Whether a resume trains on the data its checkpoint was written with. Other content at the same
+    path is refused with one line, or, with ``training.allow_data_change``, returned as the line to say.
+    A checkpoint written before the record existed is not checked."""
+    record = tag_dir / DATA_RECORD
+    if not record.exists():
+        return None
+    saved = json.loads(record.read_text())
+    if saved == identity:
+        return None
+    what = (f"the training data is not what {tag_dir.name} was trained on ({saved['examples']} examples, text digest "
+            f"{saved['text']}; now {identity['examples']}, {identity['text']})")
+    if not allow_change:
+        raise DistillError(f"{what}: resume on the same data, set training.allow_data_change=true to continue on "
+                           "this data from the same position, or start a new output_dir")
+    return f"distill: {what}; training.allow_data_change is set: continuing on it from the same position"

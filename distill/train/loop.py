@@ -24,7 +24,7 @@ from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.data.loading import drop_overlong, load_split
 from distill.data.objectives import TextObjectiveCollator, check_objective, text_blocks
 from distill.data.stream import BatchStream, check_enough_examples
-from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, with_example_ids
+from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, split_digest, with_example_ids
 from distill.data.token_alignment import CrossTokenizerCollator, SharedVocab
 from distill.errors import DistillError
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
@@ -110,6 +110,8 @@ class Trainer:
         check_objective(cfg.data.objective, model_kind(self.student_config), "student")
         self.train_data = load_split(cfg.data, cfg.data.train_split, "train")
         self.eval_data = load_split(cfg.data, cfg.data.eval_split, "eval") if cfg.data.eval_split else None
+        self.data_identity = {"examples": len(self.train_data), "text": split_digest(
+            self.train_data, [c for c in (cfg.data.source_column, cfg.data.target_column) if c is not None])}
         if cfg.data.objective is not None:  # raw text cut into blocks, each one example
             causal = cfg.data.objective == "causal"
             self.train_data = text_blocks(self.train_data, self.tokenizer, cfg.data, causal)
@@ -226,6 +228,9 @@ class Trainer:
         changed = resume_changes(saved, self.cfg.to_dict())
         if changed:
             self._say(f"distill: resuming {self.resume_tag} with changed settings: {', '.join(changed)}")
+        data_line = checkpoint.check_data(tag_dir, self.data_identity, t.allow_data_change)
+        if data_line:
+            self._say(data_line)
         self._on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
         if written != self.world and universal.needed(tag_dir):
             found = universal.problem(tag_dir, self.rank, self.world, self._gather)
@@ -396,8 +401,11 @@ class Trainer:
     def _save(self) -> None:
         checkpoint.save(self.student, self.ckpt_dir, self.state.step, self.state.state_dict(),
                         self.cfg.training.keep_checkpoints, self.state.run_id, self.rank, self.world, self._gather,
-                        dist.barrier, lambda d: save_model_files(self.student.module.model, self.tokenizer,
-                                                                 self.cfg.to_dict(), d / MODEL_FILES))
+                        dist.barrier, self._write_model_files)
+
+    def _write_model_files(self, tag_dir: Path) -> None:
+        save_model_files(self.student.module.model, self.tokenizer, self.cfg.to_dict(), tag_dir / MODEL_FILES)
+        checkpoint.write_atomic(tag_dir / checkpoint.DATA_RECORD, json.dumps(self.data_identity) + "\n")
 
     def _stalled(self) -> bool:
         """Whether eval.best_metric has not improved for training.early_stopping_patience evaluations."""
