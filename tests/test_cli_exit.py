@@ -20,3 +20,16 @@ def test_no_tracebacks_at_exit(args, code):
                           timeout=300)
     assert proc.returncode == code, proc.stderr
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.integration
+def test_an_error_only_one_rank_finds_reaches_the_user(pair, tmp_path):
+    """Rank 1 refuses, rank 0 loses its peer: the user sees rank 1's line, once, and no traceback."""
+    import ranks
+
+    proc = ranks.launch(ranks.ROOT / "tests/scripts/one_rank_error.py",
+                        ["--config", ranks.ROOT / "recipes/demo/kd.yaml", *pair, f"training.output_dir={tmp_path / 'run'}"])
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if "distill: error:" in line]
+    assert errors == ["distill: error: rank 1: teacher cache shard 3 is damaged (only rank 1 reads it)"], text[-3000:]
+    assert proc.returncode != 0 and "Traceback" not in text, text[-3000:]

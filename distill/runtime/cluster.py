@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Mapping, NoReturn, Optional
 
@@ -228,6 +229,53 @@ def _leave_process_group() -> None:
     # No barrier: a rank that failed alone must still be able to exit (the launcher then stops the rest).
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+ERROR_KEY = "distill/error/{}"
+ERROR_WAIT = 5.0  # seconds a rank waits for rank 0 to report the same error before reporting its own
+
+
+def _store():
+    """The process group's key-value store (hosted by rank 0), or None before the group exists."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def error_line(rank: int, message: str) -> Optional[str]:
+    """What a rank prints for its ``DistillError``: rank 0 its message; another rank its message with its
+    rank, unless rank 0 reports the same one (a check every rank makes). Before the process group exists
+    every rank makes the same checks, so rank 0 speaks for all. A check only one rank makes (a damaged
+    shard that rank reads) is reported by that rank, and its peers' lost connections stay quiet
+    (``another_rank_failed``)."""
+    store = _store()
+    if store is None:
+        return message if rank == 0 else None
+    try:
+        store.set(ERROR_KEY.format(rank), message)
+        if rank == 0:
+            return message
+        store.wait([ERROR_KEY.format(0)], timedelta(seconds=ERROR_WAIT))
+        same = store.get(ERROR_KEY.format(0)).decode() == message
+    except Exception:  # noqa: BLE001 - rank 0 has no such error (the wait timed out) or is gone with its store
+        same = False
+    return None if same else f"rank {rank}: {message}"
+
+
+def another_rank_failed(rank: int, world: int) -> bool:
+    """Whether another rank has reported an error: this rank's failure is then the echo of it (a peer
+    that closed its connection), and the other rank's line says why."""
+    store = _store()
+    if store is None:
+        return False
+    try:
+        return any(store.check([ERROR_KEY.format(r)]) for r in range(world) if r != rank)
+    except Exception:  # noqa: BLE001 - the store went with rank 0
+        return False
 
 
 def exit_rank(code: int) -> NoReturn:

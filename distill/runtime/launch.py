@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.runtime.cluster import exit_rank
+from distill.runtime.cluster import another_rank_failed, error_line, exit_rank
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.setup()
         final = trainer.train()
     except DistillError as exc:
-        # Every rank hits the same check; one line from rank 0 is the whole report.
-        if rank == 0:
-            print(f"distill: error: {exc}", file=sys.stderr, flush=True)
+        # one line: rank 0's for a check every rank makes, the rank's own for a check only it makes
+        line = error_line(rank, str(exc))
+        if line is not None:
+            print(f"distill: error: {line}", file=sys.stderr, flush=True)
         return 2
     except OSError as exc:  # the machine, not the code: a full disk, a read-only or vanished directory
         from distill.train.checkpoint import describe_write_error
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill: error: rank {rank}: {describe_write_error(exc, Path(exc.filename or '.'))}",
               file=sys.stderr, flush=True)
         return 2
+    except Exception:
+        if another_rank_failed(rank, int(os.environ.get("WORLD_SIZE", 1))):
+            return 2  # the connection to a rank that stopped with an error: that rank's line says why
+        raise
     finally:
         stop.close()
         if trainer is not None:
