@@ -2,8 +2,8 @@
 summarization dataset the trainer reads, with the project's own commands and launcher (2 ranks):
 
 1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``) and a random-init
-   BART (``distill init-model``), pretrained as BART is, by text infilling on the train split's sources
-   (``--pretrain-steps``), then trained on the summaries; both until their validation CE stops improving
+   BART (``distill init-model``), pretrained as BART is, by text infilling (``data.objective=infilling``, blocks
+   of ``--max-source-length`` tokens) on the train split's sources (``--pretrain-steps``), then trained on the summaries; both until their validation CE stops improving
    (``training.early_stopping_patience``); the teacher is the second one's best checkpoint (``best/``).
    Without the pretraining the summaries alone never taught it to read: on the docstring corpus its
    encoder's output became the same for every source and it wrote one summary for all (BENCHMARKS.md).
@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -134,50 +132,6 @@ def training(a: argparse.Namespace, steps: int, lr: float, warmup: int | None = 
             f"training.save_every={a.eval_every}", "eval.generate=false"]
 
 
-def infill(words: list[str], rng: random.Random, mask: str, ratio: float = 0.3, mean_span: float = 3.0) -> str:
-    """BART's text infilling at the word level: spans of Poisson(``mean_span``) words, at least one, each
-    replaced by one ``mask``, until ``ratio`` of the words are masked."""
-    words, budget = list(words), round(ratio * len(words))
-    while budget > 0:
-        span = min(budget, max(1, _poisson(rng, mean_span)), len(words))
-        unmasked = [i for i in range(len(words) - span + 1) if mask not in words[i:i + span]]
-        if not unmasked:
-            break
-        start = rng.choice(unmasked)
-        words[start:start + span] = [mask]
-        budget -= span
-    return " ".join(words)
-
-
-def _poisson(rng: random.Random, lam: float) -> int:
-    k, p, limit = 0, rng.random(), math.exp(-lam)
-    while p > limit:
-        k, p = k + 1, p * rng.random()
-    return k
-
-
-def write_infilling(data: Path, out: Path, a: argparse.Namespace, mask: str, window: int = 32,
-                    per_document: int = 3) -> None:
-    """The train and validation splits' sources as (infilled window, window) pairs: up to ``per_document``
-    windows of ``window`` words from each source, with the same column names as the corpus."""
-    from distill.config.settings import DataConfig
-    from distill.data.loading import load_split
-    from distill.models.from_scratch import building
-
-    cfg = DataConfig(path=str(data), source_column=a.source_column, target_column=a.target_column)
-    with building(out) as tmp:
-        for split in ("train", "validation"):
-            rng = random.Random(f"{a.seed}-{split}")
-            with open(tmp / f"{split}.jsonl", "w") as f:
-                for row in load_split(cfg, split, split):
-                    words = str(row[a.source_column]).split()
-                    for start in range(0, min(len(words), window * per_document), window):
-                        part = words[start:start + window]
-                        if len(part) >= 8:
-                            f.write(json.dumps({a.source_column: infill(part, rng, mask),
-                                                a.target_column: " ".join(part)}) + "\n")
-
-
 def decoding(a: argparse.Namespace) -> list:
     """Every model's generation settings: greedy, as the models' configs say, without repeated n-grams."""
     return ["--max-new-tokens", a.max_new_tokens, "--no-repeat-ngram-size", a.no_repeat_ngram_size]
@@ -196,18 +150,11 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
            "random-init teacher")
     until_best = [f"training.eval_every={a.eval_every}", "eval.best_metric=eval/ce",
                   f"training.early_stopping_patience={a.patience}"]
-    if a.pretrain_steps:
-        infilling = w / "infilling"
-        if not (infilling / "train.jsonl").exists():
-            from transformers import AutoTokenizer
-
-            from distill.errors import DistillError
-
-            try:
-                write_infilling(Path(data), infilling, a, AutoTokenizer.from_pretrained(tok).mask_token)
-            except DistillError as exc:
-                raise SystemExit(f"quality: text infilling data: {exc}") from None
-        pre = st.train("teacher.yaml", w / "pretrain", [f"student.path={init}", *data_settings(a, infilling),
+    if a.pretrain_steps:  # BART's own objective on the train split's sources (distill.data.objectives)
+        text = [f"data.path={data}", f"data.source_column={a.source_column}", "data.target_column=null",
+                "data.objective=infilling", f"data.block_length={a.max_source_length}", "data.max_train_samples=null",
+                f"data.max_eval_samples={a.eval_samples}", "data.train_split=train", "data.eval_split=validation"]
+        pre = st.train("teacher.yaml", w / "pretrain", [f"student.path={init}", *text,
                                                         *training(a, a.pretrain_steps, a.teacher_lr, a.teacher_warmup),
                                                         *until_best],
                        "pretrain the teacher by text infilling until its validation CE stops improving")

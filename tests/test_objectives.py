@@ -84,8 +84,10 @@ def test_infilling_rates_and_poisson_spans():
         assert kept == sorted(kept) and set(kept) <= set(ids)  # the rest, in order
         covered += len(ids) - len(kept)
         total += len(ids)
-        assert MASK in out
+        assert MASK in out and len(out) <= len(ids)
     assert abs(covered / total - 0.3) < 0.005
+    for block in range(500):  # short blocks, where 0-length spans could outnumber the budget
+        assert len(infill(list(range(10, 17)), block_rng(2, 0, block), 0.3, 3.0, MASK)) <= 7
     lengths = [int(block_rng(0, 0, b).poisson(3.0)) for b in range(2000)]
     assert abs(np.mean(lengths) - 3.0) < 0.15
 

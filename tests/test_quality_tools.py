@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import docstring_corpus as dc  # noqa: E402
-from benchmarks.quality import (Stages, distinct_share, gap_lines, infill, paired_gaps, per_example_scores,  # noqa: E402
+from benchmarks.quality import (Stages, distinct_share, gap_lines, paired_gaps, per_example_scores,  # noqa: E402
                                 ranking)
 
 DOC = '''Compute the running mean of a stream of numbers.
@@ -124,16 +123,6 @@ def test_distinct_share_flags_a_model_that_writes_one_summary_for_every_source(t
     path.write_text("".join(json.dumps({"id": i, "prediction": "Return the object." if i else "Sum two numbers."}) + "\n"
                             for i in range(4)))
     assert distinct_share(path) == 0.5
-
-
-def test_text_infilling_masks_a_share_of_the_words_in_spans_and_keeps_the_rest_in_order():
-    words = [f"w{i}" for i in range(40)]
-    out = infill(words, random.Random(0), "<mask>", ratio=0.3).split()
-    assert out == infill(words, random.Random(0), "<mask>", ratio=0.3).split()  # the rng decides everything
-    kept = [w for w in out if w != "<mask>"]
-    assert len(kept) == 40 - 12 and kept == sorted(kept, key=lambda w: int(w[1:]))  # 30% masked, order kept
-    assert 1 <= out.count("<mask>") <= 12  # each span becomes one mask
-    assert infill(words, random.Random(1), "<mask>", ratio=0.0) == " ".join(words)
 
 
 def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path, capsys):

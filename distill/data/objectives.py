@@ -185,6 +185,8 @@ def infill(ids: list[int], rng: np.random.Generator, rate: float, poisson_mean: 
     lengths: list[int] = []
     while sum(lengths) < budget:
         lengths.append(int(min(rng.poisson(poisson_mean), budget - sum(lengths))))
+    while len(lengths) > budget:  # 0-length spans past the budget: the input never outgrows the block
+        lengths.remove(0)
     if not lengths:
         return list(ids)
     kept = n - budget
