@@ -151,6 +151,19 @@ def test_divergence_stops_the_run_and_keeps_finite_checkpoints(pair, tmp_path):
         assert all(torch.isfinite(v).all() for v in state.values()), tag
 
 
+def test_divergence_is_counted_at_saves_and_keeps_the_checkpoint_before_it(pair, tmp_path):
+    """log_every=10: the streak is still read at each save (no per-step host read), so the run stops at the
+    limit, and the checkpoint saved inside the streak prunes nothing (keep_checkpoints=1)."""
+    out = tmp_path / "run"
+    line = _one_error(launch([*pair, *TRAIN, f"training.output_dir={out}", "training.learning_rate=1e30",
+                              "training.save_every=1", "training.log_every=10", "training.keep_checkpoints=1",
+                              "training.max_nonfinite_steps=2", "eval.generate=false", "eval.best_metric=null",
+                              "training.eval_every=0"]))
+    assert "not finite for 2 steps in a row, up to step 3" in line, line
+    tags = sorted(checkpoint.complete_tags(out / "checkpoints"))
+    assert tags == ["step-00000001", "step-00000002"], tags  # step 1, the last before the streak, is kept
+
+
 def test_bad_input_is_one_line_through_the_launcher(pair, tmp_path):
     out = tmp_path / "run"
     proc = launch([*pair, *TRAIN, f"training.output_dir={out}", "data.target_column=highlights"])

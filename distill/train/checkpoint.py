@@ -241,13 +241,14 @@ def newer_than(ckpt_dir: Path, tag: str) -> list[str]:
 
 # ---- writing ---------------------------------------------------------------------------------------
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: int, run_id: str,
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep: Optional[int], run_id: str,
          rank: int, world: int, gather: Gather, barrier: Callable[[], None],
          write_model_files: Optional[Callable[[Path], None]] = None) -> str:
     """Write a complete checkpoint from every rank, then mark it latest and prune this run's older ones.
 
-    ``write_model_files(tag_dir)`` (rank 0) adds what an offline export needs besides the weights. A
-    failure on any rank (a full disk, say) removes the partial directory and raises one line on every rank."""
+    ``keep=None`` prunes nothing. ``write_model_files(tag_dir)`` (rank 0) adds what an offline export needs
+    besides the weights. A failure on any rank (a full disk, say) removes the partial directory and raises
+    one line on every rank."""
     tag = tag_for(step)
     partial, final = ckpt_dir / (tag + PARTIAL), ckpt_dir / tag
     # A NaN model never becomes latest, nor makes the pruning remove the last finite checkpoint.
@@ -297,7 +298,8 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict[str, Any], keep:
         os.replace(partial, final)
         fsync_dir(ckpt_dir)
         write_atomic(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep, run_id)
+        if keep is not None:
+            prune(ckpt_dir, keep, run_id)
 
     on_every_rank(publish)
     return tag

@@ -125,6 +125,7 @@ class Trainer:
                               cfg.training.gradient_accumulation_steps, world)
         if self.cache is not None:
             self.cache.check_run(cfg, self.train_data, self.tokenizer, self.student_config, self.teacher_config)
+            self._check_cache_epochs(world)
         self.collate = self.train_collate = _collator(self.tokenizer, self.student_config, cfg)
         if self.shared_vocab is not None:
             features = any(cfg.loss.active(k) for k in FEATURE_WEIGHTS)
@@ -134,6 +135,15 @@ class Trainer:
                 self.train_collate([self.train_data[i] for i in range(min(256, len(self.train_data)))])
         # Configs are resolved now (not after the models load) so a bad DeepSpeed file fails fast.
         self._resolve_ds_configs(world)
+
+    def _check_cache_epochs(self, world: int) -> None:
+        """A text objective draws new masks each epoch; the cache holds the teacher at the first epoch's."""
+        t, objective = self.cfg.training, self.cfg.data.objective
+        per_epoch = len(self.train_data) // (t.micro_batch_size * t.gradient_accumulation_steps * world)
+        if objective not in (None, "causal") and t.max_steps > per_epoch:
+            raise DistillError(f"teacher.cache holds the teacher at the first epoch's masks, and data.objective={objective} "
+                               f"draws new ones each epoch: training.max_steps {t.max_steps} runs past the "
+                               f"{per_epoch} steps of one epoch; lower it, or distill from the live teacher")
 
     def _resolve_ds_configs(self, world: int) -> None:
         cfg = self.cfg
@@ -346,6 +356,8 @@ class Trainer:
                 stalled = self._stalled()
             stop = self.stop_vote.poll(self.stop.requested)
             if state.step % t.save_every == 0 or state.step == t.max_steps or stop or stalled:
+                if not logs:  # a save waits on the device anyway: a streak of non-finite steps is read here too
+                    self.divergence.check(state.step, self._say)
                 self._save()
             if stop:  # Slurm's warning before a time limit or preemption: the job requeues and resumes here
                 monitor.close({})
@@ -399,8 +411,10 @@ class Trainer:
         return batch
 
     def _save(self) -> None:
+        # inside a streak of non-finite (skipped) steps, the last checkpoint before it is kept
+        keep = None if self.divergence.in_streak else self.cfg.training.keep_checkpoints
         checkpoint.save(self.student, self.ckpt_dir, self.state.step, self.state.state_dict(),
-                        self.cfg.training.keep_checkpoints, self.state.run_id, self.rank, self.world, self._gather,
+                        keep, self.state.run_id, self.rank, self.world, self._gather,
                         dist.barrier, self._write_model_files)
 
     def _write_model_files(self, tag_dir: Path) -> None:

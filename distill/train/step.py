@@ -183,8 +183,10 @@ class Window:
 
 
 class DivergenceWatch:
-    """Counts steps in a row whose loss or gradient norm was not finite, on the device; a log step reads
-    the longest streak (agreed over ranks) and ends the run when it reaches ``limit``."""
+    """Counts steps in a row whose loss or gradient norm was not finite, on the device; a log step and a
+    save (both sync points already) read the longest streak (agreed over ranks) and end the run when it
+    reaches ``limit``. ``in_streak`` says whether the last step read was not finite: a checkpoint saved
+    then must not prune the last one before the streak."""
 
     def __init__(self, limit: int, device: torch.device, all_reduce_max: Callable[[Tensor], Tensor],
                  last_checkpoint: Callable[[], Optional[str]]):
@@ -192,6 +194,7 @@ class DivergenceWatch:
         self.streak = torch.zeros((), dtype=torch.int64, device=device)
         self.longest = torch.zeros((), dtype=torch.int64, device=device)
         self.bad = torch.zeros((), dtype=torch.int64, device=device)
+        self.in_streak = False
 
     def add(self, nonfinite: Tensor) -> None:
         self.streak = torch.where(nonfinite, self.streak + 1, torch.zeros_like(self.streak))
@@ -199,7 +202,8 @@ class DivergenceWatch:
         self.bad += nonfinite
 
     def check(self, step: int, say: Callable[[str], None]) -> None:
-        bad, longest = self.all_reduce_max(torch.stack([self.bad, self.longest])).tolist()
+        bad, longest, streak = self.all_reduce_max(torch.stack([self.bad, self.longest, self.streak])).tolist()
+        self.in_streak = streak > 0
         self.bad.zero_()
         self.longest.copy_(self.streak)
         if bad:
