@@ -68,6 +68,30 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(bad)
 
 
+def test_config_file_errors_say_what_is_wrong(tmp_path, monkeypatch):
+    binary = tmp_path / "model.safetensors"
+    binary.write_bytes(bytes(range(256)))
+    with pytest.raises(DistillError, match="is not a text file"):
+        load_config(binary)
+    with pytest.raises(DistillError, match="is a directory: give a YAML file"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  max_steps: 4\n  seed: [1\n")
+    with pytest.raises(DistillError, match="not valid YAML at line 4, column 1: "):
+        load_config(bad)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DistillError, match=r"config file not found: demo/kd \(did you mean recipes/demo/kd.yaml\?\)"):
+        load_config("demo/kd")
+
+
+@pytest.mark.parametrize("key", ["training.learning_rate", "loss.w_kd", "loss.temperature"])
+@pytest.mark.parametrize("value", ["1e39", "-1e39", "1e-50"])
+def test_floats_that_do_not_fit_float32_are_refused(recipe, key, value):
+    with pytest.raises(DistillError) as err:
+        load_config(recipe, [f"{key}={value}"])
+    assert str(err.value).startswith(f"config key '{key}' must fit a 32-bit float"), err.value
+
+
 @pytest.mark.parametrize("value", ["decoder", "[decoder]", "[ decoder ]", "encoder,decoder", "[encoder, decoder]"])
 def test_list_overrides_in_either_form(recipe, value):
     cfg = load_config(recipe, [f"loss.hidden.stacks={value}"])

@@ -29,6 +29,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+RECIPES = Path(__file__).parents[2] / "recipes"  # a name given for a path is pointed there
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.401298464324817e-45  # the smallest subnormal: anything smaller rounds to 0
+
+
 class _NotFinite(DistillError):
     """nan or inf for a float setting: reported as such, even where null is also allowed."""
 
@@ -96,6 +101,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # nan passes every range check (all comparisons are false): loss.w_kd=nan silently disabled KD
             if not math.isfinite(number):
                 raise _NotFinite(f"config key '{key}' must be a finite number, got {value!r}")
+            # every float setting ends up in a float32 tensor (the optimizer's lr, the loss's weights):
+            # 1e39 there is inf, 1e-50 is 0
+            if abs(number) > FLOAT32_MAX or 0 < abs(number) < FLOAT32_TINY:
+                raise _NotFinite(f"config key '{key}' must fit a 32-bit float (a magnitude of {FLOAT32_TINY:.3g} to "
+                                 f"{FLOAT32_MAX:.3g}, or 0), got {value!r}")
             return number
     elif tp is str:
         if isinstance(value, str):
@@ -168,12 +178,22 @@ def _read_tree(path: str | Path | None) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise DistillError(f"config file {p} is a directory: give a YAML file")
         if not p.is_file():
-            raise DistillError(f"config file not found: {p}")
+            name = p if p.suffix == ".yaml" else Path(f"{p}.yaml")
+            hint = (f" (did you mean recipes/{name}?)" if not p.is_absolute() and (RECIPES / name).is_file()
+                    else "")
+            raise DistillError(f"config file not found: {p}{hint}")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise DistillError(f"config file {p} is not a text file (a YAML recipe is UTF-8 text)") from None
         except yaml.YAMLError as exc:
-            raise DistillError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise DistillError(f"config file {p} is not valid YAML{where}: {what}") from None
         if not isinstance(tree, dict):
             raise DistillError(f"config file {p} must hold a mapping at the top level")
     return tree
