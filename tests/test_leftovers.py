@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from distill.errors import DistillError
 from distill.runtime import cluster
 from distill.runtime.cluster import clear_leftovers, clear_stale_build_lock, remove_orphaned_shm
 
@@ -60,18 +61,40 @@ def test_fresh_lock_is_waited_for_then_removed(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["cwd", "argument"])
-def test_lock_of_a_live_build_is_kept(tmp_path, live, capsys, where):
+def test_lock_of_a_live_build_is_waited_for_then_cleared(tmp_path, live, capsys, where):
+    """A build still running (a live run's, or the compiler a killed run left): wait for it, then the lock
+    it left (nobody released it) is stale and goes. It used to be looked at once, then waited on forever."""
     lock = tmp_path / "lock"
     lock.touch()
     _age_by(lock, 120)
     if where == "cwd":  # ninja and the compiler run in the build directory
-        live("sleep", cwd=tmp_path)
+        build = live("sleep", cwd=tmp_path)
     else:
-        live("sleep", tmp_path / "shm.o")
+        build = live("sleep", tmp_path / "shm.o")
+    threading.Timer(0.5, build.kill).start()
     start = time.monotonic()
     clear_stale_build_lock(tmp_path, remove=True, poll=0.05)
-    assert lock.exists() and time.monotonic() - start < 5  # torch's own lock waits for that build
+    assert not lock.exists() and 0.5 <= time.monotonic() - start < 5
+    assert f"distill: removed {lock}, a stale build lock" in capsys.readouterr().out
+
+
+def test_a_live_build_released_lock_is_left_to_torch(tmp_path, live, capsys):
+    lock = tmp_path / "lock"
+    lock.touch()
+    build = live("sleep", cwd=tmp_path)
+    threading.Timer(0.3, lambda: (lock.unlink(), build.kill())).start()  # the build finishes: its lock goes
+    clear_stale_build_lock(tmp_path, remove=True, poll=0.05)
     assert capsys.readouterr().out == ""
+
+
+def test_a_build_that_never_ends_is_one_line_not_a_hang(tmp_path, live):
+    lock = tmp_path / "lock"
+    lock.touch()
+    live("sleep", cwd=tmp_path)
+    start = time.monotonic()
+    with pytest.raises(DistillError, match=f"the build lock {lock} has been held for over 0 s while processes compile"):
+        clear_stale_build_lock(tmp_path, remove=False, poll=0.05, build_wait=0.3)
+    assert lock.exists() and time.monotonic() - start < 5
 
 
 def test_other_local_ranks_wait_for_rank_0(tmp_path):

@@ -20,6 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Mapping, NoReturn, Optional
 
+from distill.errors import DistillError
+
 # Ctrl-C takes the same clean path as Slurm's warning: finish the step, checkpoint, exit 0.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # Command lines of the launchers whose death must stop their ranks (a shell or nohup parent must not).
@@ -112,6 +114,7 @@ def _release_shm_workspace(rank: int, world: int) -> None:
 
 
 LEFTOVER_AGE = 60.0  # seconds: older than any start-up step that could still own the leftover
+BUILD_WAIT = 1800.0  # seconds: longer than DeepSpeed's CPU op takes to build on a loaded machine
 
 
 def clear_leftovers(op: str) -> None:
@@ -127,24 +130,37 @@ def clear_leftovers(op: str) -> None:
         remove_orphaned_shm(Path("/dev/shm"))
 
 
-def clear_stale_build_lock(build_dir: Path, remove: bool, min_age: float = LEFTOVER_AGE, poll: float = 1.0) -> None:
+def clear_stale_build_lock(build_dir: Path, remove: bool, min_age: float = LEFTOVER_AGE, poll: float = 1.0,
+                           build_wait: float = BUILD_WAIT) -> None:
     """Remove (``remove``) or wait out (up to ``2 * min_age``) the ``lock`` file of torch's extension build
     in ``build_dir`` that no live process builds under: a build killed before it released its lock.
 
     torch's FileBaton makes every later build wait until the lock disappears, then import the op as if
     built. So the other ranks must not reach the build while the stale lock is here: they wait for
-    local rank 0 to remove it, as they wait for a lock that a live build holds."""
+    local rank 0 to remove it, as they wait for a lock that a live build holds. While processes build
+    there, every rank waits for them: a live run's build releases the lock when done, and a killed run's
+    compiler (which outlives it) leaves a stale lock when done. Past ``build_wait`` one line says so."""
     lock = build_dir / "lock"
-    deadline = time.monotonic() + 2 * min_age
+    give_up = time.monotonic() + build_wait
+    quiet_deadline = time.monotonic() + 2 * min_age  # for the ranks that wait: reset while a build runs
     seen_stale = False
-    while (age := _age(lock)) is not None and not _busy(build_dir) and time.monotonic() < deadline:
-        if remove and age > min_age:
+    while (age := _age(lock)) is not None:
+        now = time.monotonic()
+        if _busy(build_dir):
+            seen_stale, quiet_deadline = False, now + 2 * min_age
+            if now > give_up:
+                raise DistillError(f"the build lock {lock} has been held for over {build_wait:.0f} s while processes "
+                                   f"compile in {build_dir}: if no run builds there now, end those processes (a "
+                                   "killed run's compiler outlives it) and start again")
+        elif remove and age > min_age:
             if seen_stale:  # stale at two looks in a row: not a build between two of its steps
                 lock.unlink(missing_ok=True)
                 print(f"distill: removed {lock}, a stale build lock (no process builds in {build_dir}; "
                       f"a run was likely killed while building)", flush=True)
                 return
             seen_stale = True
+        elif not remove and now > quiet_deadline:
+            return
         time.sleep(poll)
 
 
