@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from distill.config.settings import TrainingConfig
 from distill.dtypes import DTYPE_NAMES
 from distill.errors import DistillError
 from distill.models.from_scratch import FAMILIES, TOKENIZER_KINDS
@@ -213,7 +214,7 @@ def _cache_teacher(a: argparse.Namespace) -> None:
     settings.validate()
     device = _start(a)
     summary = cache_teacher(a.model, a.revision, data, a.split or data.train_split, Path(a.out), settings, device,
-                            a.ds_config, a.fresh, say=_say)
+                            a.ds_config, a.fresh, say=_say, seed=a.seed)
     _say(json.dumps(summary, indent=2))
 
 
@@ -310,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES], help="the teacher's compute dtype")
     p.add_argument("--chunk-mib", type=float, help="memory budget of one chunk of the head's logits")
     p.add_argument("--fresh", action="store_true", help="discard what --out holds")
+    p.add_argument("--seed", type=int, default=TrainingConfig.seed,
+                   help="training.seed of the runs that read the cache: a text objective's masks are drawn from it")
     p.add_argument("overrides", nargs="*", metavar="data.key=value", help="data settings, as in a training recipe")
     p.set_defaults(func=_cache_teacher)
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ranks import ROOT, launch_run, metrics, resumed_metrics
+from ranks import ROOT, launch, launch_run, metrics, resumed_metrics
 
 RECIPE = ROOT / "recipes" / "udagawa_mha_roberta.yaml"  # the shipped task-agnostic recipe, on tiny local models
 
@@ -108,3 +108,41 @@ def test_every_objective_pretrains_a_model_with_no_teacher(demo_assets, tmp_path
         m = metrics(tmp_path / objective)
         assert sorted(m) == [1, 2, 3] and all(0 < r["loss/ce"] < 20 for r in m.values()), objective
         assert json.loads((tmp_path / objective / "eval_results.json").read_text())["eval/ce"] > 0
+
+
+def test_od_from_a_cache_of_every_token_equals_the_live_teacher(bert_run, capsys):
+    """A masked-LM cache (the first epoch's masks, seed 42) read by example id on 2 ranks gives the live
+    teacher's OD; a run that would go past the first epoch is refused before any model loads."""
+    from transformers import AutoTokenizer
+
+    from distill.runtime.launch import main
+
+    vocab = len(AutoTokenizer.from_pretrained(bert_run / "bert"))
+    corpus = bert_run / "corpus.txt"
+    cache = bert_run / "cache"
+    args = ["--model", bert_run / "bert", "--data", corpus, "--config", RECIPE, "--top-k", vocab, "--out", cache,
+            "--seed", 42, "data.name=null", "data.train_split=train", "data.block_length=64",
+            "data.whole_word_masking=true"]
+    proc = launch(ROOT / "launchers/distill_cli.py", ["cache-teacher", *args])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    od = [f"teacher.path={bert_run / 'bert'}", f"student.path={bert_run / 'student'}", f"data.path={corpus}",
+          "data.name=null", "data.train_split=train", "data.eval_split=null", "data.whole_word_masking=true",
+          "data.block_length=64", "loss.w_rel=0", "loss.w_kd=1.0", "loss.w_ce=0.5", "training.precision=fp32",
+          "training.max_steps=3", "training.log_every=1", "training.micro_batch_size=4",
+          "training.gradient_accumulation_steps=1", "training.warmup_steps=0", "training.export=false",
+          "training.seed=42"]
+    live = launch_run([*od, f"training.output_dir={bert_run / 'od-live'}"], recipe=RECIPE)
+    assert live.returncode == 0, live.stdout[-2000:] + live.stderr[-2000:]
+    cached = launch_run([*od, "teacher.path=", f"teacher.cache={cache}", f"training.output_dir={bert_run / 'od-cached'}"],
+                        recipe=RECIPE)
+    assert cached.returncode == 0, cached.stdout[-2000:] + cached.stderr[-2000:]
+    a, b = metrics(bert_run / "od-live"), metrics(bert_run / "od-cached")
+    for step in (1, 2, 3):
+        assert b[step]["loss/kd"] == pytest.approx(a[step]["loss/kd"], rel=5e-3), step  # fp16 logits in the cache
+        assert b[step]["loss/ce"] == pytest.approx(a[step]["loss/ce"], rel=1e-4), step
+    capsys.readouterr()
+    code = main(["--config", str(RECIPE), *[o for o in od if not o.startswith("training.max_steps")],
+                 "teacher.path=", f"teacher.cache={cache}", "training.max_steps=1000",
+                 f"training.output_dir={bert_run / 'od-too-long'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "runs past the" in err[-1] and err[-1].startswith("distill: error: teacher.cache holds")

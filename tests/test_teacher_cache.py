@@ -315,3 +315,49 @@ def test_a_decoder_only_cache_matches_the_teacher_on_packed_training_batches(dem
     torch.testing.assert_close(batch["teacher_lse"], z.logsumexp(-1), rtol=1e-4, atol=1e-4)
     best = batch["teacher_ids"].gather(1, batch["teacher_logits"].float().argmax(-1, keepdim=True)).squeeze(1)
     assert (best == z.argmax(-1)).float().mean() >= 0.95  # near-ties may flip between packed and unpacked
+
+
+def _bert_on_text(demo_assets, root: Path):
+    """A tiny BERT masked LM on the demo tokenizer and a text file of the demo documents."""
+    import datasets
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    tok = AutoTokenizer.from_pretrained(demo_assets["tokenizer"])
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    texts = datasets.load_dataset(str(demo_assets["data"]), split="train")["document"][:40]
+    (root / "corpus.txt").write_text("\n".join(texts) + "\n")
+    return root / "bert", root / "corpus.txt"
+
+
+def test_a_masked_lm_cache_holds_the_teacher_at_the_first_epochs_masks(demo_assets, tmp_path):
+    from distill.data.objectives import TextObjectiveCollator, text_blocks
+    from distill.data.loading import load_split
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    bert, corpus = _bert_on_text(demo_assets, tmp_path)
+    data = DataConfig(path=str(corpus), source_column="text", target_column=None, objective="mlm", block_length=48)
+    cache_teacher(str(bert), None, data, "train", tmp_path / "cache", CacheSettings(top_k=8, batch_size=4),
+                  torch.device("cpu"), say=lambda text: None, seed=7)
+    cache = tc.TeacherCache(tmp_path / "cache")
+    tok = AutoTokenizer.from_pretrained(bert)
+    blocks = text_blocks(load_split(data, "train", "train"), tok, data)
+    assert cache.examples == len(blocks)
+    order = [5, 0, 3]  # a training micro-batch of the first epoch, by block id
+    batch = tc.CachedTeacherCollator(TextObjectiveCollator(tok, data, 7), cache)(
+        [{**blocks[i], tc.ID_KEY: i} for i in order])
+    model = AutoModelForMaskedLM.from_pretrained(bert).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    z = logits.reshape(-1, logits.shape[-1]).index_select(0, batch["target_index"])
+    torch.testing.assert_close(batch["teacher_lse"], z.logsumexp(-1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(batch["teacher_ids"][:, 0], z.argmax(-1))
+    with pytest.raises(DistillError, match=r"other data settings \(data.seed"):
+        cache.check_run(load_config(None, ["student.path=x", "student.ds_config=x", f"data.path={corpus}",
+                                           "data.source_column=text", "data.target_column=null", "data.objective=mlm",
+                                           "data.block_length=48", "training.output_dir=x", "training.seed=8",
+                                           "teacher.path=", f"teacher.cache={tmp_path / 'cache'}", "loss.w_kd=1"]),
+                        blocks, tok, model.config)

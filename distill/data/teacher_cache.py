@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from distill.config.settings import DataConfig, RunConfig
+from distill.data.objectives import IDS
 from distill.errors import DistillError
 from distill.paths import is_local_path
 
@@ -44,7 +45,7 @@ LOGIT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # the data settings a cache depends on (packing is not one: the cache is per example)
 DATA_KEYS = ("path", "name", "source_column", "target_column", "source_prefix", "max_source_length",
              "max_target_length", "truncation", "max_train_samples", "chat_template", "loss_on_prompt",
-             "skip_invalid")
+             "skip_invalid", "objective", "block_length", "mask_rate", "mean_span_length", "whole_word_masking")
 
 
 def _digest(value: Any) -> str:
@@ -58,8 +59,8 @@ def split_digest(dataset, columns: list[str]) -> str:
     for start in range(0, len(dataset), 10_000):
         batch = dataset[start:start + 10_000]
         for column in columns:
-            for text in batch[column]:
-                h.update(text.encode())
+            for text in batch[column]:  # text, or a block's token ids
+                h.update((text if isinstance(text, str) else json.dumps(text)).encode())
                 h.update(b"\0")
     return h.hexdigest()[:16]
 
@@ -71,11 +72,15 @@ def tokenizer_fingerprint(tokenizer, decoder_start_token_id: Optional[int]) -> d
             "decoder_start_token_id": decoder_start_token_id}
 
 
-def data_fingerprint(cfg: DataConfig, split: str, dataset) -> dict:
+def data_fingerprint(cfg: DataConfig, split: str, dataset, seed: int) -> dict:
+    """The data a cache was made from: the settings, and the text of every example (a text objective's
+    blocks: their token ids, and ``seed``, which draws their masks)."""
     values = {key: getattr(cfg, key) for key in DATA_KEYS}
     if is_local_path(cfg.path):
         values["path"] = str(Path(cfg.path).expanduser().resolve())
-    columns = [c for c in (cfg.source_column, cfg.target_column) if c is not None]
+    if cfg.objective is not None:
+        values["seed"] = seed
+    columns = [IDS] if cfg.objective is not None else [c for c in (cfg.source_column, cfg.target_column) if c is not None]
     return {**values, "split": split, "examples": len(dataset), "text": split_digest(dataset, columns)}
 
 
@@ -214,7 +219,7 @@ class TeacherCache:
         """Refuse a run whose data, tokenizer or live teacher differ from the cache's, naming the first
         difference; and a student whose vocabulary is smaller than the cache's."""
         encoder_decoder = student_config.is_encoder_decoder
-        current = {"data": data_fingerprint(cfg.data, cfg.data.train_split, train_data),
+        current = {"data": data_fingerprint(cfg.data, cfg.data.train_split, train_data, cfg.training.seed),
                    "tokenizer": tokenizer_fingerprint(tokenizer, student_config.decoder_start_token_id
                                                       if encoder_decoder else None)}
         if teacher_config is not None:  # the live teacher of the feature terms: the cache's own, wherever it is now

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from distill.config.settings import DataConfig, ModelConfig
 from distill.data import teacher_cache as tc
+from distill.data.objectives import IDS
 from distill.errors import DistillError
 from distill.infer.outputs import on_rank0
 from distill.losses.fused_head import VOCAB_BLOCK, chunk_budget, rows_per_chunk
@@ -77,7 +78,7 @@ def _claim(out: Path, fingerprint: dict, fresh: bool) -> bool:
 def _shard_batches(dataset, cfg: DataConfig, first: int, count: int, batch_size: int) -> list[list[int]]:
     """The micro-batches of one shard: its examples by text length, longest first (little padding), a
     fixed order so that a shard is the same whichever rank computes it."""
-    columns = [c for c in (cfg.source_column, cfg.target_column) if c is not None]
+    columns = [IDS] if cfg.objective is not None else [c for c in (cfg.source_column, cfg.target_column) if c is not None]
     rows = dataset[first:first + count]
     lengths = [sum(len(rows[c][i]) for c in columns) for i in range(count)]
     order = sorted(range(count), key=lambda i: (-lengths[i], i))
@@ -85,7 +86,7 @@ def _shard_batches(dataset, cfg: DataConfig, first: int, count: int, batch_size:
 
 
 @torch.no_grad()
-def _top_k(model, head, batch: dict, settings: CacheSettings, vocab: int, encoder_decoder: bool,
+def _top_k(model, head, batch: dict, settings: CacheSettings, vocab: int, kind: str,
            device: torch.device) -> dict[str, torch.Tensor]:
     """The batch's target rows: top-K ids and logits (as stored), the log-sum-exp of all logits and the log
     of the mass outside the top K (from the unrounded logits)."""
@@ -93,8 +94,14 @@ def _top_k(model, head, batch: dict, settings: CacheSettings, vocab: int, encode
     from distill.models.lm_head import trunk
 
     batch = {k: v.to(device) for k, v in batch.items()}
-    inputs = ({k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")} | {"use_cache": False}
-              if encoder_decoder else causal_model_inputs(batch, packed=False))
+    from distill.models.architectures import ENCODER_DECODER, ENCODER_ONLY
+
+    if kind == ENCODER_DECODER:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")} | {"use_cache": False}
+    elif kind == ENCODER_ONLY:  # a masked LM reads the whole (corrupted) row
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    else:
+        inputs = causal_model_inputs(batch, packed=False)
     hidden, _ = trunk(model, **inputs)
     rows = head.prepare(hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["target_index"]))
     chunk = rows_per_chunk(chunk_budget(settings.chunk_mib, device), [vocab], device)
@@ -125,9 +132,13 @@ def _split_examples(found: dict[str, torch.Tensor], batch: dict, ids: list[int])
 
 def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, split: str, out: Path,
                   settings: CacheSettings, device: torch.device, ds_config: Optional[str] = None,
-                  fresh: bool = False, say=print) -> dict:
-    """Write (or finish) the cache of ``model_path`` on ``split``; returns its index's summary."""
+                  fresh: bool = False, say=print, seed: int = 42) -> dict:
+    """Write (or finish) the cache of ``model_path`` on ``split``; returns its index's summary. With a text
+    objective (``data.objective``) the examples are its blocks, corrupted as the first epoch of a run with
+    ``training.seed`` = ``seed`` corrupts them."""
     from distill.data.collate import CausalCollator, Seq2SeqCollator
+    from distill.data.objectives import TextObjectiveCollator, text_blocks
+    from distill.models.architectures import ENCODER_DECODER, model_kind
     from distill.data.loading import drop_overlong, load_split
     from distill.infer.generate import GenerateSettings, load_for_generation, model_location, resolve_dtype
     from distill.models.lm_head import head_of
@@ -141,12 +152,17 @@ def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, sp
     dataset = load_split(data, split, "train")
     if not data.truncation:
         dataset = drop_overlong(dataset, data, tokenizer)
-    encoder_decoder = bool(config.is_encoder_decoder)
-    collate = (Seq2SeqCollator(tokenizer, data, config.decoder_start_token_id) if encoder_decoder
-               else CausalCollator(tokenizer, data))
+    kind = model_kind(config)
+    encoder_decoder = kind == ENCODER_DECODER
+    if data.objective is not None:
+        dataset = text_blocks(dataset, tokenizer, data, data.objective == "causal")
+        collate = TextObjectiveCollator(tokenizer, data, seed, getattr(config, "decoder_start_token_id", None))
+    else:
+        collate = (Seq2SeqCollator(tokenizer, data, config.decoder_start_token_id) if encoder_decoder
+                   else CausalCollator(tokenizer, data))
     vocab = len(tokenizer)
     fingerprint = tc.cache_fingerprint(
-        tc.data_fingerprint(data, split, dataset),
+        tc.data_fingerprint(data, split, dataset, seed),
         tc.tokenizer_fingerprint(tokenizer, config.decoder_start_token_id if encoder_decoder else None),
         tc.teacher_fingerprint(model_path, revision, config), settings.top_k, vocab, settings.logit_dtype,
         str(resolve_dtype(settings.dtype, device)).removeprefix("torch."), settings.shard_examples)
@@ -172,7 +188,7 @@ def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, sp
     for r in range(rounds):
         shard, ids, last = units[min(r, len(units) - 1)] if units else (None, [0], False)
         batch = collate([dataset[i] for i in ids])
-        found = _top_k(model, head, batch, settings, vocab, encoder_decoder, device)
+        found = _top_k(model, head, batch, settings, vocab, kind, device)
         if r >= len(units):
             continue  # a synchronized repeat: not this rank's
         forwards += len(ids)
