@@ -223,3 +223,64 @@ def test_two_ranks_agree_to_refuse_a_stale_output(models, data, tmp_path):
     errors = [line for line in text.splitlines() if "distill: error:" in line]
     assert proc.returncode != 0 and len(errors) == 1 and "was written by another model" in errors[0], text[-3000:]
     assert "Traceback" not in text and out.read_text() == written
+
+
+def test_disk_full_in_generate_is_one_line_on_its_own_and_leaves_no_temp_file(models, data, tmp_path, capsys,
+                                                                              monkeypatch):
+    """ENOSPC while the merged output is written (the progress bar still open): one line, below the bar,
+    and no half-written temp file."""
+    import errno
+
+    from distill.train import checkpoint
+
+    real = os.fsync
+
+    def full(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".preds.jsonl.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    out = tmp_path / "preds.jsonl"
+    assert main(["generate", "--model", str(models[0]), *data, "--out", str(out), *GEN]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "distill: error:" in line]
+    assert errors == [f"distill: error: no space left on device ({out})"], err[-2000:]
+    assert not (tmp_path / ".preds.jsonl.tmp").exists() and not out.exists()
+
+
+def test_disk_full_in_export_is_one_line_and_leaves_nothing(demo_assets, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError: still one line, and no .NAME.tmp folder."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, modeling_utils
+
+    from distill.errors import DistillError
+    from distill.infer.export import write_model_dir
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full)
+    state = AutoModelForSeq2SeqLM.from_pretrained(demo_assets["teacher"]).state_dict()
+    out = tmp_path / "exp"
+    with pytest.raises(DistillError, match=r"writing .*exp failed: no space left on device \("):
+        write_model_dir(AutoConfig.from_pretrained(demo_assets["teacher"]), state, None, out)
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_an_error_while_a_progress_bar_runs_is_on_a_line_of_its_own(models, data, tmp_path, capsys, monkeypatch):
+    from distill.errors import DistillError
+    from distill.infer import generate
+
+    real, calls = generate.generate_batch, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise DistillError("the second batch failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_batch", second_fails)
+    assert main(["generate", "--model", str(models[0]), *data, "--out", str(tmp_path / "p.jsonl"), *GEN]) == 2
+    err = capsys.readouterr().err
+    assert "\ndistill: error: the second batch failed\n" in err, err[-1000:]

@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from distill.errors import DistillError, first_line
 
@@ -115,7 +116,7 @@ def write_model_dir(config, state: dict[str, torch.Tensor], tokenizer, out_dir: 
             tokenizer.save_pretrained(tmp)
         if card:
             (tmp / "README.md").write_text(card)
-    except (OSError, RuntimeError) as exc:  # a full disk, a read-only directory: nothing half-written stays
+    except (OSError, RuntimeError, SafetensorError) as exc:  # a full disk, a read-only directory: nothing stays
         shutil.rmtree(tmp, ignore_errors=True)
         from distill.train.checkpoint import describe_write_error
 

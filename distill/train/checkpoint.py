@@ -89,10 +89,16 @@ def write_atomic(path: Path, text: str) -> None:
     after a power loss (file and directory are fsynced)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as exc:  # a full disk: no half-written temp file stays
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # fsync names no file: the error line will
+            exc.filename = str(path)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -112,6 +118,8 @@ def describe_write_error(exc: BaseException, path: Path) -> str:
     """One line for a failed write. torch's C++ writer hides ENOSPC behind messages such as
     "basic_ios::clear", so a nearly full disk is named from the free space left."""
     code = getattr(exc, "errno", None)
+    if code is None and (found := re.search(r"os error (\d+)|code: (\d+)", str(exc))):  # safetensors' Rust I/O
+        code = int(found.group(1) or found.group(2))
     reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
     if code in reasons:
