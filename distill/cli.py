@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 from distill.config.settings import TrainingConfig
 from distill.dtypes import DTYPE_NAMES
-from distill.errors import DistillError
+from distill.errors import DistillError, print_error
 from distill.models.from_scratch import FAMILIES, TOKENIZER_KINDS
 from distill.runtime.cluster import exit_rank
 
@@ -395,22 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0  # train returns its launcher's status
     except DistillError as exc:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank hits the same check; one line says it
-            _say_error(str(exc))
+            print_error(str(exc))
         return 2
     except OSError as exc:  # the machine, not the input: a full disk, a read-only or vanished directory
         from distill.train.checkpoint import describe_write_error
 
-        _say_error(describe_write_error(exc, Path(exc.filename or ".")))
+        print_error(describe_write_error(exc, Path(exc.filename or ".")))
         return 2
-
-
-def _say_error(message: str) -> None:
-    """The error line on a line of its own: a progress bar the failure left open is closed first (its
-    line ends there) instead of having the error appended to it."""
-    tqdm = sys.modules.get("tqdm.std")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
-    print(f"distill: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

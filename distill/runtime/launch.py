@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from distill.errors import DistillError
+from distill.errors import DistillError, print_error
 from distill.runtime.cluster import another_rank_failed, error_line, exit_rank
 
 
@@ -75,13 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         # one line: rank 0's for a check every rank makes, the rank's own for a check only it makes
         line = error_line(rank, str(exc))
         if line is not None:
-            print(f"distill: error: {line}", file=sys.stderr, flush=True)
+            print_error(line)
         return 2
     except OSError as exc:  # the machine, not the code: a full disk, a read-only or vanished directory
         from distill.train.checkpoint import describe_write_error
 
-        print(f"distill: error: rank {rank}: {describe_write_error(exc, Path(exc.filename or '.'))}",
-              file=sys.stderr, flush=True)
+        print_error(f"rank {rank}: {describe_write_error(exc, Path(exc.filename or '.'))}")
         return 2
     except Exception:
         if another_rank_failed(rank, int(os.environ.get("WORLD_SIZE", 1))):
