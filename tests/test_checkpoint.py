@@ -274,6 +274,25 @@ def test_a_changed_accumulation_is_refused_not_reset():
         fit_accumulation(16, 4, 3, 1, 2)  # on another number of ranks too
 
 
+def test_a_read_only_checkpoint_folder_is_named_as_such(tmp_path):
+    """DeepSpeed logs its failed makedirs and torch then reports a missing parent: the line names the
+    folder that cannot be written instead."""
+    class ReadOnlyFolder(FakeEngine):
+        def save_checkpoint(self, save_dir, tag, save_latest):
+            raise RuntimeError(f"Parent directory {save_dir}/{tag} does not exist.")
+
+    ckpt = tmp_path / "checkpoints"
+    save(ckpt, 2)
+    ckpt.chmod(0o555)
+    try:
+        with pytest.raises(DistillError) as info:
+            save(ckpt, 4, engine=ReadOnlyFolder())
+    finally:
+        ckpt.chmod(0o755)
+    assert f"permission denied: {ckpt} is not writable" in str(info.value), info.value
+    assert "Parent directory" not in str(info.value)
+
+
 def test_a_save_killed_halfway_is_never_resumed_and_is_cleared_by_the_next(tmp_path):
     save(tmp_path, 4)
     torn = tmp_path / ("step-00000008" + checkpoint.PARTIAL)  # what kill -9 mid-save leaves

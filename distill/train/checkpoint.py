@@ -130,6 +130,10 @@ def describe_write_error(exc: BaseException, path: Path) -> str:
         free = None
     if free is not None and free < 16 << 20:
         return f"no space left on device ({free >> 10} KiB free at {path})"
+    # DeepSpeed logs a failed makedirs and goes on; torch then says "Parent directory ... does not exist"
+    folder = next((p for p in (path, *path.parents) if p.exists()), None)
+    if folder is not None and folder.is_dir() and (not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222):
+        return f"permission denied: {folder} is not writable ({path})"
     return f"{first_line(exc)} ({path})"
 
 
