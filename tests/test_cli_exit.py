@@ -33,3 +33,18 @@ def test_an_error_only_one_rank_finds_reaches_the_user(pair, tmp_path):
     errors = [line for line in text.splitlines() if "distill: error:" in line]
     assert errors == ["distill: error: rank 1: teacher cache shard 3 is damaged (only rank 1 reads it)"], text[-3000:]
     assert proc.returncode != 0 and "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.integration
+def test_run_py_without_a_launcher_is_one_rank(pair, tmp_path):
+    """`python launchers/run.py` with no launcher runs as one rank: a refusal made after the process group
+    exists (a resume tag that is not there) is its one line, not DeepSpeed's MPI discovery traceback."""
+    import ranks
+
+    proc = subprocess.run([sys.executable, "launchers/run.py", "--config", "recipes/demo/kd.yaml", *pair,
+                           f"training.output_dir={tmp_path / 'run'}", "training.resume=step-00000009"],
+                          cwd=ROOT, env=ranks.ENV, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    errors = [line for line in text.splitlines() if "distill: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+    assert "step-00000009" in errors[0]
