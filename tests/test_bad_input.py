@@ -72,7 +72,7 @@ def test_empty_dataset(capsys, args, tmp_path):
 def test_different_vocabularies_are_refused(capsys, args, other_vocab_teacher):
     code, err = run(capsys, [*args, f"teacher.path={other_vocab_teacher}"])
     assert code == 2 and len(err) == 1 and "teacher and student tokenizers differ" in err[0], err
-    assert "set loss.cross_tokenizer to uld or hybrid" in err[0]
+    assert "set loss.cross_tokenizer to uld, hybrid or mined" in err[0]
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ from transformers import BartConfig
 from distill.models.from_scratch import train_tokenizer
 
 from distill.config.settings import LossConfig
-from distill.data.token_alignment import TEACHER_PREFIX, SharedVocab, align, token_bytes
-from distill.losses.cross_tokenizer import shared_divergence, tempered_log_prob, uld
+from distill.data.token_alignment import (TEACHER_PREFIX, SharedVocab, align, edit_distances, mined_map,
+                                          token_bytes)
+from distill.losses.cross_tokenizer import mapped_divergence, shared_divergence, tempered_log_prob, uld
 from distill.losses.objective import Objective, Output
 from distill.models.lm_head import Head
 
@@ -77,6 +78,56 @@ def test_text_after_a_disagreement_or_a_truncation_is_left_out():
     found = align([1, 2, 3], [1, 8, 5, 6], vocab)
     assert found.student == [[0]] and found.teacher == [[0]]
     assert align([], [1], vocab).student == []
+
+
+# ---------------------------------------------------------------- the MinED map
+
+def _ref_levenshtein(a: bytes, b: bytes) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row = row, [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (x != y))
+    return row[-1]
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (3, 5), (6, 2), (4, 4), (2, 0)])
+def test_edit_distances_match_the_textbook_table(m, n):
+    g = torch.Generator().manual_seed(m * 10 + n)
+    a = torch.randint(97, 100, (7, m), generator=g, dtype=torch.uint8).numpy()  # 3 letters: many near matches
+    b = torch.randint(97, 100, (9, n), generator=g, dtype=torch.uint8).numpy()
+    ref = [[_ref_levenshtein(bytes(x), bytes(y)) for y in b] for x in a]
+    assert edit_distances(a, b).tolist() == ref
+
+
+def test_the_mined_map_on_hand_made_vocabularies():
+    student = [None, b" cat", b" ca", b" c", b"at", b" 199", b"8", b" dog", None, b" cat"]
+    teacher = [None, b" cat", b" 1998", b" cats", b" dot", b"t", None, b" caz"]
+    out = mined_map(student, teacher, {0: 0}).tolist()
+    assert out[0] == 0  # EOS by role
+    assert out[1] == 1  # its own text, the lowest id of two
+    assert out[2] == 5  # " 1998" -> " 199": distance 1
+    assert out[3] == 1  # " cats" -> " cat"
+    assert out[4] == 7  # " dot" -> " dog": distance 1 (" cat" is 2 away)
+    assert out[5] == 4  # "t" -> "at" or "8", both 1 away and no common prefix: the lower id
+    assert out[6] == -1  # a special with no counterpart
+    assert out[7] == 1  # " caz": " cat" and " ca" are both 1 away, " cat" shares the longer prefix
+    for t, text in enumerate(teacher):  # the minimum distance, against brute force
+        if text is not None:
+            assert _ref_levenshtein(text, student[out[t]]) == min(_ref_levenshtein(text, s) for s in student if s)
+
+
+def test_the_mined_map_of_two_real_tokenizers_is_their_nearest_texts(tokenizers):
+    bpe, unigram = tokenizers
+    vocab = SharedVocab.of(bpe, unigram, len(bpe), len(unigram), mined=True)
+    s_ids, t_ids = vocab.mined_pairs()
+    texts = [t for t in vocab.student if t is not None]
+    for s, t in zip(s_ids.tolist()[::5], t_ids.tolist()[::5]):
+        if vocab.teacher[t] is not None:
+            assert _ref_levenshtein(vocab.teacher[t], vocab.student[s]) == min(
+                _ref_levenshtein(vocab.teacher[t], x) for x in texts)
+    for s, t in vocab.to_teacher.items():  # shared tokens map to themselves
+        assert vocab.to_student[t] == s
 
 
 # ---------------------------------------------------------------- real tokenizers
@@ -198,6 +249,39 @@ def test_shared_vocabulary_divergence_matches_the_reference(kind, tau):
         assert_close(shared_divergence(s, t[:, :9], full, full, kind, tau), dense, rtol=1e-10, atol=1e-12)
 
 
+def _ref_mapped(s, t, s_ids, t_ids, kind, tau):
+    """Dense float64: the teacher's probabilities over the mapped tokens, summed into their student tokens."""
+    p = F.softmax(t[:, t_ids] / tau, -1)
+    q = torch.zeros(s.shape[0], s.shape[1], dtype=s.dtype)
+    for k, (a, b) in enumerate(zip(s_ids.tolist(), t_ids.tolist())):
+        q[:, a] += p[:, k]
+    log_s = F.log_softmax(s / tau, -1)
+    kl = lambda a, log_a, log_b: torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)  # noqa: E731
+    if kind == "forward_kl":
+        return tau**2 * kl(q, q.log(), log_s)
+    m = 0.5 * q + 0.5 * log_s.exp()
+    return tau**2 * (0.5 * kl(q, q.log(), m.log()) + 0.5 * kl(log_s.exp(), log_s, m.log()))
+
+
+MINED = (torch.tensor([0, 2, 2, 5, 1, 9, 3]), torch.tensor([0, 1, 4, 5, 7, 11, 12]))  # many teacher -> one student
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_the_mapped_divergence_matches_the_reference(kind, tau):
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 10, generator=g, dtype=torch.float64), torch.randn(5, 13, generator=g, dtype=torch.float64)
+    assert_close(mapped_divergence(s, t, *MINED, kind, tau), _ref_mapped(s, t, *MINED, kind, tau),
+                 rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda z: mapped_divergence(z, t, *MINED, kind, tau), (s.clone().requires_grad_(),))
+    # the same vocabulary, every token mapped to itself: the plain divergence
+    full = torch.arange(10)
+    dense = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t[:, :10] / tau, -1), log_target=True,
+                     reduction="none").sum(-1) * tau**2
+    if kind == "forward_kl":
+        assert_close(mapped_divergence(s, t[:, :10], full, full, kind, tau), dense, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------- the whole span objective
 
 def _head(vocab, width, seed):
@@ -278,6 +362,45 @@ def test_span_objective_and_its_gradient_match_dense_autograd(mode, uld_weight, 
         assert_close(terms["kd"], ref_parts["uld"], rtol=1e-10, atol=1e-12)
 
 
+MAPPED = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]  # per span of SPANS_S / SPANS_T: first tokens agree under the map
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("budget", [1e-4, 1.0])
+def test_mined_objective_and_its_gradient_match_dense_autograd(kind, budget):
+    g = torch.Generator().manual_seed(4)
+    head_s, head_t = _head(11, 6, 0), _head(14, 5, 1)
+    h_s = torch.randn(9, 6, generator=g, dtype=torch.float64).requires_grad_()
+    h_t = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    labels_s, labels_t = torch.randint(0, 11, (9,), generator=g), torch.randint(0, 14, (8,), generator=g)
+    cfg = LossConfig(w_ce=0.3, w_kd=0.7, cross_tokenizer="mined", divergence=kind, temperature=2.0,
+                     logit_chunk_mib=budget)
+    objective = Objective(cfg, 10, BartConfig(vocab_size=11, d_model=6, encoder_layers=1, decoder_layers=1),
+                          BartConfig(vocab_size=14, d_model=5, encoder_layers=1, decoder_layers=1))
+    objective.shared_ids = MINED
+    batch = {**_span_batch(labels_s, labels_t), "span_mapped": torch.tensor(MAPPED)}
+    assert objective.count_names == ("target", "target_gold")
+    total, terms, _ = objective(batch, Output(h_s, head_s), Output(h_t, head_t), True,
+                                torch.tensor([9.0, 9.0], dtype=torch.float64))
+    grad_h, grad_w = torch.autograd.grad(total, [h_s, head_s.weight])
+
+    w = head_s.weight.detach().clone().requires_grad_()
+    h = h_s.detach().clone().requires_grad_()
+    s, t = h @ w.T, h_t @ head_t.weight.detach().T
+    mapped = {ss[0]: tt[0] for ss, tt, m in zip(SPANS_S, SPANS_T, MAPPED) if m}
+    ce = F.cross_entropy(s, labels_s, reduction="none")
+    kd_mapped = sum(_ref_mapped(s[i:i + 1], t[j:j + 1], *MINED, kind, 2.0).sum() for i, j in mapped.items()) / 9
+    kd_gold = sum(ce[i] for i in range(9) if i not in mapped) / 9
+    ref_total = 0.3 * ce.mean() + 0.7 * (kd_mapped + kd_gold)
+    ref_h, ref_w = torch.autograd.grad(ref_total, [h, w])
+    assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
+    assert_close(grad_h, ref_h, rtol=1e-9, atol=1e-12)
+    assert_close(grad_w, ref_w, rtol=1e-9, atol=1e-12)
+    assert_close(terms["kd/mapped"], kd_mapped.detach(), rtol=1e-10, atol=1e-12)
+    assert_close(terms["kd/gold"], kd_gold.detach(), rtol=1e-10, atol=1e-12)
+    assert_close(terms["kd"], terms["kd/mapped"] + terms["kd/gold"])
+
+
 # ---------------------------------------------------------------- the collator
 
 @pytest.fixture(scope="module")
@@ -336,6 +459,12 @@ def test_collator_spans_index_the_same_text_in_both_batches(demo_assets, unigram
         assert ex == (len(ss) == len(tt) == 1 and vocab.to_teacher.get(ss[0]) == tt[0])
     assert exact.count(1.0) > len(exact) / 3 and exact.count(0.0) > 0
     assert sum(ss == [unigram.eos_token_id] for ss in s_spans) == len(rows)
+    # with the MinED map: a span is mapped where the teacher's first token maps to the student's, so every
+    # shared 1:1 span is
+    mined = SharedVocab.of(unigram, bpe, len(unigram), len(bpe), mined=True)
+    mapped = CrossTokenizerCollator(make(unigram), make(bpe), mined)(rows)["span_mapped"].tolist()
+    assert mapped == [float(int(mined.to_student[tt[0]]) == ss[0]) for ss, tt in zip(s_spans, t_spans)]
+    assert all(m == 1.0 for m, e in zip(mapped, exact) if e) and mapped.count(1.0) > exact.count(1.0)
 
 
 def test_feature_terms_need_the_same_tokens_on_both_sides(demo_assets, unigram):
@@ -390,8 +519,9 @@ def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_an
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("mode,part", [("uld", "loss/kd"), ("mined", "loss/kd/mapped")])
 def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokenizer_on_packed_rows(
-        demo_assets, unigram_dir, tmp_path):
+        demo_assets, unigram_dir, tmp_path, mode, part):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from ranks import launch_run, metrics
@@ -410,11 +540,11 @@ def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokeni
         model(tok).save_pretrained(tmp_path / name)
         tok.save_pretrained(tmp_path / name)
     run = launch_run([f"teacher.path={tmp_path / 'llama'}", f"student.path={tmp_path / 'qwen'}",
-                      f"data.path={demo_assets['data']}", *COMMON, "training.save_every=4", "loss.cross_tokenizer=uld",
+                      f"data.path={demo_assets['data']}", *COMMON, "training.save_every=4", f"loss.cross_tokenizer={mode}",
                       "data.packing=true", "data.max_source_length=48", f"training.output_dir={tmp_path / 'run'}"])
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     logged = metrics(tmp_path / "run")
-    assert all(logged[step]["loss/kd"] > 0 for step in (1, 2, 3, 4))
+    assert all(logged[step][part] > 0 for step in (1, 2, 3, 4))
     assert logged[4]["loss/total"] < logged[1]["loss/total"]
 
 
@@ -437,6 +567,9 @@ def test_what_needs_the_same_tokens_is_refused_across_tokenizers(pair):
                                (["loss.uld_top_k=0"], "loss.uld_top_k must be >= 1"),
                                (["loss.uld_weight=0.5"], "uld_weight weighs hybrid's ULD spans"),
                                (["loss.cross_tokenizer=hybrid", "loss.uld_weight=-1"], "uld_weight"),
+                               (["loss.cross_tokenizer=mined", "loss.divergence=reverse_kl"], "takes the log of the mapped teacher"),
+                               (["loss.cross_tokenizer=mined", "loss.divergence=taid"], "takes the log of the mapped teacher"),
+                               (["loss.cross_tokenizer=mined", "loss.uld_weight=0.5"], "uld_weight"),
                                (["loss.cross_tokenizer=wasserstein"], "cross_tokenizer")):
         with pytest.raises(DistillError, match=message):
             config(*overrides)

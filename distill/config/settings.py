@@ -22,7 +22,7 @@ TaidMode = Literal["constant", "linear", "adaptive"]
 
 HiddenMetric = Literal["mse", "cosine"]
 
-CrossTokenizer = Literal["uld", "hybrid"]
+CrossTokenizer = Literal["uld", "hybrid", "mined"]
 
 # Pre-training objectives on raw text (distill.data.objectives): the teacher's own, applied on the fly.
 TextObjective = Literal["mlm", "span_corruption", "infilling", "causal"]
@@ -286,7 +286,12 @@ class LossConfig:
     # Unset: the device's default (distill.losses.fused_head.DEFAULT_CHUNK_MIB).
     logit_chunk_mib: Optional[float] = None
     # Teacher and student with different tokenizers: compare aligned spans of the target text by ULD, or
-    # by loss.divergence over the tokens both vocabularies hold and ULD elsewhere (distill.losses.cross_tokenizer).
+    # by loss.divergence over the tokens both vocabularies hold and ULD elsewhere (hybrid), or (mined) by
+    # loss.divergence to the teacher's distribution read on the student's vocabulary through a minimum edit
+    # distance token map, where the span's first tokens agree under it, and gold CE on the other target
+    # rows (distill.losses.cross_tokenizer). Published settings: ULD as Boizard et al. 2024 is uld with
+    # w_ce=1, w_kd=1.5, temperature=1, uld_top_k=null; GOLD's ULD defaults (TRL) are w_ce=0, w_kd=1,
+    # temperature=1.
     cross_tokenizer: Optional[CrossTokenizer] = None
     # ULD compares the top uld_top_k probabilities of each side and one bucket of the rest; null: all of them.
     uld_top_k: Optional[int] = 1024
@@ -338,6 +343,10 @@ class LossConfig:
         if self.uld_weight < 0 or (self.uld_weight != 1.0 and self.cross_tokenizer != "hybrid"):
             raise DistillError(f"{prefix}.uld_weight weighs hybrid's ULD spans: >= 0, with {prefix}.cross_tokenizer=hybrid "
                                f"(got {self.uld_weight} with {self.cross_tokenizer})")
+        if self.cross_tokenizer == "mined" and self.divergence in ("reverse_kl", "taid"):
+            raise DistillError(f"{prefix}.divergence={self.divergence} takes the log of the mapped teacher, which "
+                               f"{prefix}.cross_tokenizer=mined leaves at 0 on student tokens no teacher token maps "
+                               "to (an infinite or undefined loss): use forward_kl, jsd, skew_kl or skew_reverse_kl")
         if self.on_policy_temperature <= 0:
             raise DistillError(f"{prefix}.on_policy_temperature must be > 0, got {self.on_policy_temperature}")
         self.hidden.validate(f"{prefix}.hidden")

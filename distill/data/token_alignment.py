@@ -16,6 +16,11 @@ splits a word the other keeps). Text past the first byte where the sides disagre
 different normalization) or past one side's truncation is left out, as are special tokens, except the
 last one of each side (EOS, or the chat template's end marker) when both texts were covered whole: it
 is the decision to stop, and the two are compared as a 1:1 span. Left-out tokens keep their CE.
+
+MinED vocabulary map (``loss.cross_tokenizer=mined``; Wan et al. 2024, FuseLLM). Every teacher token goes
+to the student token whose text is nearest by edit distance over bytes (its own text when the student
+holds it; a special token to the student's of the same role), so the teacher's whole distribution can
+be read on the student's vocabulary. Ties go to the longer common prefix, then the lower id.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from distill.errors import DistillError
@@ -32,6 +38,8 @@ from distill.errors import DistillError
 TEACHER_PREFIX = "teacher."  # the teacher's own batch keys in a cross-tokenizer batch
 # the span tensors a cross-tokenizer batch adds (indices into the micro-batch's target rows, in order)
 SPAN_KEYS = ("span_first", "span_rest", "span_rest_of", "span_exact")
+MAPPED_KEY = "span_mapped"  # with a MinED map: 1 where the teacher's first token maps to the student's
+_CELLS = 1 << 22  # int64 cells of one block of the edit-distance table (32 MiB)
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 _SPECIAL_ROLES = ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id")
 
@@ -107,10 +115,15 @@ class SharedVocab:
     student_ids: torch.Tensor = field(init=False)  # (M,) shared tokens, student ids
     teacher_ids: torch.Tensor = field(init=False)  # (M,) the same tokens, teacher ids
     to_teacher: dict[int, int] = field(init=False)
+    # with ``mined``: per teacher id, its MinED student id (-1: a special token with no counterpart, or
+    # past the teacher's vocab_size)
+    to_student: Optional[torch.Tensor] = None
 
     @classmethod
-    def of(cls, student_tok: Any, teacher_tok: Any, student_vocab: int, teacher_vocab: int) -> "SharedVocab":
-        """From the two tokenizers; ids past a model's ``vocab_size`` (rows it cannot produce) are left out."""
+    def of(cls, student_tok: Any, teacher_tok: Any, student_vocab: int, teacher_vocab: int,
+           mined: bool = False) -> "SharedVocab":
+        """From the two tokenizers; ids past a model's ``vocab_size`` (rows it cannot produce) are left out.
+        ``mined``: also the MinED map (``loss.cross_tokenizer=mined``)."""
         shared = cls(token_bytes(student_tok), token_bytes(teacher_tok))
         pairs: dict[int, int] = {}
         used: set[int] = set()  # one-to-one: a text held by several ids pairs its first ones
@@ -135,7 +148,75 @@ class SharedVocab:
         ids = sorted(pairs.items())
         shared.student_ids = torch.tensor([s for s, _ in ids], dtype=torch.long)
         shared.teacher_ids = torch.tensor([t for _, t in ids], dtype=torch.long)
+        if mined:
+            shared.to_student = mined_map(shared.student[:student_vocab], shared.teacher[:teacher_vocab], pairs)
         return shared
+
+    def mined_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student ids, teacher ids) of every mapped teacher token: the teacher's distribution read on the
+        student's vocabulary is ``index_add`` of its probabilities at the teacher ids into the student ids."""
+        teacher_ids = (self.to_student >= 0).nonzero().squeeze(1)
+        return self.to_student[teacher_ids], teacher_ids
+
+
+def edit_distances(texts: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(T, K) Levenshtein distances between T byte strings of one length (T, m) and K of another (K, n), uint8.
+    Row by row of the table: substitution and deletion elementwise, then the run of insertions along the
+    row as a running minimum of D[j] − j."""
+    steps = np.arange(candidates.shape[1] + 1)
+    prev = np.broadcast_to(steps, (texts.shape[0], candidates.shape[0], steps.size))
+    for i in range(texts.shape[1]):
+        step = np.minimum(prev[..., :-1] + (candidates[None] != texts[:, i, None, None]), prev[..., 1:] + 1)
+        row = np.concatenate([np.full(step.shape[:2] + (1,), i + 1), step], axis=-1)
+        prev = np.minimum.accumulate(row - steps, axis=-1) + steps
+    return prev[..., -1]
+
+
+def _by_length(texts: dict[int, bytes]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{length: (ids ascending, their bytes as a (K, length) uint8 array)}."""
+    groups: dict[int, list[int]] = {}
+    for i, text in texts.items():
+        groups.setdefault(len(text), []).append(i)
+    return {n: (np.array(ids), np.frombuffer(b"".join(texts[i] for i in ids), np.uint8).reshape(len(ids), n))
+            for n, ids in sorted(groups.items())}
+
+
+def mined_map(student: list[Optional[bytes]], teacher: list[Optional[bytes]],
+              specials: dict[int, int]) -> torch.Tensor:
+    """Per teacher id, the student id of minimum edit distance between the two texts (module docstring);
+    ``specials``: student id -> teacher id of tokens paired already (same text, or the same special role).
+    A teacher special with no counterpart gets -1."""
+    out = np.full(len(teacher), -1, dtype=np.int64)
+    for s, t in specials.items():
+        out[t] = s
+    own = {text: i for i, text in reversed(list(enumerate(student))) if text is not None}
+    left: dict[int, bytes] = {}
+    for i, text in enumerate(teacher):
+        if out[i] < 0 and text is not None:
+            if text in own:
+                out[i] = own[text]
+            else:
+                left[i] = text
+    buckets = _by_length({i: t for i, t in enumerate(student) if t is not None})
+    for m, (t_ids, t_bytes) in _by_length(left).items():
+        # best (distance, −common prefix, id) so far per teacher token; distance >= |m − n| prunes lengths
+        best = np.full((len(t_ids), 3), np.iinfo(np.int64).max)
+        for n, (s_ids, s_bytes) in sorted(buckets.items(), key=lambda kv: abs(kv[0] - m)):
+            if abs(n - m) > best[:, 0].max():
+                break
+            block = max(1, _CELLS // (len(s_ids) * (n + 1)))
+            for a in range(0, len(t_ids), block):
+                rows = slice(a, a + block)
+                dist = edit_distances(t_bytes[rows], s_bytes)
+                k = min(m, n)
+                prefix = np.cumprod(t_bytes[rows, None, :k] == s_bytes[None, :, :k], axis=-1).sum(-1)
+                key = dist * (k + 1) - prefix  # argmin: the smallest distance, then the longest prefix, then id
+                j = key.argmin(1)
+                cand = np.stack([dist[np.arange(len(j)), j], -prefix[np.arange(len(j)), j], s_ids[j]], 1)
+                better = [tuple(c) < tuple(b) for c, b in zip(cand, best[rows])]
+                best[rows] = np.where(np.array(better)[:, None], cand, best[rows])
+        out[t_ids] = best[:, 2]
+    return torch.from_numpy(out)
 
 
 @dataclass
@@ -213,7 +294,9 @@ class CrossTokenizerCollator:
     * ``span_first`` (S,): each span's first student target row; ``teacher.span_first``: the teacher's;
     * ``span_rest`` / ``span_rest_of`` (R,): the span's other student rows and the span each belongs to
       (the teacher's likewise);
-    * ``span_exact`` (S,) float: 1 where the span is one token the vocabularies share, else 0.
+    * ``span_exact`` (S,) float: 1 where the span is one token the vocabularies share, else 0;
+    * with a MinED map (``SharedVocab.to_student``), ``span_mapped`` (S,) float: 1 where the teacher's first
+      token of the span maps to the student's first token, else 0.
 
     Computed on the host, from the rows alone: packing, any number of ranks and resume need nothing more.
     ``one_to_one``: feature terms compare positions, so a batch the two tokenizers do not split into the
@@ -229,7 +312,10 @@ class CrossTokenizerCollator:
         t_batch, t_targets = self.teacher.collate_targets(rows)
         if self.one_to_one:
             self._check_one_to_one(batch, t_batch)
-        out: dict[str, list[int]] = {k: [] for k in (*SPAN_KEYS, *(TEACHER_PREFIX + k for k in SPAN_KEYS[:3]))}
+        mapped = self.vocab.to_student
+        keys = (*SPAN_KEYS, *(TEACHER_PREFIX + k for k in SPAN_KEYS[:3]),
+                *((MAPPED_KEY,) if mapped is not None else ()))
+        out: dict[str, list] = {k: [] for k in keys}
         s_base = t_base = spans = 0
         for s_ids, t_ids in zip(s_targets, t_targets):
             found = align(s_ids, t_ids, self.vocab)
@@ -239,9 +325,12 @@ class CrossTokenizerCollator:
                     out[prefix + "span_rest"] += [base + k for k in span[1:]]
                     out[prefix + "span_rest_of"] += [spans + j] * (len(span) - 1)
             out["span_exact"] += [float(e) for e in found.exact]
+            if mapped is not None:
+                out[MAPPED_KEY] += [float(int(mapped[t_ids[tt[0]]]) == s_ids[ss[0]])
+                                    for ss, tt in zip(found.student, found.teacher)]
             s_base, t_base, spans = s_base + len(s_ids), t_base + len(t_ids), spans + len(found.exact)
         batch.update({TEACHER_PREFIX + k: v for k, v in t_batch.items() if k != "weight"})
-        batch.update({k: torch.tensor(v, dtype=torch.float32 if k == "span_exact" else torch.long)
+        batch.update({k: torch.tensor(v, dtype=torch.float32 if k in ("span_exact", MAPPED_KEY) else torch.long)
                       for k, v in out.items()})
         return batch
 

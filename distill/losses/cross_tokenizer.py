@@ -14,7 +14,17 @@ start. Both sides' vectors (at temperature τ) are compared by
   role), ``loss.divergence`` between the two distributions renormalized over the shared tokens; ULD on
   the others, weighted by ``loss.uld_weight``. Logged as ``kd/shared`` and ``kd/uld``.
 
-Both parts average over the step's spans (the ``span`` count). The gradient is exact, continuation
+Both parts average over the step's spans (the ``span`` count).
+
+``mined`` (MinED, Wan et al. 2024) reads the teacher's whole distribution on the student's vocabulary
+instead: each teacher token's probability goes to its nearest student token by edit distance
+(``token_alignment.mined_map``), so q(v) = Σ_{t → v} p_T(t), and ``loss.divergence`` compares q with the
+student's distribution at the first row of every span whose first tokens agree under the map (every
+shared 1:1 span; a split such as A's " 1998" against B's " 199" + "8"): ``kd/mapped``. Every other target
+row reads the gold token, as CE (``kd/gold``: the one-hot target FuseLLM and DSKD use where the alignment
+fails), so the teacher never pulls a row towards a spelling the student does not use. Both average over
+the student's target rows (the ``target`` count), with no chain-rule scale and no pass before the
+objective's. The gradient is exact, continuation
 rows included, without any rows × vocabulary tensor: ``span_rows`` runs three passes without gradient
 (each side's continuation log-probabilities, then ∂ULD/∂log c per span), and the objective's one pass
 over the student's target rows, with gradient, takes the span terms at each span's first row and the
@@ -34,7 +44,9 @@ from distill.data.token_alignment import TEACHER_PREFIX
 from distill.losses.divergences import per_token_divergence
 from distill.losses.fused_head import RowFn, RowSum, Side, row_values
 
-CROSS_PARTS = {"uld": ("kd",), "hybrid": ("kd/shared", "kd/uld")}
+# each mode's parts of the kd term and the count each averages over
+CROSS_PARTS = {"uld": {"kd": "span"}, "hybrid": {"kd/shared": "span", "kd/uld": "span"},
+               "mined": {"kd/mapped": "target", "kd/gold": "target"}}
 
 
 # ---- the math, per row ----------------------------------------------------------------------------
@@ -83,6 +95,16 @@ def shared_divergence(s_logits: Tensor, t_logits: Tensor, s_ids: Tensor, t_ids: 
     return temperature**2 * per_token_divergence(s_logits.index_select(-1, s_ids) / temperature,
                                                  t_logits.detach().index_select(-1, t_ids) / temperature, kind,
                                                  beta=beta, alpha=alpha, lam=lam)
+
+
+def mapped_divergence(s_logits: Tensor, t_logits: Tensor, s_ids: Tensor, t_ids: Tensor, kind: str,
+                      temperature: float, beta: float = 0.5, alpha: float = 0.1) -> Tensor:
+    """τ² · D(q ‖ softmax(z_S/τ)) per row, q the teacher's softmax(z_T/τ) over the mapped teacher tokens
+    ``t_ids`` summed into their student tokens ``s_ids`` (``SharedVocab.mined_pairs``). q is 0 on student
+    tokens no teacher token maps to, so reverse KL and TAID are refused with ``mined`` (settings)."""
+    p = F.softmax(t_logits.detach().index_select(-1, t_ids) / temperature, dim=-1)
+    q = p.new_zeros(p.shape[0], s_logits.shape[-1]).index_add_(1, s_ids, p)
+    return temperature**2 * per_token_divergence(s_logits / temperature, q.log(), kind, beta=beta, alpha=alpha)
 
 
 # ---- per-row context over the student's target rows ----------------------------------------------
@@ -134,6 +156,42 @@ def span_rows(batch: dict[str, Tensor], student: Side, teacher: Side, s_labels: 
                     s_log_scale=at_first(s_scale, 0.0), t_log_scale=at_first(t_scale, 0.0),
                     continuation=grad.new_zeros(n).index_copy_(0, rest, (grad * coef).index_select(0, rest_of)),
                     shared_ids=shared_ids)
+
+
+@dataclass
+class MappedRows:
+    """``mined``: at each of the student's target rows (N,), the teacher's first row of the span it starts
+    (``teacher``, row 0 elsewhere, unused) and whether the span's first tokens agree under the map."""
+
+    teacher: Side
+    mapped: Tensor  # (N,) bool
+    pairs: tuple[Tensor, Tensor]  # (student ids, teacher ids): SharedVocab.mined_pairs
+
+
+def mapped_rows(batch: dict[str, Tensor], student: Side, teacher: Side, pairs: tuple[Tensor, Tensor]) -> MappedRows:
+    """The per-row context of ``mined``, from the span indices alone (no pass over the heads)."""
+    first, t_first = batch["span_first"], batch[TEACHER_PREFIX + "span_first"]
+    n, device = student.hidden.shape[0], student.hidden.device
+    if teacher.hidden.shape[0] == 0:  # no teacher targets (so no spans): a row for the unused pairs
+        teacher = Side(teacher.hidden.new_zeros(1, teacher.hidden.shape[1]), teacher.head)
+    t_index = torch.zeros(n, dtype=torch.long, device=device).index_copy_(0, first, t_first)
+    mapped = torch.zeros(n, dtype=torch.bool, device=device).index_copy_(0, first, batch["span_mapped"] > 0)
+    return MappedRows(Side(teacher.hidden.index_select(0, t_index), teacher.head), mapped, pairs)
+
+
+def mapped_row_fns(rows: MappedRows, labels: Tensor, kind: str, temperature: float, beta: float,
+                   alpha: float) -> dict[str, RowFn]:
+    """``mined``'s parts as functions of one chunk of (student, span-teacher) logits."""
+    s_ids, t_ids = rows.pairs
+
+    def mapped_fn(s: Tensor, t: Tensor, r: slice) -> Tensor:
+        value = mapped_divergence(s, t, s_ids, t_ids, kind, temperature, beta, alpha)
+        return torch.where(rows.mapped[r], value, 0.0)
+
+    def gold_fn(s: Tensor, t: Tensor, r: slice) -> Tensor:
+        return torch.where(rows.mapped[r], 0.0, F.cross_entropy(s, labels[r], reduction="none"))
+
+    return {"kd/mapped": mapped_fn, "kd/gold": gold_fn}
 
 
 def span_row_fns(rows: SpanRows, mode: str, kind: str, temperature: float, top_k: Optional[int], uld_weight: float,

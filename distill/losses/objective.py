@@ -24,7 +24,7 @@ from distill.config.settings import LossConfig
 from distill.errors import DistillError
 from distill.data.teacher_cache import TEACHER_KEYS
 from distill.data.token_alignment import TEACHER_PREFIX
-from distill.losses.cross_tokenizer import SpanRows, continuation, span_rows
+from distill.losses.cross_tokenizer import MappedRows, SpanRows, continuation, mapped_rows, span_rows
 from distill.losses.divergences import crop_vocab
 from distill.losses.fused_head import RowFn, RowSum, Side, head_pass
 from distill.losses.sparse_teacher import TopK, bucket_log_probs
@@ -46,7 +46,8 @@ class Objective:
         self.total_steps = total_steps
         self.step = 0
         self.cache_vocab = cache_vocab
-        # across tokenizers (loss.cross_tokenizer): the shared tokens' (student ids, teacher ids) on the device
+        # across tokenizers (loss.cross_tokenizer), on the device: the shared tokens' (student ids, teacher ids);
+        # with mined, every mapped teacher token and its student token (SharedVocab.mined_pairs)
         self.shared_ids: Optional[tuple[Tensor, Tensor]] = None
         has_teacher = teacher_config is not None or cache_vocab is not None
         self.terms = [cls(cfg, total_steps, student_config, teacher_config) for cls in TERMS.values()
@@ -127,9 +128,11 @@ class Objective:
             for part, fn in term.row_values(labels, spans).items():
                 parts.append((term, part))
                 sums.append(RowSum(fn, weights[term.name] / count[term.parts[part]]))
+        chained = isinstance(spans, SpanRows)  # a continuation term carries ∂loss/∂log c
         if spans is not None:
             logit_teacher = spans.teacher
-            sums.append(continuation(spans, labels, self.cfg.temperature))
+            if chained:
+                sums.append(continuation(spans, labels, self.cfg.temperature))
         elif self.cache_vocab is not None:
             logit_teacher = TopK(**{part: batch[key] for key, part in TEACHER_KEYS.items()}, vocab=self.cache_vocab)
         else:
@@ -142,7 +145,7 @@ class Objective:
             total, values = head_pass(Side(student.hidden, student.head), logit_teacher, sums, self.cfg.logit_chunk_mib)
             for k, (term, part) in enumerate(parts):
                 terms[part] = values[k] / count[term.parts[part]]
-            if spans is not None:  # the continuation term carries a gradient, not a value
+            if chained:  # the continuation term carries a gradient, not a value
                 total = total - values[len(parts)].to(total.dtype)
         else:
             total = student.hidden.new_zeros((), dtype=torch.float32)
@@ -168,11 +171,16 @@ class Objective:
         return total, terms, sums_agree
 
     def _span_rows(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output], labels: Tensor,
-                   weights: dict[str, float], count: dict[str, Tensor], active: list) -> Optional[SpanRows]:
-        """Across tokenizers, with the kd term on: its per-row context (``cross_tokenizer.span_rows``)."""
+                   weights: dict[str, float], count: dict[str, Tensor],
+                   active: list) -> Optional[SpanRows | MappedRows]:
+        """Across tokenizers, with the kd term on: its per-row context (``cross_tokenizer.span_rows``, or
+        ``mapped_rows`` for mined)."""
         cfg = self.cfg
         if cfg.cross_tokenizer is None or teacher is None or not any(t.name == "kd" for t in active):
             return None
+        if cfg.cross_tokenizer == "mined":
+            return mapped_rows(batch, Side(student.hidden, student.head), Side(teacher.hidden, teacher.head),
+                               self.shared_ids)
         t_labels = batch[TEACHER_PREFIX + "labels"].reshape(-1).index_select(0, batch[TEACHER_PREFIX + "target_index"])
         return span_rows(batch, Side(student.hidden, student.head), Side(teacher.hidden, teacher.head), labels,
                          t_labels, cfg.cross_tokenizer, cfg.temperature, cfg.uld_top_k, weights["kd"] / count["span"] * cfg.uld_weight,

@@ -75,7 +75,7 @@ def check_pair(teacher_cfg, student_cfg, teacher_tok, student_tok, cross_tokeniz
         only_t = len(set(tv.items()) - set(sv.items()))
         raise DistillError(f"teacher and student tokenizers differ ({len(tv)} vs {len(sv)} tokens, "
                            f"{only_t} teacher tokens missing or renumbered in the student): set "
-                           "loss.cross_tokenizer to uld or hybrid to distill across tokenizers")
+                           "loss.cross_tokenizer to uld, hybrid or mined to distill across tokenizers")
     # Embedding matrices may carry padding rows past the tokenizer (e.g. rounded to a multiple of 8);
     # those rows are never real tokens, so the logits are compared over the shared prefix.
     size = min(teacher_cfg.vocab_size, student_cfg.vocab_size)

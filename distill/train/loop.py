@@ -86,7 +86,7 @@ class Trainer:
                                     cfg.loss.cross_tokenizer)
             if cfg.loss.cross_tokenizer is not None:
                 self.shared_vocab = SharedVocab.of(self.tokenizer, self.teacher_tokenizer, self.student_config.vocab_size,
-                                                   self.teacher_config.vocab_size)
+                                                   self.teacher_config.vocab_size, cfg.loss.cross_tokenizer == "mined")
             self.raw_ds["teacher"] = read_ds_config(cfg.teacher.ds_config, "teacher")
         if cfg.training.freeze_encoder and not self.student_config.is_encoder_decoder:
             raise DistillError("training.freeze_encoder needs an encoder-decoder student")
@@ -195,8 +195,9 @@ class Trainer:
         train = ((with_example_ids(self.train_data), CachedTeacherCollator(collate, self.cache)) if self.cache
                  else (self.train_data, self.train_collate))
         if self.shared_vocab is not None:
-            objective.shared_ids = (self.shared_vocab.student_ids.to(self.device),
-                                    self.shared_vocab.teacher_ids.to(self.device))
+            pairs = (self.shared_vocab.mined_pairs() if cfg.loss.cross_tokenizer == "mined" else
+                     (self.shared_vocab.student_ids, self.shared_vocab.teacher_ids))
+            objective.shared_ids = tuple(ids.to(self.device) for ids in pairs)
         self.stream = BatchStream(*train, t.micro_batch_size, self.rank, self.world, t.seed, t.gradient_accumulation_steps)
         self.state = TrainState(self.stream, self.objective, self.run_id)
         if self.resume_tag is not None:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from distill.losses.cross_tokenizer import CROSS_PARTS, SpanRows, span_row_fns
+from distill.losses.cross_tokenizer import CROSS_PARTS, MappedRows, SpanRows, mapped_row_fns, span_row_fns
 from distill.losses.divergences import scaled_divergence
 from distill.losses.fused_head import RowFn
 from distill.losses.taid import TaidLambda
@@ -20,7 +20,8 @@ class LogitDivergence(Term):
     over target tokens. With ``taid`` the target interpolates towards the teacher by λ
     (``loss.taid_*``), stepped after every optimizer step on the device. With ``loss.cross_tokenizer``
     (teacher and student tokenizers differ) it is ULD, or the divergence over the shared vocabulary plus
-    ULD, over aligned spans, a mean over spans (``distill.losses.cross_tokenizer``)."""
+    ULD, over aligned spans, a mean over spans; or (``mined``) the divergence to the teacher read on the
+    student's vocabulary, a mean over target tokens (``distill.losses.cross_tokenizer``)."""
 
     name = "kd"
     uses_logits = True
@@ -28,13 +29,15 @@ class LogitDivergence(Term):
     def __init__(self, cfg, total_steps, student_config, teacher_config):
         super().__init__(cfg, total_steps, student_config, teacher_config)
         mode = cfg.cross_tokenizer
-        self.parts = {"kd": "target"} if mode is None else {part: "span" for part in CROSS_PARTS[mode]}
+        self.parts = {"kd": "target"} if mode is None else dict(CROSS_PARTS[mode])
         self.taid = (TaidLambda(cfg.taid_lambda_start, cfg.taid_lambda_end, total_steps, cfg.taid_schedule)
                      if cfg.divergence == "taid" else None)
         self.tracks_losses = self.taid is not None and self.taid.adaptive
 
-    def row_values(self, labels: Tensor, spans: Optional[SpanRows] = None) -> dict[str, RowFn]:
+    def row_values(self, labels: Tensor, spans: Optional[SpanRows | MappedRows] = None) -> dict[str, RowFn]:
         cfg, lam = self.cfg, 0.0 if self.taid is None else self.taid.value
+        if isinstance(spans, MappedRows):
+            return mapped_row_fns(spans, labels, cfg.divergence, cfg.temperature, cfg.jsd_beta, cfg.skew_alpha)
         if cfg.cross_tokenizer is not None:
             return span_row_fns(spans, cfg.cross_tokenizer, cfg.divergence, cfg.temperature, cfg.uld_top_k,
                                 cfg.uld_weight, cfg.jsd_beta, cfg.skew_alpha, lam)
