@@ -32,16 +32,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import append_section, machine  # noqa: E402
+from benchmarks.common import Stages, append_section, machine  # noqa: E402
 
 RECIPES = ROOT / "recipes" / "demo"
 METHODS = {  # name -> (recipe, overrides); PL runs read their own dataset
@@ -51,70 +49,6 @@ METHODS = {  # name -> (recipe, overrides); PL runs read their own dataset
     "PL filtered": ("baseline.yaml", []),  # labels under --min-rouge2 against gold dropped
     "KD + hidden": ("kd.yaml", ["loss.w_hid=3.0", "loss.hidden.map=copied", "loss.hidden.stacks=decoder"]),
 }
-
-
-class Stages:
-    """Runs the commands, skipping those whose output marks them done, and keeps the list for the table.
-    ``stages.json`` in the workdir records the command behind each marker, so a finished stage is reused
-    only for the same settings."""
-
-    def __init__(self, work: Path, nproc: int):
-        self.work, self.nproc, self.commands, self.markers = work, nproc, [], []
-        self.record = work / "stages.json"
-
-    def run(self, done: Path | None, cmd: list, title: str) -> None:
-        """``done`` None: the command resumes itself (``distill generate``), so it always runs."""
-        shown = " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "")
-        self.commands.append(shown)
-        if done is not None:
-            self.markers.append(done)
-            if done.exists():
-                self._check(done, cmd, title)
-                print(f"== {title}: done ({done})", flush=True)
-                return
-        print(f"== {title}\n$ {shown}", flush=True)
-        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-        proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
-        if proc.returncode != 0 or (done is not None and not done.exists()):
-            raise SystemExit(f"quality: {title} failed (exit {proc.returncode}): {shown}")
-        if done is not None:
-            self._check(done, cmd, title)
-
-    def _check(self, done: Path, cmd: list, title: str) -> None:
-        """Records the stage's settings, or stops if the finished stage was made with others (a stage made
-        before this record existed is taken as it is)."""
-        key = " ".join(str(c) for k, c in enumerate(cmd) if k == 0 or cmd[k - 1] != "--master_port")
-        key = key.replace(str(ROOT) + "/", "")
-        record = json.loads(self.record.read_text()) if self.record.exists() else {}
-        made = record.setdefault(str(done), key)
-        if made != key:
-            raise SystemExit(f"quality: {title} in {done.parent} was made with other settings; remove it "
-                             f"or use another --workdir (then: {made}; now: {key})")
-        partial = self.record.with_suffix(".partial")  # replaced whole: a kill mid-write leaves the old record
-        partial.write_text(json.dumps(record, indent=1))
-        partial.replace(self.record)
-
-    def hours(self) -> float:
-        """Wall time from the first stage's completion marker to the last one's, over every run and rerun."""
-        times = [m.stat().st_mtime for m in self.markers]
-        return (max(times) - min(times)) / 3600
-
-    def distill(self, *args, ranks: int = 1) -> list:
-        if ranks == 1:
-            return [sys.executable, "-m", "distill.cli", *args]
-        return self.deepspeed(ROOT / "launchers/distill_cli.py", *args)
-
-    def deepspeed(self, script, *args) -> list:
-        from distill.runtime.cluster import free_port
-
-        return [Path(sys.executable).with_name("deepspeed"), "--num_gpus", self.nproc, "--master_port", free_port(),
-                script, *args]
-
-    def train(self, recipe: str, out: Path, overrides: list, title: str) -> Path:
-        self.run(out / "eval_results.json",
-                 self.deepspeed(ROOT / "launchers/run.py", "--config", RECIPES / recipe, *overrides,
-                                f"training.output_dir={out}"), title)
-        return out
 
 
 def data_settings(a: argparse.Namespace, path, train_samples: int | None = None) -> list[str]:
@@ -154,12 +88,12 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
         text = [f"data.path={data}", f"data.source_column={a.source_column}", "data.target_column=null",
                 "data.objective=infilling", f"data.block_length={a.max_source_length}", "data.max_train_samples=null",
                 f"data.max_eval_samples={a.eval_samples}", "data.train_split=train", "data.eval_split=validation"]
-        pre = st.train("teacher.yaml", w / "pretrain", [f"student.path={init}", *text,
+        pre = st.train(RECIPES / "teacher.yaml", w / "pretrain", [f"student.path={init}", *text,
                                                         *training(a, a.pretrain_steps, a.teacher_lr, a.teacher_warmup),
                                                         *until_best],
                        "pretrain the teacher by text infilling until its validation CE stops improving")
         init = pre / "best"
-    run = st.train("teacher.yaml", w / "teacher", [f"student.path={init}", *data_settings(a, data),
+    run = st.train(RECIPES / "teacher.yaml", w / "teacher", [f"student.path={init}", *data_settings(a, data),
                                                    *training(a, a.teacher_max_steps, a.teacher_lr, a.teacher_warmup),
                                                    *until_best],
                    "train the teacher on the summaries until its validation CE stops improving")
@@ -210,7 +144,7 @@ def main() -> None:
     a.workdir = a.workdir.resolve()
     # every student reads the same examples, each once, and the teacher labels only those for PL
     a.student_examples = a.steps * a.batch * a.nproc
-    st = Stages(a.workdir, a.nproc)
+    st = Stages(a.workdir, a.nproc, "quality")
     data = a.data
     if a.docstrings:
         data = a.workdir / "data"
@@ -263,7 +197,7 @@ def main() -> None:
             name = f"{method} ({layers}-layer decoder)"
             slug = method.lower().replace(" + ", "-").replace(" ", "-") + f"-d{layers}"
             teacher_setting = [f"teacher.path={teacher}"] if recipe == "kd.yaml" else []
-            run = st.train(recipe, a.workdir / "runs" / slug,
+            run = st.train(RECIPES / recipe, a.workdir / "runs" / slug,
                            [f"student.path={init}", *teacher_setting, *data_settings(a, source, a.student_examples),
                             *training(a, a.steps, a.lr),
                             "training.eval_every=0", *extra], f"student: {name}")

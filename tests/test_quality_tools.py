@@ -11,7 +11,8 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import docstring_corpus as dc  # noqa: E402
-from benchmarks.quality import (Stages, distinct_share, gap_lines, paired_gaps, per_example_scores,  # noqa: E402
+from benchmarks.common import Stages  # noqa: E402
+from benchmarks.quality import (distinct_share, gap_lines, paired_gaps, per_example_scores,  # noqa: E402
                                 ranking)
 
 DOC = '''Compute the running mean of a stream of numbers.
@@ -126,7 +127,7 @@ def test_distinct_share_flags_a_model_that_writes_one_summary_for_every_source(t
 
 
 def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path, capsys):
-    st, marker = Stages(tmp_path, 1), tmp_path / "out" / "done.json"
+    st, marker = Stages(tmp_path, 1, "quality"), tmp_path / "out" / "done.json"
 
     def make(steps, port):
         code = f"import pathlib; p = pathlib.Path({str(marker)!r}); p.parent.mkdir(exist_ok=True); p.write_text('{steps}')"
