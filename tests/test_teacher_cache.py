@@ -150,6 +150,30 @@ def test_damaged_caches_are_refused(one_rank, tmp_path):
         tc.TeacherCache(tmp_path)
 
 
+def test_a_rerun_on_an_edited_complete_cache_recomputes_the_edited_shard(one_rank, demo_assets, tmp_path):
+    """It used to say "complete already" without looking: now every shard is read back against its digest,
+    and the one that changed is computed again (the others are kept)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(one_rank, copy)
+    shard = copy / tc.SHARDS / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    kept = (copy / tc.SHARDS / "shard-00000.safetensors").stat().st_mtime_ns
+    said = []
+    cache_teacher(str(demo_assets["teacher"]), None, _data(demo_assets), "train", copy, CacheSettings(**SETTINGS),
+                  torch.device("cpu"), say=said.append)
+    assert said[0] == f"{copy}: shard-00001.safetensors changed after it was written: computing it again", said
+    assert (copy / tc.SHARDS / "shard-00000.safetensors").stat().st_mtime_ns == kept
+    _assert_same_rows(copy, one_rank)
+    said.clear()
+    cache_teacher(str(demo_assets["teacher"]), None, _data(demo_assets), "train", copy, CacheSettings(**SETTINGS),
+                  torch.device("cpu"), say=said.append)
+    assert said == [f"{copy} is complete already (every shard matches its digest)"]
+
+
 def test_another_cache_in_the_same_directory_is_refused(one_rank, demo_assets, tmp_path):
     import shutil
 

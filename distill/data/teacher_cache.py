@@ -178,6 +178,21 @@ def write_index(out: Path, fingerprint: dict, examples: int, shard_examples: int
     return index
 
 
+def reopen_damaged(out: Path) -> list[str]:
+    """The shards of a complete cache that no longer match the index (size or digest): their records and
+    the index go, so that the next pass computes them again. Returns their file names."""
+    index = json.loads((out / INDEX).read_text())
+    damaged = []
+    for i, shard in enumerate(index["shards"]):
+        path = out / SHARDS / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["bytes"] or _file_sha256(path) != shard["sha256"]:
+            damaged.append(shard["file"])
+            (out / SHARDS / f"{shard_name(i)}.json").unlink(missing_ok=True)
+    if damaged:
+        (out / INDEX).unlink()
+    return damaged
+
+
 # ---- reading ------------------------------------------------------------------------------------
 
 

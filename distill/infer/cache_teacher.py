@@ -168,8 +168,11 @@ def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, sp
         str(resolve_dtype(settings.dtype, device)).removeprefix("torch."), settings.shard_examples)
     out = Path(out).expanduser()
     if on_rank0(_claim, out, fingerprint, fresh):
-        say(f"{out} is complete already")
-        return json.loads((out / tc.INDEX).read_text())
+        damaged = on_rank0(tc.reopen_damaged, out)  # every shard read back against its digest
+        if not damaged:
+            say(f"{out} is complete already (every shard matches its digest)")
+            return json.loads((out / tc.INDEX).read_text())
+        say(f"{out}: {', '.join(damaged)} changed after it was written: computing it again")
 
     n, size = len(dataset), settings.shard_examples
     todo = on_rank0(lambda: sorted(set(range(-(-n // size))) - tc.done_shards(out)))
