@@ -166,3 +166,20 @@ def test_out_of_range_values(recipe, override, message):
 
 def test_largest_seed_is_accepted(recipe):
     assert load_config(recipe, [f"training.seed={2**32 - 1025}"]).training.seed == 2**32 - 1025
+
+
+def test_a_key_in_the_wrong_section_points_to_its_own(recipe):
+    with pytest.raises(DistillError, match=r"unknown config key 'training.temperature' \(did you mean "
+                                           r"'loss.temperature'\?\)"):
+        load_config(recipe, ["training.temperature=2"])
+
+
+def test_every_config_error_is_reported_at_once(recipe):
+    with pytest.raises(DistillError) as err:
+        load_config(recipe, ["loss.w_kd=x", "trainig.max_steps=1", "eval.nope=1"])
+    assert str(err.value).startswith("3 config errors: config key 'loss.w_kd' must be float, got 'x'; unknown config "
+                                     "key 'trainig' (did you mean 'training'?); unknown config key 'eval.nope'"), err.value
+    with pytest.raises(DistillError) as err:  # range checks of several sections
+        load_config(recipe, ["training.learning_rate=-1", "loss.temperature=0"])
+    assert str(err.value).startswith("2 config errors: training.learning_rate must be > 0"), err.value
+    assert "; loss.temperature" in str(err.value) and "\n" not in str(err.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -13,7 +14,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from distill.config.settings import DataConfig, RunConfig
-from distill.errors import DistillError
+from distill.errors import DistillError, collect_errors
 
 
 def _type_name(tp: Any) -> str:
@@ -117,13 +118,29 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    for key, value in data.items():
+
+    def take(key: str, value: Any) -> None:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            elsewhere = [k for k in _dotted_keys(RunConfig) if k.rsplit(".", 1)[-1] == key and k != prefix + key]
+            hint = (f" (did you mean '{prefix}{close[0]}'?)" if close else
+                    f" (did you mean '{elsewhere[0]}'?)" if elsewhere else "")
             raise DistillError(f"unknown config key '{prefix}{key}'{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
+
+    collect_errors(functools.partial(take, key, value) for key, value in data.items())
     return cls(**kwargs)
+
+
+@functools.cache
+def _dotted_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
+    """Every setting's dotted name, for pointing a key given in the wrong section to its own."""
+    keys: list[str] = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        nested = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
+        keys += _dotted_keys(nested[0], f"{prefix}{f.name}.") if nested else [prefix + f.name]
+    return tuple(keys)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

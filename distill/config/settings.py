@@ -7,12 +7,13 @@ in TensorBoard hparams and in the model card.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import yaml
 
-from distill.errors import DistillError
+from distill.errors import DistillError, collect_errors
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -409,13 +410,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "RunConfig":
-        self.student.validate("student")
-        if self.teacher is not None:
-            self.teacher.validate("teacher")
-        self.data.validate("data")
-        self.training.validate("training")
-        self.loss.validate("loss")
-        self.eval.validate("eval")
+        # each section's errors at once; the checks across sections need valid sections
+        collect_errors(functools.partial(getattr(self, name).validate, name)
+                       for name in ("student", "teacher", "data", "training", "loss", "eval")
+                       if getattr(self, name) is not None)
         if (self.eval.generate or self.eval.best_metric) and not self.data.eval_split:
             raise DistillError("eval.generate and eval.best_metric need an evaluation split (data.eval_split)")
         if self.training.early_stopping_patience is not None and (
