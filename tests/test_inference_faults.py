@@ -284,3 +284,26 @@ def test_an_error_while_a_progress_bar_runs_is_on_a_line_of_its_own(models, data
     assert main(["generate", "--model", str(models[0]), *data, "--out", str(tmp_path / "p.jsonl"), *GEN]) == 2
     err = capsys.readouterr().err
     assert "\ndistill: error: the second batch failed\n" in err, err[-1000:]
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "runs/final"])
+def test_a_missing_local_name_is_one_line_at_once_when_the_hub_is_unreachable(name, monkeypatch):
+    """A name with no folder here goes to the hub; when the hub cannot be reached, one line says so at once
+    (the hub client used to retry five times over 25 s before failing)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from distill import paths
+    from distill.config.settings import ModelConfig
+    from distill.errors import DistillError
+    from distill.models.loading import load_model_config
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    paths.hub_reachable.cache_clear()
+    start = time.monotonic()
+    with pytest.raises(DistillError, match=f"student.path {name} is not a directory here, and the hub cannot be "
+                                           "reached"):
+        load_model_config(ModelConfig(path=name), "student")
+    assert time.monotonic() - start < 5
+    paths.hub_reachable.cache_clear()

@@ -17,7 +17,7 @@ from distill.config.settings import ModelConfig
 from distill.dtypes import torch_dtype
 from distill.models.architectures import ENCODER_DECODER, ENCODER_ONLY, model_kind
 from distill.errors import DistillError, first_line
-from distill.paths import is_local_path
+from distill.paths import hub_reachable, is_local_path
 
 
 def load_model_config(mc: ModelConfig, role: str):
@@ -28,10 +28,23 @@ def load_model_config(mc: ModelConfig, role: str):
     if is_local_path(mc.path) and not (path / "config.json").is_file():
         what = "not found" if not path.exists() else "has no config.json"
         raise DistillError(f"{role}.path {mc.path} {what}")
+    if not path.exists() and not _in_hub_cache(mc) and not hub_reachable():
+        raise DistillError(f"{role}.path {mc.path} is not a directory here, and the hub cannot be reached to look it "
+                           "up as a model id (a local path: check the name)")
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else mc.path, revision=mc.revision)
     except Exception as exc:
         raise DistillError(f"cannot load {role} config from '{mc.path}': {first_line(exc)}") from None
+
+
+def _in_hub_cache(mc: ModelConfig) -> bool:
+    """Whether a hub id's config is in the local hub cache (usable with no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(mc.path, "config.json", revision=mc.revision), str)
+    except ValueError:  # not a valid hub id either (the hub client's own validation error is a ValueError)
+        return False
 
 
 def load_tokenizer(mc: ModelConfig, role: str):
