@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -76,6 +77,11 @@ def _check_config(a: argparse.Namespace) -> None:
     from distill.config.parsing import load_config
 
     cfg = load_config(a.config, a.overrides)
+    from distill.errors import ConfigErrors
+    from distill.paths import missing_inputs
+
+    if missing := missing_inputs(cfg.flat()):  # the run checks them before anything loads too
+        raise ConfigErrors(missing)
     for key, value in cfg.flat().items():
         print(f"{key} = {value!r}")
 
@@ -259,10 +265,28 @@ def _generation_parent() -> argparse.ArgumentParser:
     return p
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """Each option's default in its help, where it has one (not None, empty, or a flag's False)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        default = action.default
+        if action.option_strings and "%(default)" not in (action.help or "") and not (
+                default is None or default is False or default == "" or default is argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"
+        return super()._format_action(action)
+
+
+class _SubParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _ShowDefaults)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_SubParser)
     gen = _generation_parent()
 
     p = sub.add_parser("export", help="rebuild the student of a ZeRO checkpoint as a Hugging Face directory (CPU)")

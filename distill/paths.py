@@ -27,3 +27,15 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+# The settings that name something that must exist before a run starts (output_dir is made by the run).
+INPUT_PATHS = ("student.path", "student.ds_config", "teacher.path", "teacher.ds_config", "teacher.cache", "data.path")
+
+
+def missing_inputs(flat: dict) -> list[str]:
+    """One message per input setting of a flat run config that names a local path that is not there (hub
+    ids are left to the loaders)."""
+    return [f"{key} not found: {value}" for key in INPUT_PATHS
+            if isinstance(value := flat.get(key), str) and value and is_local_path(value)
+            and not Path(value).expanduser().exists()]
