@@ -10,7 +10,8 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.parametrize("args, code", [
-    (["check-config", "--config", "recipes/demo/kd.yaml"], 0),
+    (["check-config", "--config", "recipes/demo/kd.yaml", "student.path=facebook/bart-base",
+      "teacher.path=facebook/bart-large", "data.path=recipes"], 0),  # paths that exist (hub ids are not looked up)
     (["check-config", "--config", "recipes/demo/kd.yaml", "loss.w_kd=nan"], 2),
 ])
 def test_no_tracebacks_at_exit(args, code):
