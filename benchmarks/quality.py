@@ -1,5 +1,6 @@
-"""Shleifer & Rush's comparison of SFT, KD and pseudo-labels (methods.md section 1), in miniature, on any
-summarization dataset the trainer reads, with the project's own commands and launcher (2 ranks):
+"""Shleifer & Rush's comparison of SFT, KD and pseudo-labels ("Pre-trained Summarization Distillation",
+2020), in miniature, on any summarization dataset the trainer reads, with the project's own commands and
+launcher (2 ranks):
 
 1. without ``--teacher``: a tokenizer trained on the train split (``distill train-tokenizer``) and a random-init
    BART (``distill init-model``), pretrained as BART is, by text infilling (``data.objective=infilling``, blocks

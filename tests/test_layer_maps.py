@@ -1,4 +1,5 @@
-"""Hidden-state layer maps (methods.md sections 1 and 3) on the published depths and the rule beyond them."""
+"""Hidden-state layer maps (Shleifer & Rush 2020; Udagawa et al. 2023) on the published depths and the rule beyond
+them."""
 
 import pytest
 

@@ -35,7 +35,7 @@ from distill.models.loading import auto_class
 from distill.models.layer_maps import layers_to_copy, layers_to_supervise
 
 # ---------------------------------------------------------------------------------------------
-# Layer tables (methods.md section 1, written out literally)
+# Layer tables of Shleifer & Rush 2020, "Pre-trained Summarization Distillation" (section 1's tables), written out literally
 # ---------------------------------------------------------------------------------------------
 
 PUBLISHED_COPY = {

@@ -199,7 +199,7 @@ HiddenMap = Literal["copied", "supervise_forward", "last", "uniform", "uniform_c
 
 @dataclass
 class HiddenLossConfig:
-    """Hidden-state matching (methods.md 1 and 3): which stacks, which layer pairs, which distance."""
+    """Hidden-state matching (Shleifer & Rush 2020; Udagawa et al. 2023): which stacks, layer pairs, distance."""
 
     map: HiddenMap = "copied"
     teacher_layers: Optional[list[int]] = None  # map=custom: 0-based teacher layer per student layer
@@ -247,7 +247,7 @@ class RelationLossConfig:
 
 @dataclass
 class LossConfig:
-    """The interpolated objective (methods.md 4):
+    """The interpolated objective:
     L = w_ce·CE + w_kd·τ²·D(teacher ‖ student) + w_hid·L_hid + w_attn·L_attn + w_rel·L_rel
         + w_mse·‖z_S − z_T‖².
 

@@ -1,4 +1,4 @@
-"""ROUGE evaluation of generated summaries (methods.md section 1, "Evaluation").
+"""ROUGE evaluation of generated summaries, as Shleifer & Rush 2020 report it.
 
 What: ROUGE-1/2/L/Lsum F1 x 100 with Porter stemming, computed per example by the rouge-score
 package, then aggregated with a bootstrap over examples; the reported number is the bootstrap mid

@@ -37,7 +37,7 @@ def hidden_distance(
     ``student``/``teacher``: (B, T, d), the student already projected to the teacher's width;
     ``index``: flat indices into (B, T) of real tokens (None = all). Per token, ``mse`` = Σ_d (s − t)² / d
     and ``cosine`` = 1 − cos(s, t). ``normalize`` layer-norms both over d (no affine) first
-    (methods.md "normalize hidden"), so the loss ignores each layer's scale and offset, which
+    (as the distillation code of Shleifer & Rush 2020 does with normalize_hidden), so the loss ignores each layer's scale and offset, which
     differ between teacher and student. Returns 0, still attached to the graph, when no token
     is selected.
     """

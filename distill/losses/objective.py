@@ -1,4 +1,4 @@
-"""The interpolated distillation objective (methods.md section 4): the scheduled, weighted sum
+"""The interpolated distillation objective: the scheduled, weighted sum
 
     L = Σ_X w_X(step) · L_X      over the active terms X of ``distill.losses.terms``
 

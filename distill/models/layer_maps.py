@@ -1,5 +1,5 @@
 """Layer maps: which teacher layer initialises each student layer, and which teacher hidden states
-each student hidden state is matched with (methods.md sections 1 and 3).
+each student hidden state is matched with (Shleifer & Rush 2020; Udagawa et al. 2023).
 
 Two index conventions, kept apart by name:
 
@@ -15,7 +15,7 @@ from distill.errors import DistillError
 HIDDEN_MAPS = ("copied", "supervise_forward", "last", "uniform", "uniform_consecutive", "uniform_last", "custom")
 
 
-# Published "layers to copy" (methods.md section 1), teacher depth -> student depth -> teacher layers.
+# Published "layers to copy" (Shleifer & Rush 2020, "Pre-trained Summarization Distillation"), teacher depth -> student depth -> teacher layers.
 # The rule in ``_spread`` reproduces most entries; ``_COPY_EXCEPTIONS`` (derived below) holds the rest.
 _PUBLISHED_COPY: dict[int, dict[int, list[int]]] = {
     12: {
@@ -41,7 +41,7 @@ _PUBLISHED_COPY: dict[int, dict[int, list[int]]] = {
     6: {1: [0], 2: [0, 5], 3: [0, 2, 5], 4: [0, 1, 3, 5], 6: list(range(6))},
 }
 
-# "Supervise forward" table (methods.md section 1, KD layer matching alternative).
+# "Supervise forward" table (Shleifer & Rush 2020: KD's layer matching alternative).
 _SUPERVISE: dict[int, dict[int, list[int]]] = {
     12: {1: [11], 2: [5, 11], 3: [3, 7, 11], 6: [1, 3, 5, 8, 10, 11]},
     16: {1: [15], 4: [4, 9, 12, 15], 8: [1, 3, 5, 7, 9, 11, 13, 15]},

@@ -1,4 +1,6 @@
-"""Hidden-state matching over layer maps (methods.md 1 and 3)."""
+"""Hidden-state matching over layer maps (Shleifer & Rush 2020, "Pre-trained Summarization Distillation";
+Udagawa et al. 2023, "A Comparative Analysis of Task-Agnostic Distillation Methods for Compressing
+Transformer Language Models")."""
 
 from __future__ import annotations
 
