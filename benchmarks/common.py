@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,17 @@ def machine(device: str = "cpu") -> str:
 
 
 def append_section(title: str, body: str) -> None:
-    """Add a dated section to BENCHMARKS.md."""
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(f"\n## {title} ({datetime.date.today()})\n\n{body.rstrip()}\n")
+    """Add a dated section to BENCHMARKS.md, in place of an older one of the same title (one current
+    section per benchmark; the older figures stay in git's history)."""
+    path = ROOT / "BENCHMARKS.md"
+    section = f"## {title} ({datetime.date.today()})\n\n{body.rstrip()}\n"
+    old = re.compile(rf"^## {re.escape(title)} \(\d{{4}}-\d{{2}}-\d{{2}}\)\n.*?(?=^## |\Z)", re.M | re.S)
+    text = path.read_text()
+    if old.search(text):
+        text = old.sub(lambda m: section + ("\n" if m.group(0).endswith("\n\n") else ""), text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 class Stages:
