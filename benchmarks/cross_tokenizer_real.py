@@ -215,6 +215,10 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
     def ce_byte(side: str, run: Path) -> float:
         return json.loads((run / "eval_results.json").read_text())["eval/ce"] * per_byte[side]
 
+    def sec_per_step(run: Path) -> float:
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return statistics.fmean(r["perf/sec_per_step"] for r in logged if "perf/sec_per_step" in r)
+
     rows, base = [], None
     for (side, method), paths in runs.items():
         ce, ce_w = mean_interval([ce_byte(side, r) for r in paths])
@@ -227,7 +231,7 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
             diff, diff_w = mean_interval([ce_byte(side, r) - b for r, b in zip(paths, base)])  # paired by seed
             gap = f"{diff:+.4f} ± {diff_w:.4f}"
         rows.append(f"| {side} | {method} | {ce:.4f} ± {ce_w:.4f} | {gap} | {r2:.2f} ± {r2_w:.2f} | "
-                    f"{rl:.2f} ± {rl_w:.2f} |")
+                    f"{rl:.2f} ± {rl_w:.2f} | {statistics.fmean(map(sec_per_step, paths)):.2f} |")
     t = rouge["teacher"]
     return (f"Machine: {machine()}; {st.hours():.1f} h from the first stage's end to the last's. Data: "
             f"{'the docstring corpus (benchmarks/docstring_corpus.py)' if a.docstrings else a.data}. Teacher "
@@ -241,8 +245,8 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
             f"tokens per byte (A {per_byte['A']:.3f}, B {per_byte['B']:.3f}); ROUGE F1 × 100 on "
             f"{a.test_samples} test examples, greedy, no repeated {a.no_repeat_ngram_size}-grams. Each cell: the "
             "mean over seeds ± the half-width of its 95% t-interval; the gap is paired by seed.\n\n"
-            "| tokenizer | student | validation CE / byte | vs B's CE only | ROUGE-2 | ROUGE-L |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows)
+            "| tokenizer | student | validation CE / byte | vs B's CE only | ROUGE-2 | ROUGE-L | s / step |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
             + "\n\nCommands, in order:\n\n```\n" + "\n".join(st.commands) + "\n```")
 
 
