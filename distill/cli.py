@@ -224,6 +224,18 @@ def _cache_teacher(a: argparse.Namespace) -> None:
     _say(json.dumps(summary, indent=2))
 
 
+def _finetune(a: argparse.Namespace) -> None:
+    from distill.finetune.config import load_finetune_config
+    from distill.finetune.run import finetune
+
+    flags = {"model": a.model, "data.path": a.data, "output_dir": a.out, "training.seeds": a.seeds,
+             "training.ds_config": a.ds_config}
+    cfg = load_finetune_config(a.config, [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
+    from distill.finetune.run import results_table
+
+    _say(results_table(finetune(cfg, _say)) + f"results.json, results.md and predictions/ in {cfg.output_dir}")
+
+
 def _say(text: str) -> None:
     import torch.distributed as dist
 
@@ -339,6 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training.seed of the runs that read the cache: a text objective's masks are drawn from it")
     p.add_argument("overrides", nargs="*", metavar="data.key=value", help="data settings, as in a training recipe")
     p.set_defaults(func=_cache_teacher)
+
+    p = sub.add_parser("finetune", help="fine-tune a model with a new sequence-classification head on a labelled "
+                                        "task over N seeds; results.json, results.md and test predictions")
+    p.add_argument("--config", help="a fine-tune recipe (recipes/finetune_*.yaml); else the GLUE defaults")
+    p.add_argument("--model", help="model directory or hub id (model)")
+    p.add_argument("--data", help="hub dataset, local directory, or json/jsonl/csv/parquet file (data.path)")
+    p.add_argument("--out", help="directory for results.json, results.md and predictions/ (output_dir)")
+    p.add_argument("--seeds", type=int, help="seeds to run (training.seeds)")
+    p.add_argument("--ds-config", help="DeepSpeed config (training.ds_config); ZeRO-3 partitions the model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, as in a fine-tune recipe")
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("make-student", help="shrink a teacher by layer copy, or make a narrower random-init student")
     p.add_argument("teacher", help="teacher directory or hub id")

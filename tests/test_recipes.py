@@ -14,7 +14,8 @@ import ranks
 from distill.config.parsing import load_config
 
 ROOT = Path(__file__).parents[1]
-RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml"))
+# Training recipes; finetune_*.yaml are `distill finetune` recipes (tests/test_finetune.py checks them).
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("finetune_"))
 # What each recipe must log, beyond loss/total: its method, term by term.
 TERMS = {
     "distilbart_cnn_sft.yaml": {"ce"}, "distilbart_xsum_sft.yaml": {"ce"},

@@ -179,6 +179,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return _build(RunConfig, merge_overrides(_read_tree(path), list(overrides))).validate()
 
 
+def load_typed(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    """A YAML recipe with ``key=value`` overrides as the dataclass ``cls`` (type-checked; its own
+    validation is the caller's): the settings of the steps other than training (``distill finetune``)."""
+    return _build(cls, merge_overrides(_read_tree(path), list(overrides)))
+
+
 def load_data_config(path: str | Path | None, overrides: list[str], data_path: str) -> DataConfig:
     """The ``data`` section of a recipe (or the defaults) with ``data.*=value`` overrides, at ``data_path``:
     what the steps around training that tokenize as training does take (``distill cache-teacher``)."""
