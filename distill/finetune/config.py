@@ -13,6 +13,7 @@ from distill.errors import DistillError, collect_errors
 
 Metric = Literal["accuracy", "macro_f1", "matthews", "pearson", "spearman"]
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1", "matthews")
+PROJECT = Path(__file__).parents[2]  # the checkout, whose ds_configs/ hold the default
 
 
 @dataclasses.dataclass
@@ -52,7 +53,12 @@ class FinetuneTraining:
     warmup_ratio: float = 0.1  # linear warm-up over this share of the steps, then linear decay to 0
     max_grad_norm: float = 1.0
     precision: Precision = "fp32"
-    ds_config: str = "ds_configs/student_zero2.json"
+    ds_config: str = "ds_configs/student_zero2.json"  # a relative path not found here: the checkout's
+
+    def ds_config_path(self) -> Path:
+        given = Path(self.ds_config).expanduser()
+        shipped = PROJECT / given
+        return shipped if not given.is_absolute() and not given.exists() and shipped.is_file() else given
 
 
 @dataclasses.dataclass
@@ -71,7 +77,7 @@ class FinetuneConfig:
         for key in ("model", "output_dir"):
             if not getattr(self, key):
                 raise DistillError(f"{key} is required")
-        if not Path(self.training.ds_config).is_file():
+        if not self.training.ds_config_path().is_file():
             raise DistillError(f"training.ds_config not found: {self.training.ds_config}")
 
     def _check_task(self) -> None:

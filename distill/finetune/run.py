@@ -107,7 +107,7 @@ def _ds_config(cfg: FinetuneConfig, world: int, hidden: int) -> dict:
     per_rank = math.ceil(t.batch_size / world)
     training = TrainingConfig(micro_batch_size=per_rank, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                               max_grad_norm=t.max_grad_norm, precision=t.precision)
-    return resolve_ds_config(read_ds_config(t.ds_config, "training"), types.SimpleNamespace(training=training),
+    return resolve_ds_config(read_ds_config(t.ds_config_path(), "training"), types.SimpleNamespace(training=training),
                              "student", world, hidden, get_accelerator().device_name(), t.ds_config)
 
 
