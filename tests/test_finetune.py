@@ -175,8 +175,13 @@ def _task_data(root: Path, n_train: int = 24, n_eval: int = 9) -> Path:
 def tiny_bert(demo_assets, tmp_path_factory):
     from distill.models.from_scratch import init_model
 
-    return init_model(tmp_path_factory.mktemp("finetune") / "bert", demo_assets["tokenizer"], "bert", layers=1,
-                      d_model=32, ffn=64, heads=2, max_positions=64)
+    out = init_model(tmp_path_factory.mktemp("finetune") / "bert", demo_assets["tokenizer"], "bert", layers=1,
+                     d_model=32, ffn=64, heads=2, max_positions=64)
+    # no dropout: a run is then the same function of its global batches on any number of ranks
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
 
 
 def _recomputed(out: Path, seed: int, regression: bool) -> dict:
@@ -228,10 +233,28 @@ def test_two_ranks_two_seeds_metrics_match_the_predictions(tiny_bert, tmp_path):
 
     data = _task_data(tmp_path / "data", n_train=30, n_eval=11)  # odd sizes: short last batch, padded shards
     out = tmp_path / "out"
+    settings = ["training.batch_size=8", "training.epochs=2", "training.learning_rate=1e-3"]
     proc = ranks.launch(ROOT / "launchers/distill_cli.py",
                         ["finetune", "--model", tiny_bert, "--data", data, "--out", out, "--seeds", "2",
-                         "training.batch_size=8", "training.epochs=2", "training.learning_rate=1e-3"])
+                         "--ds-config", ROOT / "ds_configs/student_zero3.json", *settings])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = _check_results(out, [42, 43], False, 11)
     assert results["ranks"] == 2 and all(1 <= s["best_epoch"] <= 2 for s in results["seeds"])
     assert results["test"]["accuracy"]["low"] is not None
+    # one process under ZeRO-2 takes the same steps: the same global batches, the same head per seed
+    alone = _single_process(["--model", str(tiny_bert), "--data", str(data), "--out", str(tmp_path / "alone"),
+                             "--seeds", "2", *settings])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    single = _check_results(tmp_path / "alone", [42, 43], False, 11)
+    for two, one in zip(results["seeds"], single["seeds"]):
+        assert (two["best_epoch"], two["validation"], two["test"]) == (one["best_epoch"], one["validation"],
+                                                                      pytest.approx(one["test"]))
+    for seed in (42, 43):
+        two, one = ([json.loads(line) for line in (root / f"predictions/seed-{seed}.jsonl").read_text().splitlines()]
+                    for root in (out, tmp_path / "alone"))
+        assert [(r["index"], r["label"], r["prediction"]) for r in two] == \
+            [(r["index"], r["label"], r["prediction"]) for r in one]
+        # to well below how much they differ between examples (a few 1e-6 for this barely trained model)
+        np.testing.assert_allclose([r["probabilities"] for r in two], [r["probabilities"] for r in one], rtol=0,
+                                   atol=1e-7)
+        assert len({tuple(r["probabilities"]) for r in one}) > 1

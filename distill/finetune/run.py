@@ -137,6 +137,7 @@ def _one_seed(cfg: FinetuneConfig, location: str, tokenizer, splits: Splits, see
     best = None
     for epoch in range(t.epochs):
         engine.train()
+        loss_sum = torch.zeros((), device=engine.device)  # read once per epoch: no wait on the device per step
         for step, rows in enumerate(train_batches(len(targets), t.batch_size, seed, epoch, rank, world)):
             n_global = min(t.batch_size, len(targets) - step * t.batch_size)  # the last batch may be short
             weights = torch.tensor((rows >= 0).astype(np.float32), device=engine.device)
@@ -147,10 +148,13 @@ def _one_seed(cfg: FinetuneConfig, location: str, tokenizer, splits: Splits, see
             # DeepSpeed averages gradients over ranks: times world, the step follows the global batch's mean
             engine.backward((per_row * weights).sum() * (world / n_global))
             engine.step()
+            loss_sum += (per_row.detach() * weights).sum()
+        dist.all_reduce(loss_sum)
         scores = {role: _score(engine, tokenizer, getattr(splits, role), splits.classes, cfg, rank, world)
                   for role in ("validation", "test")}
         main = scores["validation"][0][cfg.task.main_metric]
-        say(f"seed {seed} epoch {epoch + 1}: validation {cfg.task.main_metric} {main:.4f}")
+        say(f"seed {seed} epoch {epoch + 1}: training loss {loss_sum.item() / len(targets):.4f}, validation "
+            f"{cfg.task.main_metric} {main:.4f}")
         if best is None or main > best["validation"][cfg.task.main_metric]:
             best = {"seed": seed, "best_epoch": epoch + 1, "validation": scores["validation"][0],
                     "test": scores["test"][0], "predictions": scores["test"][1]}
@@ -191,14 +195,17 @@ def _score(engine, tokenizer, split: Split, classes, cfg: FinetuneConfig, rank: 
     for s in range(0, len(shard), cfg.training.eval_batch_size):
         rows = shard[s:s + cfg.training.eval_batch_size]
         logits = engine(**_encode(tokenizer, split, rows, cfg.data.max_length, engine.device)).logits.float().cpu()
-        values = logits.squeeze(-1).tolist() if classes is None else [classes[i] for i in logits.argmax(-1).tolist()]
+        if classes is None:
+            values = [{"prediction": v} for v in logits.squeeze(-1).tolist()]
+        else:
+            values = [{"prediction": classes[i], "probabilities": p}
+                      for i, p in zip(logits.argmax(-1).tolist(), logits.softmax(-1).tolist())]
         found += [(int(r), v) for r, v in zip(rows, values) if r >= 0]
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, found)
     predicted = dict(p for part in gathered for p in part)
-    order = range(len(split.labels))
-    records = [{"index": i, "label": split.labels[i], "prediction": predicted[i]} for i in order]
-    return metrics.task_metrics(classes is None, split.labels, [predicted[i] for i in order]), records
+    records = [{"index": i, "label": label, **predicted[i]} for i, label in enumerate(split.labels)]
+    return metrics.task_metrics(classes is None, split.labels, [r["prediction"] for r in records]), records
 
 
 def _write_predictions(path: Path, records: list[dict]) -> None:
