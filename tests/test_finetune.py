@@ -227,6 +227,25 @@ def test_single_process_sentence_pair_and_regression(tiny_bert, tmp_path):
     assert results["main_metric"] == "pearson" and set(results["test"]) == {"pearson", "spearman"}
 
 
+def test_decoder_only_model_pads_with_its_end_of_text_token(demo_assets, tmp_path):
+    """A LLaMA whose tokenizer has no pad token: the head reads the last real token, EOS pads the batch."""
+    from transformers import AutoTokenizer
+
+    from distill.models.from_scratch import init_model
+
+    model = init_model(tmp_path / "llama", demo_assets["tokenizer"], "llama", layers=1, d_model=32, ffn=64, heads=2,
+                       max_positions=64)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.pad_token = None
+    tok.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).pad_token is None
+    data = _task_data(tmp_path / "data")
+    run = _single_process(["--model", str(model), "--data", str(data), "--out", str(tmp_path / "out"),
+                           "training.batch_size=8", "training.epochs=1"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    _check_results(tmp_path / "out", [42], False, 9)
+
+
 @pytest.mark.integration
 def test_two_ranks_two_seeds_metrics_match_the_predictions(tiny_bert, tmp_path):
     import ranks

@@ -26,9 +26,9 @@ from distill.finetune.data import Split, Splits, eval_shard, load_splits, train_
 
 
 def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
-    from distill.infer.generate import model_location
-
     from transformers.utils import logging as hf_logging
+
+    from distill.infer.generate import model_location
 
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is the point of a fine-tune
     location = model_location(cfg.model)
@@ -57,8 +57,10 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
 
 def _join_group() -> None:
     """The launcher's process group, or a one-rank group of this process (DeepSpeed needs one)."""
+    from distill.infer.generate import device_for_rank
     from distill.runtime.cluster import free_port, join_process_group
 
+    device_for_rank()  # before the process group, so NCCL binds each rank to its own GPU
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
