@@ -226,13 +226,11 @@ def _cache_teacher(a: argparse.Namespace) -> None:
 
 def _finetune(a: argparse.Namespace) -> None:
     from distill.finetune.config import load_finetune_config
-    from distill.finetune.run import finetune
+    from distill.finetune.run import finetune, results_table
 
     flags = {"model": a.model, "data.path": a.data, "output_dir": a.out, "training.seeds": a.seeds,
-             "training.ds_config": a.ds_config}
+             "training.ds_config": a.ds_config}  # the flags win over key=value overrides of the same settings
     cfg = load_finetune_config(a.config, [*a.overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)])
-    from distill.finetune.run import results_table
-
     _say(results_table(finetune(cfg, _say)) + f"results.json, results.md and predictions/ in {cfg.output_dir}")
 
 
