@@ -142,6 +142,15 @@ def test_refusals_are_one_line_before_the_model_loads(labelled, capsys, test_row
     assert message in _refusal(capsys, _argv(labelled, *extra))
 
 
+def test_a_length_past_the_position_table_is_refused(demo_assets, labelled, capsys):
+    from distill.models.from_scratch import init_model
+
+    init_model(labelled / "roberta", demo_assets["tokenizer"], "roberta", layers=1, d_model=32, ffn=32, heads=2,
+               max_positions=64)  # a table of 64 + pad_token_id + 1 rows
+    argv = ["--model", str(labelled / "roberta"), "--data", str(labelled / "data"), "--out", str(labelled / "out")]
+    assert "data.max_length 65 is more than" in _refusal(capsys, [*argv, "data.max_length=65"])
+
+
 def test_missing_paths_are_refused(labelled, capsys):
     out = ["--out", str(labelled / "out")]
     assert "data.path not found" in _refusal(capsys, ["--model", str(labelled / "model"), *out,
@@ -176,7 +185,7 @@ def tiny_bert(demo_assets, tmp_path_factory):
     from distill.models.from_scratch import init_model
 
     out = init_model(tmp_path_factory.mktemp("finetune") / "bert", demo_assets["tokenizer"], "bert", layers=1,
-                     d_model=32, ffn=64, heads=2, max_positions=64)
+                     d_model=32, ffn=64, heads=2, max_positions=128)
     # no dropout: a run is then the same function of its global batches on any number of ranks
     config = json.loads((out / "config.json").read_text())
     config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -234,7 +243,7 @@ def test_decoder_only_model_pads_with_its_end_of_text_token(demo_assets, tmp_pat
     from distill.models.from_scratch import init_model
 
     model = init_model(tmp_path / "llama", demo_assets["tokenizer"], "llama", layers=1, d_model=32, ffn=64, heads=2,
-                       max_positions=64)
+                       max_positions=128)
     tok = AutoTokenizer.from_pretrained(model)
     tok.pad_token = None
     tok.save_pretrained(model)

@@ -34,11 +34,12 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
     location = model_location(cfg.model)
     out = Path(cfg.output_dir)
     splits = load_splits(cfg)  # every data refusal comes before the model loads
+    tokenizer = _tokenizer(location)
+    _check_length(location, tokenizer, cfg.data.max_length)
     _join_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         (out / "predictions").mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer(location)
     seeds = []
     for i in range(cfg.training.seeds):
         seed = cfg.training.seed + i
@@ -77,6 +78,23 @@ def _tokenizer(location: str):
             raise DistillError(f"the tokenizer of {location} has neither a pad nor an end-of-text token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _check_length(location: str, tokenizer, max_length: int) -> None:
+    """Refuse a data.max_length past the model's position table (T5's relative positions take any length).
+    RoBERTa-style tables start after the pad row: pad_token_id + 1 of their rows are never a position."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location)
+    positions = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, k, None), int)), None)
+    if positions is None:
+        return
+    if "roberta" in config.model_type or config.model_type == "camembert":
+        positions -= (config.pad_token_id or 0) + 1
+    if max_length > positions:
+        raise DistillError(f"data.max_length {max_length} is more than {location} takes ({positions} positions): set "
+                           f"data.max_length={positions} or less")
 
 
 def _load_model(location: str, num_labels: int, pad_token_id: int, ds: dict, precision: str):
