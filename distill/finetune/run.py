@@ -40,6 +40,8 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         (out / "predictions").mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "results.md"):  # an earlier run's, beside this run's predictions until it ends
+            (out / name).unlink(missing_ok=True)
     seeds = []
     for i in range(cfg.training.seeds):
         seed = cfg.training.seed + i
