@@ -56,6 +56,17 @@ def test_one_line_errors(capsys, args, override, message, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written, no checkpoint marked latest
 
 
+@pytest.mark.parametrize("objective, message", [
+    ("mlm", "data.objective=mlm trains encoder-only models, and the student is encoder-decoder"),
+    ("causal", "data.objective=causal trains decoder-only models, and the student is encoder-decoder"),
+])
+def test_text_objective_of_another_model_kind(capsys, args, objective, message, tmp_path):
+    code, err = run(capsys, [*args, f"data.objective={objective}", "data.target_column=null"])
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("distill: error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def test_empty_dataset(capsys, args, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

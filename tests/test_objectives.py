@@ -9,8 +9,9 @@ import torch
 from distill.config.parsing import load_config
 from distill.config.settings import DataConfig
 from distill.data.collate import EPOCH_KEY, IGNORE_INDEX
-from distill.data.objectives import (BLOCK_KEY, IDS, STARTS, Specials, TextObjectiveCollator, block_rng, infill,
-                                     mlm_mask, noise_spans, span_corrupt, text_blocks)
+from distill.data.objectives import (BLOCK_KEY, IDS, OBJECTIVE_KIND, STARTS, Specials, TextObjectiveCollator,
+                                     block_rng, check_objective, infill, mlm_mask, noise_spans, span_corrupt,
+                                     text_blocks)
 from distill.data.stream import BatchStream
 from distill.errors import DistillError
 
@@ -218,6 +219,17 @@ def test_bad_objective_settings_are_one_line(overrides, message):
     base = ["student.path=x", "student.ds_config=x", "data.path=x", "training.output_dir=x"]
     with pytest.raises(DistillError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, base + overrides)
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_KIND))
+def test_each_objective_trains_one_model_kind(objective):
+    check_objective(None, "encoder-only", "student")  # supervised data: any kind
+    for kind in ("encoder-only", "encoder-decoder", "decoder-only"):
+        if kind == OBJECTIVE_KIND[objective]:
+            check_objective(objective, kind, "student")
+        else:
+            with pytest.raises(DistillError, match=f"data.objective={objective} trains .* and the student is {kind}$"):
+                check_objective(objective, kind, "student")
 
 
 def test_collator_refusals(tokenizer):
