@@ -89,8 +89,8 @@ class Stages:
 
     def hours(self) -> float:
         """Wall time from the first stage's completion marker to the last one's, over every run and rerun."""
-        times = [m.stat().st_mtime for m in self.markers]
-        return (max(times) - min(times)) / 3600
+        times = [m.stat().st_mtime for m in self.markers if m.exists()]
+        return (max(times) - min(times)) / 3600 if times else 0.0
 
     def distill(self, *args, ranks: int = 1) -> list:
         if ranks == 1:

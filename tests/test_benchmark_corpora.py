@@ -75,3 +75,20 @@ def test_labelled_tasks_parse_their_sources_and_keep_documents_in_one_split():
     assert not (by_doc["train"] & by_doc["test"]) and not (by_doc["validation"] & by_doc["test"])
     split = by_split([{"text": f"sentence {i}", "label": i % 2} for i in range(300)] + [{"text": "sentence 0", "label": 0}])
     assert sum(map(len, split.values())) == 300 and 15 < len(split["test"]) < 45
+
+
+def test_the_task_agnostic_table_gives_each_tasks_main_metric_and_the_average(tmp_path):
+    import argparse
+
+    from benchmarks.common import Stages
+    from benchmarks.task_agnostic import report
+
+    def results(metric, mean, low=None, high=None):
+        return {"main_metric": metric, "test": {metric: {"mean": mean, "low": low, "high": high}}}
+
+    scores = {"encoder": {"teacher": {"a": results("accuracy", 0.8, 0.7, 0.9), "b": results("pearson", 0.4)},
+                          "half depth: MHA": {"a": results("accuracy", 0.75, 0.7, 0.8), "b": results("pearson", 0.2)}}}
+    st = Stages(tmp_path, 2, "task_agnostic")
+    text = report(scores, ["a", "b"], st, argparse.Namespace(nproc=2, steps=10, seed=0, seeds=3, finetune_epochs=2))
+    assert "| teacher | 0.800 [0.700, 0.900] | 0.400 | 0.600 |" in text
+    assert "| half depth: MHA | 0.750 [0.700, 0.800] | 0.200 | 0.475 |" in text
