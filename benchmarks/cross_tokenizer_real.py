@@ -36,7 +36,8 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Stages, append_section, machine  # noqa: E402
-from benchmarks.quality import RECIPES, build_teacher, data_settings, decoding, training  # noqa: E402
+from benchmarks.quality import (RECIPES, build_teacher, data_settings, decoding, infilling_settings,  # noqa: E402
+                                training)
 
 # B's runs: name -> (recipe, overrides). "published" settings: ULD as Boizard et al. 2024 released it (full CE,
 # 1.5 x ULD, temperature 1, every probability); GOLD's ULD defaults in TRL (no CE, temperature 1).
@@ -108,12 +109,9 @@ def pretrained_student(a: argparse.Namespace, st: Stages, data, tok: Path, name:
            f"random-init student on tokenizer {name}")
     if not a.student_pretrain_steps:
         return init
-    text = [f"data.path={data}", f"data.source_column={a.source_column}", "data.target_column=null",
-            "data.objective=infilling", f"data.block_length={a.max_source_length}", "data.max_train_samples=null",
-            f"data.max_eval_samples={a.eval_samples}", "data.train_split=train", "data.eval_split=validation"]
     run = st.train(RECIPES / "teacher.yaml", a.workdir / f"{name}-pretrain",
-                   [f"student.path={init}", *text, *training(a, a.student_pretrain_steps, a.teacher_lr,
-                                                              a.teacher_warmup), "training.eval_every=0"],
+                   [f"student.path={init}", *infilling_settings(a, data),
+                    *training(a, a.student_pretrain_steps, a.teacher_lr, a.teacher_warmup), "training.eval_every=0"],
                    f"pretrain the student on tokenizer {name} by text infilling")
     return run / "final"
 

@@ -60,6 +60,13 @@ def data_settings(a: argparse.Namespace, path, train_samples: int | None = None)
             "data.eval_split=validation"]
 
 
+def infilling_settings(a: argparse.Namespace, data) -> list[str]:
+    """BART's own pre-training on the train split's sources: text infilling in blocks of the source length."""
+    return [f"data.path={data}", f"data.source_column={a.source_column}", "data.target_column=null",
+            "data.objective=infilling", f"data.block_length={a.max_source_length}", "data.max_train_samples=null",
+            f"data.max_eval_samples={a.eval_samples}", "data.train_split=train", "data.eval_split=validation"]
+
+
 def training(a: argparse.Namespace, steps: int, lr: float, warmup: int | None = None) -> list[str]:
     warmup = max(1, steps // 20) if warmup is None else min(warmup, steps)
     return [f"training.max_steps={steps}", f"training.learning_rate={lr}", f"training.micro_batch_size={a.batch}",
@@ -86,10 +93,7 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
     until_best = [f"training.eval_every={a.eval_every}", "eval.best_metric=eval/ce",
                   f"training.early_stopping_patience={a.patience}"]
     if a.pretrain_steps:  # BART's own objective on the train split's sources (distill.data.objectives)
-        text = [f"data.path={data}", f"data.source_column={a.source_column}", "data.target_column=null",
-                "data.objective=infilling", f"data.block_length={a.max_source_length}", "data.max_train_samples=null",
-                f"data.max_eval_samples={a.eval_samples}", "data.train_split=train", "data.eval_split=validation"]
-        pre = st.train(RECIPES / "teacher.yaml", w / "pretrain", [f"student.path={init}", *text,
+        pre = st.train(RECIPES / "teacher.yaml", w / "pretrain", [f"student.path={init}", *infilling_settings(a, data),
                                                         *training(a, a.pretrain_steps, a.teacher_lr, a.teacher_warmup),
                                                         *until_best],
                        "pretrain the teacher by text infilling until its validation CE stops improving")
