@@ -61,14 +61,15 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
 def _join_group() -> None:
     """The launcher's process group, or a one-rank group of this process (DeepSpeed needs one)."""
     from distill.infer.generate import device_for_rank
-    from distill.runtime.cluster import free_port, join_process_group
+    from distill.runtime.cluster import join_process_group, one_rank_env
 
     device_for_rank()  # before the process group, so NCCL binds each rank to its own GPU
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
+        added = one_rank_env()
         join_process_group()
+        for key in added:  # the group exists; processes started later must not inherit a world of 1
+            if key != "LOCAL_RANK":  # DeepSpeed's engine reads it
+                del os.environ[key]
 
 
 def _tokenizer(location: str):

@@ -81,6 +81,19 @@ def adopt_slurm_env() -> None:
     os.environ.update(slurm_torch_env(os.environ))
 
 
+def one_rank_env() -> list[str]:
+    """A process started with no launcher (plain ``python launchers/run.py``, an in-process fine-tune) is one
+    rank of its own; DeepSpeed would otherwise look for MPI. Returns the variables it set, for a caller inside a
+    longer-lived process to remove once its group exists: every process it starts later would inherit them
+    (a Slurm job's tasks would all take rank 0 of a world of 1)."""
+    if "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ:
+        return []
+    added = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.update(added)
+    return list(added)
+
+
 def join_process_group() -> None:
     """Join the launcher's process group through DeepSpeed (gloo on CPU, NCCL on GPU)."""
     import deepspeed

@@ -49,12 +49,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from distill.runtime.cluster import StopRequest, adopt_slurm_env, free_port, leave_process_group_at_exit
+    from distill.runtime.cluster import StopRequest, adopt_slurm_env, leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank: SLURM_* -> RANK, WORLD_SIZE, MASTER_ADDR, ...
-    if "WORLD_SIZE" not in os.environ:  # plain `python launchers/run.py`: one rank (DeepSpeed would try MPI)
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", LOCAL_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     leave_process_group_at_exit()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
