@@ -10,6 +10,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -54,17 +55,19 @@ class Stages:
     def __init__(self, work: Path, nproc: int, name: str):
         self.work, self.nproc, self.name, self.commands, self.markers = work, nproc, name, [], []
         self.record = work / "stages.json"
+        self.lock = threading.Lock()  # stages may run from a thread pool (task_agnostic.py's fine-tunes)
 
     def run(self, done: Path | None, cmd: list, title: str) -> None:
         """``done`` None: the command resumes itself (``distill generate``), so it always runs."""
         shown = " ".join(str(c) for c in cmd).replace(str(ROOT) + "/", "")
-        self.commands.append(shown)
-        if done is not None:
-            self.markers.append(done)
-            if done.exists():
-                self._check(done, cmd, title)
-                print(f"== {title}: done ({done})", flush=True)
-                return
+        with self.lock:
+            self.commands.append(shown)
+            if done is not None:
+                self.markers.append(done)
+        if done is not None and done.exists():
+            self._check(done, cmd, title)
+            print(f"== {title}: done ({done})", flush=True)
+            return
         print(f"== {title}\n$ {shown}", flush=True)
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env)
@@ -78,6 +81,10 @@ class Stages:
         before this record existed is taken as it is)."""
         key = " ".join(str(c) for k, c in enumerate(cmd) if k == 0 or cmd[k - 1] != "--master_port")
         key = key.replace(str(ROOT) + "/", "")
+        with self.lock:
+            self._record(done, key, title)
+
+    def _record(self, done: Path, key: str, title: str) -> None:
         record = json.loads(self.record.read_text()) if self.record.exists() else {}
         made = record.setdefault(str(done), key)
         if made != key:

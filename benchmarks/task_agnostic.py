@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
@@ -72,6 +74,10 @@ def training(a: argparse.Namespace, steps: int, lr: float) -> list[str]:
             f"training.warmup_steps={max(1, steps // 10)}", "training.log_every=50", f"training.save_every={a.eval_every}"]
 
 
+def slug(name: str) -> str:
+    return name.replace(", ", "-").replace(" + ", "+").replace(" ", "_")
+
+
 def build_teacher(a, st: Stages, family: str, objective: str, tok: Path, corpus: Path) -> Path:
     init = a.workdir / f"{family}-init"
     st.run(init / "config.json", st.distill("init-model", "--family", family, "--tokenizer", tok, "--out", init,
@@ -94,7 +100,7 @@ def students(a, st: Stages, family: str, teacher: Path) -> dict[str, Path]:
                                                            "--ffn-size", 2 * a.d_model]}
     out = {}
     for shape, width in shapes.items():
-        path = a.workdir / "students" / f"{family}-{shape.replace(', ', '-').replace(' ', '-')}"
+        path = a.workdir / "students" / f"{family}-{slug(shape)}"
         st.run(path / "config.json", st.distill("make-student", teacher, path, *depth, *width, "--seed", a.seed),
                f"{family} student, {shape}")
         out[shape] = path
@@ -110,7 +116,7 @@ def finetune(a, st: Stages, model: Path, task: Path, out: Path, title: str) -> d
                       "task.text_column=text", f"task.text_pair_column={'text_pair' if pair else 'null'}",
                       "task.label_column=label", f"training.epochs={a.finetune_epochs}",
                       f"training.learning_rate={a.finetune_lr}", f"data.max_length={a.finetune_length}",
-                      ranks=a.nproc),
+                      f"data.max_train_samples={a.finetune_train_samples or 'null'}", ranks=a.finetune_ranks),
            title)
     return json.loads((out / "results.json").read_text())
 
@@ -139,6 +145,10 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--finetune-length", type=int, default=128)
+    p.add_argument("--finetune-train-samples", type=int, default=2400,
+                   help="training rows drawn at random from a larger task (0: all)")
+    p.add_argument("--finetune-ranks", type=int, default=1, help="ranks of each fine-tune")
+    p.add_argument("--jobs", type=int, default=2, help="fine-tunes run at once (each on cores / jobs threads)")
     p.add_argument("--kinds", nargs="*", choices=list(FAMILIES), help="only these model kinds (default: both)")
     p.add_argument("--methods", nargs="*", choices=sorted({*ENCODER_METHODS, *SEQ2SEQ_METHODS} - {BASELINE}),
                    help="only these methods, beside the baseline (default: all)")
@@ -169,7 +179,7 @@ def main() -> None:
             for method, (recipe, overrides) in methods.items():
                 if a.methods and method not in a.methods and method != BASELINE:
                     continue
-                out = a.workdir / "runs" / kind / shape.replace(", ", "-").replace(" ", "-") / method.replace(" ", "_")
+                out = a.workdir / "runs" / kind / slug(shape) / slug(method)
                 extra = [f"teacher.path={teacher}"]  # the baseline names it too, and loads it not (no teacher term)
                 if "width" in shape and recipe.startswith("udagawa_hs"):
                     extra.append("loss.hidden.projection=true")
@@ -182,11 +192,16 @@ def main() -> None:
                                                  "training.eval_every=0"],
                          f"{kind} {shape}: {method}")
                 models[kind][f"{shape}: {method}"] = out / "final"
-    scores = {kind: {name: {t.name: finetune(a, st, path, t, a.workdir / "finetune" / kind / name.replace(": ", "-")
-                                             .replace(", ", "-").replace(" ", "_") / t.name,
-                                             f"fine-tune {kind} {name} on {t.name}")
-                            for t in task_dirs}
-                     for name, path in named.items()}
+    # fine-tunes are small: several at once, each on its share of the cores, use the machine better than ranks
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (a.jobs * a.finetune_ranks)))
+    jobs = {(kind, name, t.name): (path, t) for kind, named in models.items() for name, path in named.items()
+            for t in task_dirs}
+    with ThreadPoolExecutor(a.jobs) as pool:
+        done = {key: pool.submit(finetune, a, st, path, t,
+                                 a.workdir / "finetune" / key[0] / slug(key[1].replace(": ", "-")) / t.name,
+                                 f"fine-tune {key[0]} {key[1]} on {t.name}")
+                for key, (path, t) in jobs.items()}
+    scores = {kind: {name: {t.name: done[kind, name, t.name].result() for t in task_dirs} for name in named}
               for kind, named in models.items()}
     body = report(scores, [t.name for t in task_dirs], st, a)
     print(body)

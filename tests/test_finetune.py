@@ -132,6 +132,7 @@ def _argv(root: Path, *extra: str) -> list[str]:
     (None, ["training.epochs=two"], "config key 'training.epochs' must be int"),
     (None, ["task.metric=pearson"], "task.metric 'pearson' does not score a classification task"),
     (None, ["data.validation_fraction=0.2"], "set one of data.validation_split and data.validation_fraction"),
+    (None, ["data.max_train_samples=0"], "data.max_train_samples must be >= 1 or null"),
     (None, ["task.kind=regression", "task.label_column=text"], "has a non-numeric score"),
 ])
 def test_refusals_are_one_line_before_the_model_loads(labelled, capsys, test_rows, extra, message):
@@ -140,6 +141,19 @@ def test_refusals_are_one_line_before_the_model_loads(labelled, capsys, test_row
         for split in ("train", "validation", "test") if message.startswith("regression") else ("test",):
             _write(labelled / "data" / f"{split}.jsonl", test_rows)
     assert message in _refusal(capsys, _argv(labelled, *extra))
+
+
+def test_max_train_samples_draws_the_same_random_rows_for_every_seed(labelled):
+    """A label-sorted file must not give a one-class subset: the rows are drawn at random, by the base seed."""
+    from distill.finetune.data import load_splits
+
+    _write(labelled / "data" / "train.jsonl", _rows(40, label=lambda i: int(i >= 20)))
+    args = [f"data.path={labelled / 'data'}", "model=m", f"output_dir={labelled / 'out'}"]
+    subset = load_splits(load_finetune_config(None, [*args, "data.max_train_samples=10"])).train
+    again = load_splits(load_finetune_config(None, [*args, "data.max_train_samples=10"])).train
+    assert len(subset.labels) == 10 and subset.texts == again.texts
+    assert 0 < sum(subset.labels) < 10
+    assert len(load_splits(load_finetune_config(None, [*args, "data.max_train_samples=99"])).train.labels) == 40
 
 
 def test_a_length_past_the_position_table_is_refused(demo_assets, labelled, capsys):

@@ -39,6 +39,9 @@ class FinetuneData:
     validation_fraction: Optional[float] = None
     test_split: str = "test"  # GLUE hides its test labels: its recipes score "validation" here
     max_length: int = 128  # tokens of text (and text pair), cut beyond
+    # null: every training row; N: N rows drawn at random (by training.seed, so every seed and rank count
+    # trains on the same rows), for a quicker run on a large task
+    max_train_samples: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -99,6 +102,8 @@ class FinetuneConfig:
             raise DistillError(f"data.validation_fraction must be in (0, 1), got {d.validation_fraction}")
         if d.max_length < 1:
             raise DistillError(f"data.max_length must be >= 1, got {d.max_length}")
+        if d.max_train_samples is not None and d.max_train_samples < 1:
+            raise DistillError(f"data.max_train_samples must be >= 1 or null, got {d.max_train_samples}")
 
     def _check_training(self) -> None:
         t = self.training

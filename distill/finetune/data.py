@@ -57,6 +57,9 @@ def load_splits(cfg: FinetuneConfig) -> Splits:
         val_name = f"{d.validation_fraction:g} of {d.train_split}"
     else:
         validation, val_name = load(d.validation_split, "validation"), d.validation_split
+    if d.max_train_samples is not None and d.max_train_samples < len(train):  # after validation is carved out
+        order = np.random.default_rng(cfg.training.seed).permutation(len(train))
+        train = train.select(np.sort(order[:d.max_train_samples]))
     test = load(d.test_split, "test")
     named = {"train": (train, d.train_split), "validation": (validation, val_name), "test": (test, d.test_split)}
     splits = {role: _split(ds, cfg, role, name) for role, (ds, name) in named.items()}
