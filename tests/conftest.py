@@ -1,9 +1,74 @@
-"""Shared tiny assets: a tokenizer trained on the demo corpus, tiny BART teacher and student."""
+"""Shared tiny assets: a tokenizer trained on the demo corpus, tiny BART teacher and student. And the
+guard of the fast tier: a test not marked integration that starts ranks fails."""
+
+import contextlib
+import functools
+import inspect
+import os
+import subprocess
 
 import pytest
+import torch.distributed
 
+import ranks
 from examples.demo.corpus import write_demo_data
 from distill.models.from_scratch import init_model
+
+# The test in setup or call when it is not marked integration, else None. Checked where ranks start (a
+# process, or an in-process group of more than one rank), so that the rule holds for tests written later.
+_unmarked: str | None = None
+
+
+def _refuse(what: str) -> None:
+    pytest.fail(f"{_unmarked} starts ranks ({what}) but is not marked integration: mark it "
+                "@pytest.mark.integration (`pytest -m \"not integration\"` is the fast tier)", pytrace=False)
+
+
+_popen_init = subprocess.Popen.__init__
+_init_process_group = torch.distributed.init_process_group
+
+
+@functools.wraps(_popen_init)
+def _guarded_popen_init(self, args, *rest, **kwargs):
+    if _unmarked and ranks.launches_ranks(args):
+        _refuse(str(args if isinstance(args, (str, bytes)) else [os.fsdecode(a) for a in args])[:300])
+    _popen_init(self, args, *rest, **kwargs)
+
+
+@functools.wraps(_init_process_group)
+def _guarded_init_process_group(*args, **kwargs):
+    world = inspect.signature(_init_process_group).bind_partial(*args, **kwargs).arguments.get("world_size", -1)
+    if world in (None, -1):
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    if _unmarked and world > 1:
+        _refuse(f"a process group of {world} ranks")
+    return _init_process_group(*args, **kwargs)
+
+
+subprocess.Popen.__init__ = _guarded_popen_init
+torch.distributed.init_process_group = _guarded_init_process_group
+
+
+@contextlib.contextmanager
+def _guarding(item):
+    global _unmarked
+    _unmarked = None if item.get_closest_marker("integration") else item.nodeid
+    try:
+        yield
+    finally:
+        _unmarked = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _guarding(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _guarding(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

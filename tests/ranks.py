@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,11 @@ from distill.runtime.cluster import free_port
 ROOT = Path(__file__).parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu"}
+# What starts ranks: launchers and Slurm by name, a launcher's module, the ``distill`` commands that call a
+# launcher, and any script of launchers/ (launchers/run.py alone still starts a DeepSpeed process group).
+LAUNCHERS = {"deepspeed", "torchrun", "srun", "sbatch", "salloc", "slurmctld", "slurmd"}
+LAUNCHER_MODULES = {"deepspeed.launcher.runner", "torch.distributed.run", "torch.distributed.launch"}
+LAUNCHING_COMMANDS = {"train", "demo"}
 
 
 @functools.cache
@@ -73,6 +79,24 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "loss/total" in r}
+
+
+def launches_ranks(argv) -> bool:
+    """Whether a command line (a list, or a string for a shell) starts ranks; what conftest.py refuses in
+    a test not marked integration."""
+    single = isinstance(argv, (str, bytes, os.PathLike))
+    args = shlex.split(os.fsdecode(argv)) if single else [os.fsdecode(a) for a in argv]
+    for i, arg in enumerate(args):
+        path = Path(arg)
+        if path.name in LAUNCHERS or "launchers" in path.parts[:-1]:
+            return True
+        module = args[i + 1] if arg == "-m" and i + 1 < len(args) else None
+        if module in LAUNCHER_MODULES:
+            return True
+        if path.name == "distill" or module == "distill.cli":
+            command = [a for a in args[i + (2 if module else 1):] if not a.startswith("-")][:1]
+            return bool(command) and command[0] in LAUNCHING_COMMANDS
+    return False
 
 
 def _kill(proc: subprocess.Popen) -> tuple[str, str]:
