@@ -2,7 +2,8 @@
 # One prepared GPU check (issue 13, point 5), for one H200-class GPU with no network, in under 8 minutes:
 #   install   deepspeed, datasets, rouge-score (and pytest if absent) from benchmarks/wheels, then this package
 #   peak      a bf16 8192^3 matmul: the measured peak for MFU
-#   no_sync   tests/test_terms_objective.py's GPU test under torch.cuda.set_sync_debug_mode("error")
+#   no_sync   tests/test_terms_objective.py's (the loss path) and tests/test_step.py's (the whole step, its
+#             token-count copy included) GPU tests under torch.cuda.set_sync_debug_mode("error")
 #   fused     benchmarks/fused_head.py at V = 128k, 8192 tokens, hidden 4096, bf16, and a chunk-budget sweep
 #   kd        KD step, bf16, BART-large-shaped 12-12 teacher -> 12-6 student, ZeRO-3, through launchers/run.py
 #   generation  12-6 student vs 12-12 teacher, bf16
@@ -129,7 +130,7 @@ no_sync() {
   # so the skipping plugin is off there. The summary reports the outcome from the XML.
   # shellcheck disable=SC2086
   "$PYTHON" -m pytest -q -rs -p no:cacheprovider $NO_SKIP --junitxml="$WORK/no_sync.xml" \
-    tests/test_terms_objective.py::test_the_loss_path_never_syncs_on_a_gpu
+    tests/test_terms_objective.py::test_the_loss_path_never_syncs_on_a_gpu tests/test_step.py::test_a_step_never_syncs_on_a_gpu
 }
 
 export -f install fused no_sync

@@ -92,7 +92,8 @@ def test_checkpoints_and_export(kd_run):
 
 def test_corrupted_latest_falls_back_and_resumes_like_uninterrupted(kd_run, tmp_path):
     """Flip one byte of the last checkpoint's optimizer state: the run says so in one line, resumes from
-    the step-4 checkpoint, and matches the run that never stopped, one metrics row per step."""
+    the step-4 checkpoint, and matches the run that never stopped, one metrics row per step (its batches
+    made by two loader processes per rank, the uninterrupted run's by the training processes)."""
     full, _ = kd_run
     cut = tmp_path / "run"
     shutil.copytree(full, cut)
@@ -101,7 +102,7 @@ def test_corrupted_latest_falls_back_and_resumes_like_uninterrupted(kd_run, tmp_
     data[len(data) // 2] ^= 0x40
     optim.write_bytes(bytes(data))
     shutil.rmtree(cut / "final")
-    proc = launch([f"training.output_dir={cut}", "eval.text_samples=2"], recipe=cut / "config.yaml")
+    proc = launch([f"training.output_dir={cut}", "eval.text_samples=2", "data.num_workers=2"], recipe=cut / "config.yaml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "checkpoint step-00000008 is damaged" in proc.stdout and "resuming from step-00000004" in proc.stdout
     assert "resumed from" in proc.stdout and "at step 4" in proc.stdout

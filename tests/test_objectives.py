@@ -164,6 +164,27 @@ def test_a_resumed_stream_corrupts_the_same_way(corpus, tokenizer):
         assert torch.equal(got["input_ids"], expected["input_ids"]) and torch.equal(got["labels"], expected["labels"])
 
 
+def test_loader_workers_make_the_same_batches_and_resume_exactly(corpus, tokenizer):
+    """data.num_workers: two loader processes per rank make (tokenize, corrupt) the batches the training
+    process would, on each of 2 ranks and across an epoch boundary; a stream resumed mid-epoch from one
+    whose workers had prefetched past its position continues exactly."""
+    cfg = _cfg("mlm")
+    blocks = text_blocks(corpus, tokenizer, cfg)
+    collate = TextObjectiveCollator(tokenizer, cfg, seed=3)
+    take = lambda stream, n: [next(stream) for _ in range(n)]  # noqa: E731
+    for rank in range(2):
+        plain = BatchStream(blocks, collate, 2, rank, 2, seed=5)
+        n = plain.batches_per_epoch + 2
+        reference = take(plain, n)
+        first = BatchStream(blocks, collate, 2, rank, 2, seed=5, num_workers=2)
+        head = take(first, 2)
+        resumed = BatchStream(blocks, collate, 2, rank, 2, seed=5, num_workers=2)
+        resumed.load_state_dict(first.state_dict())
+        got = head + take(resumed, n - 2)
+        assert resumed.epoch == 1 and [b.keys() for b in got] == [b.keys() for b in reference]
+        assert all(torch.equal(b[k], e[k]) for b, e in zip(got, reference) for k in e), rank
+
+
 def _wordpiece(tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast

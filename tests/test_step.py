@@ -17,7 +17,10 @@ from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.losses.objective import Objective
 from distill.models.capture import FeatureModel
 from distill.runtime.cluster import StopVote, free_port
-from distill.train.step import DivergenceWatch, Models, PhaseTimer, Window, token_counts, train_step
+from distill.train.divergence import DivergenceWatch
+from distill.train.step import Models, token_counts, train_step
+from distill.train.timing import PhaseTimer
+from distill.train.window import Window
 
 DISTILL = str(Path(__file__).parents[1] / "distill")
 
@@ -149,6 +152,54 @@ def test_non_logging_steps_ask_the_host_for_nothing(setup, one_rank_group, monke
         assert vote.poll(False) is False
     vote.close()
     assert not syncs, dict(syncs)
+
+
+class StandIn:
+    """An engine whose forwards give fixed outputs in turn (the GPU test's models: transformers' own mask
+    preparation syncs, and that is not distill's to avoid)."""
+
+    def __init__(self, outputs):
+        self.outputs, self.given = iter(outputs), []
+
+    def __call__(self, rows, features, loss=None, **inputs):
+        output = next(self.outputs)
+        self.given.append(output)
+        return output if loss is None else loss(output)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def get_global_grad_norm(self):
+        return torch.linalg.vector_norm(torch.stack([o.logits.grad.norm() for o in self.given]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_step_never_syncs_on_a_gpu():
+    """Three steps of two micro-batches under CUDA's own check (any synchronizing call raises): the token
+    counts reach the device from pinned memory without a blocking copy (a plain ``torch.tensor(counts,
+    device=...)`` raises here), and every term, flag and timing stays on the device."""
+    from test_terms_fakes import STUDENT, TEACHER, all_terms, make_batch, outputs
+
+    device = torch.device("cuda")
+    objective = Objective(all_terms(), 10, STUDENT, TEACHER, partitioned_student=True)
+    projections = objective.build_projections(torch.float32).to(device)
+    batches = [{k: v.to(device) for k, v in make_batch(seed).items()} for seed in range(6)]
+    batches = [{**b, "input_ids": torch.ones_like(b["attention_mask"]), "decoder_input_ids": torch.ones_like(b["labels"])}
+               for b in batches]
+    made = [outputs(objective, b, seed, dtype=torch.float32, projections=projections) for seed, b in enumerate(batches)]
+    models = Models(StandIn([s for s, _ in made]), StandIn([t for _, t in made]), loss_scale=2)
+    timer = PhaseTimer(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [train_step(models, objective, batches[i:i + 2], [True, True], lambda t: t, timer)
+                   for i in range(0, 6, 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.terms["total"].is_cuda and not r.nonfinite for r in results)
 
 
 def test_tokens_are_counted_once_for_both_model_kinds(tokenizer):

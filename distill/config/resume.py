@@ -22,8 +22,8 @@ RESUME_FIXED = (
 # itself (micro-batch x accumulation x ranks) may not: fit_accumulation keeps it.
 BATCH_SPLIT = ("training.micro_batch_size", "training.gradient_accumulation_steps")
 
-# How a run is started, not what it is.
-_START_KEYS = ("training.resume", "training.overwrite")
+# How a run is started, or how many processes make its batches: not what it is.
+_START_KEYS = ("training.resume", "training.overwrite", "data.num_workers")
 
 
 def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:

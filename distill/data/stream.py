@@ -47,17 +47,20 @@ class BatchStream:
     """An endless, resumable stream of this rank's training micro-batches.
 
     Its state is (epoch, global samples consumed in that epoch): any number of ranks with the same
-    global batch continues from the same example. Batches prefetched by loader workers but not yet
-    handed out are not counted, so a checkpoint's position is exact. ``last_ids`` are the dataset
+    global batch continues from the same example. ``num_workers`` loader processes collate (tokenize,
+    pack, corrupt, align) the next micro-batches while the step runs; a batch depends only on its
+    examples, the seed and the epoch, so it is the same made in any process. Batches prefetched but not
+    yet handed out are not counted, so a checkpoint's position is exact. ``pin_memory``: batches come in
+    page-locked memory, which a GPU copies from without blocking the host. ``last_ids`` are the dataset
     indices of the micro-batch handed out last (host integers: reading them costs no device sync).
     """
 
     def __init__(self, dataset, collate, batch_size: int, rank: int, world_size: int, seed: int,
-                 accumulation: int = 1, num_workers: int = 0):
+                 accumulation: int = 1, num_workers: int = 0, pin_memory: bool = False):
         check_enough_examples(len(dataset), batch_size, accumulation, world_size)
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.accumulation, self.rank, self.world_size = batch_size, accumulation, rank, world_size
-        self.seed, self.num_workers = seed, num_workers
+        self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
         self.global_batch = batch_size * accumulation * world_size
         self.epoch, self.position = 0, 0  # position: micro-batches this rank has taken in the epoch
         self.last_ids: list[int] = []
@@ -78,8 +81,8 @@ class BatchStream:
             self._batches = rank_batches(epoch_order(len(self.dataset), self.epoch, self.seed), self.batch_size,
                                          self.accumulation, self.rank, self.world_size)
             loader = DataLoader(_InEpoch(self.dataset, self.epoch), batch_sampler=self._batches[self.position:],
-                                collate_fn=self.collate,
-                                num_workers=self.num_workers, generator=_private_generator(self.seed))
+                                collate_fn=self.collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                generator=_private_generator(self.seed))
             self._it = iter(loader)
         batch = next(self._it)
         self.last_ids = self._batches[self.position]

@@ -9,6 +9,7 @@
   ``training.overwrite`` says to discard the earlier run.
 * ``record_config``: one ``configs/NNN-step-S.yaml`` per start, so a resumed run's changed settings
   stay on record; ``config.yaml`` is the latest.
+* ``write_json``: a record of the run (``run_info.json``, ``eval_results.json``), whole or not at all.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from distill.train import checkpoint
 from distill.errors import DistillError
@@ -143,3 +144,7 @@ def record_config(out_dir: Path, text: str, step: int) -> Path:
     checkpoint.write_atomic(path, text)
     checkpoint.write_atomic(out_dir / "config.yaml", text)
     return path
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    checkpoint.write_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -30,7 +30,8 @@ from distill.models.capture import FeatureModel
 from distill.models.loading import hidden_size, load_model, load_model_config
 from distill.runtime.cluster import join_process_group
 from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
-from distill.train.step import Models, PhaseTimer, train_step
+from distill.train.step import Models, train_step
+from distill.train.timing import PhaseTimer
 
 DS = {"zero3": "ds_configs/student_zero3.json", "offload": "ds_configs/student_zero3_offload.json",
       "frozen": "ds_configs/student_zero3.json"}
