@@ -54,6 +54,16 @@ def launch_run(overrides: list[str], recipe: Path = ROOT / "recipes/demo/kd.yaml
     return launch(ROOT / "launchers/run.py", ["--config", recipe, *overrides], nproc)
 
 
+def launch_runs(jobs: list[tuple[Path | str, list]], jobs_file: Path, nproc: int = 2, timeout: float = 900):
+    """Jobs one after the other in one launch (tests/scripts/run_recipes.py), for jobs that cost less than a
+    launch: ``jobs`` holds (recipe, overrides) training runs and ("distill", argv) commands, written to
+    ``jobs_file``. The first job that fails ends the launch."""
+    import json
+
+    jobs_file.write_text(json.dumps([[str(recipe), [str(o) for o in overrides]] for recipe, overrides in jobs]))
+    return launch(ROOT / "tests/scripts/run_recipes.py", [jobs_file], nproc, timeout)
+
+
 def resumed_metrics(run_dir: Path, cut: Path, tag: str) -> dict[int, dict]:
     """A copy of the finished run ``run_dir`` at ``cut``, resumed there from checkpoint ``tag``: its metrics."""
     import shutil

@@ -6,7 +6,8 @@ Each family (a tiny BART pair with KD, CE and hidden states through a learned pr
 LLaMA-style pair with adaptive TAID) runs 6 steps uninterrupted on 2 ranks and on 1, with a global batch of
 8 from 20 examples (2 steps per epoch, so the resumed part crosses epochs). A resume starts from the step-3
 checkpoint of a copy of one run, on the other number of ranks, and is compared with the run it was copied
-from. Dropout is off: a change of world size draws new dropout masks (README)."""
+from. Dropout is off: a change of world size draws new dropout masks (README). The uninterrupted runs share
+one launch per world size: a launch costs more than such a run."""
 
 import json
 import shutil
@@ -16,7 +17,7 @@ import pytest
 
 from distill.train import checkpoint, universal
 from distill.train.example_ids import DIRECTORY
-from ranks import launch_run, metrics
+from ranks import launch_run, launch_runs, metrics
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.integration
@@ -60,10 +61,12 @@ def families(demo_assets, tmp_path_factory):
     for student in (bart, llama):
         _no_dropout(student)
     data = f"data.path={demo_assets['data']}"
+    bart_pair = [f"teacher.path={demo_assets['teacher']}", f"student.path={bart}", data, "loss.w_hid=1",
+                 "loss.hidden.stacks=decoder", "loss.hidden.map=last", "loss.hidden.projection=true"]
     return {
-        "bart": (ROOT / "recipes/demo/kd.yaml",
-                 [f"teacher.path={demo_assets['teacher']}", f"student.path={bart}", data, "loss.w_hid=1",
-                  "loss.hidden.stacks=decoder", "loss.hidden.map=last", "loss.hidden.projection=true"]),
+        "bart": (ROOT / "recipes/demo/kd.yaml", bart_pair),
+        # a ZeRO-2 student: whole weights on every rank, optimizer state partitioned
+        "bart-zero2": (ROOT / "recipes/demo/kd.yaml", [*bart_pair, "student.ds_config=ds_configs/student_zero2.json"]),
         "llama": (ROOT / "recipes/llama_kd.yaml",
                   [f"teacher.path={llama_teacher}", f"student.path={llama}", data, "data.name=null",
                    "data.source_column=document", "data.target_column=summary", "data.train_split=train",
@@ -72,22 +75,37 @@ def families(demo_assets, tmp_path_factory):
     }
 
 
-def _run(family, out: Path, nproc: int, extra=()):
+def _job(family, out: Path, nproc: int, extra=()) -> tuple[Path, list[str]]:
     recipe, overrides = family
-    proc = launch_run([*overrides, *COMMON, f"training.gradient_accumulation_steps={ACCUMULATION[nproc]}",
-                       f"training.output_dir={out}", *extra], recipe=recipe, nproc=nproc)
+    return recipe, [*overrides, *COMMON, f"training.gradient_accumulation_steps={ACCUMULATION[nproc]}",
+                    f"training.output_dir={out}", *extra]
+
+
+def _run(family, out: Path, nproc: int, extra=()):
+    recipe, overrides = _job(family, out, nproc, extra)
+    proc = launch_run(overrides, recipe=recipe, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_runs(families, tmp_path_factory):
+    """{family: {world size: run directory}}: the same 6 steps on 2 ranks and on 1 of each family, and of
+    the ZeRO-2 student on 2 ranks; one launch per world size."""
+    root = tmp_path_factory.mktemp("elastic")
+    runs = {name: {nproc: root / f"{name}-ranks{nproc}" for nproc in (2, 1)} for name in ("bart", "llama")}
+    runs["bart-zero2"] = {2: root / "bart-zero2-ranks2"}
+    for nproc in (2, 1):
+        jobs = [_job(families[name], dirs[nproc], nproc) for name, dirs in runs.items() if nproc in dirs]
+        proc = launch_runs(jobs, root / f"jobs-ranks{nproc}.json", nproc)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return runs
+
+
 @pytest.fixture(scope="module", params=["bart", "llama"])
-def uninterrupted(request, families, tmp_path_factory):
-    """{world size: run directory} of the same 6 steps on 2 ranks and on 1."""
-    root = tmp_path_factory.mktemp(f"elastic-{request.param}")
-    runs = {nproc: root / f"ranks{nproc}" for nproc in (2, 1)}
-    for nproc, out in runs.items():
-        _run(families[request.param], out, nproc)
-    return request.param, runs
+def uninterrupted(request, uninterrupted_runs):
+    """The family and its {world size: run directory}."""
+    return request.param, uninterrupted_runs[request.param]
 
 
 def example_ids(run: Path) -> dict[int, list[int]]:
@@ -228,14 +246,11 @@ def test_torn_foreign_or_unsplittable_checkpoints_are_one_line(uninterrupted, fa
     assert not any((torn / "checkpoints").glob(f"*/{universal.UNIVERSAL}*"))
 
 
-def test_zero2_student_resumes_on_fewer_ranks(families, tmp_path):
+def test_zero2_student_resumes_on_fewer_ranks(uninterrupted_runs, families, tmp_path):
     """A ZeRO-2 student (whole weights on every rank, optimizer state partitioned) converts the same way."""
-    recipe, overrides = families["bart"]
-    family = (recipe, [*overrides, "student.ds_config=ds_configs/student_zero2.json"])
-    full = tmp_path / "full"
-    _run(family, full, 2)
+    full = uninterrupted_runs["bart-zero2"][2]
     run = _resume_copy(full, tmp_path / "run")
-    out = _run(family, run, 1)
+    out = _run(families["bart-zero2"], run, 1)
     assert "was written by 2 ranks and this run has 1: converted it to a universal checkpoint" in out, out[-3000:]
     assert_same_steps(run, full, range(CUT + 1, STEPS + 1))
     copy = run / "checkpoints" / checkpoint.tag_for(CUT) / universal.UNIVERSAL

@@ -1,15 +1,18 @@
-"""Run under the deepspeed launcher: several recipes, one after the other, through the real entry point
-(``distill.runtime.launch.main``) in one set of ranks, so the launch cost is paid once. Arguments: a JSON file
-holding a list of [recipe, [overrides...]]. Exits non-zero at the first recipe that fails."""
+"""Run under the deepspeed launcher: several jobs, one after the other, in one set of ranks, so the launch
+cost is paid once. Argument: a JSON file holding a list of jobs, each [recipe, [overrides...]] for a
+training run through the real entry point (``distill.runtime.launch.main``) or ["distill", [argv...]] for
+a ``distill`` command (``distill.cli.main``, as launchers/distill_cli.py runs it). Exits non-zero at the
+first job that fails."""
 
 import json
 import sys
 
-from distill.runtime.launch import main
+from distill.cli import main as distill
+from distill.runtime.launch import main as train
 
 jobs = json.loads(open([a for a in sys.argv[1:] if not a.startswith("--")][0]).read())
-for recipe, overrides in jobs:
-    code = main(["--config", recipe, *overrides])
+for first, args in jobs:
+    code = distill(args) if first == "distill" else train(["--config", first, *args])
     if code:
-        print(f"recipe failed: {recipe}", file=sys.stderr, flush=True)
+        print(f"job failed: {first} {args[0] if first == 'distill' else ''}", file=sys.stderr, flush=True)
         sys.exit(code)
