@@ -1,6 +1,10 @@
 """Data: resumable seeded order, collation, evaluation shards, and clear errors for bad datasets."""
 
 import json
+import multiprocessing
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -79,6 +83,26 @@ def test_batch_stream_resumes_on_another_number_of_ranks():
     assert one.state_dict() == {"epoch": 2, "samples": 12, "global_batch": 4}  # the end of the third epoch
     with pytest.raises(DistillError, match="does not fit this run's global batch of 6"):
         BatchStream(data, collate, 3, 0, 2, seed=3).load_state_dict(one.state_dict())
+
+
+def test_loader_workers_leave_stop_signals_to_the_training_process():
+    """Ctrl-C, a hangup and Slurm's warning reach every process of a run: its loader workers ignore them
+    (the training process stops the run and shuts them down), and the batches go on."""
+    data = [{"i": i} for i in range(40)]
+    collate = lambda rows: [r["i"] for r in rows]  # noqa: E731
+    plain = BatchStream(data, collate, 2, 0, 1, seed=5)
+    reference = [next(plain) for _ in range(10)]
+    before = set(multiprocessing.active_children())
+    stream = BatchStream(data, collate, 2, 0, 1, seed=5, num_workers=2)
+    got = [next(stream) for _ in range(2)]  # one from each worker: both have set their signals up
+    workers = [w for w in multiprocessing.active_children() if w not in before]
+    assert len(workers) == 2
+    for worker in workers:
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            os.kill(worker.pid, sig)
+    time.sleep(1)
+    assert all(w.is_alive() for w in workers)
+    assert got + [next(stream) for _ in range(8)] == reference
 
 
 def test_batch_stream_needs_one_global_batch():

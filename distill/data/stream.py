@@ -4,6 +4,7 @@ ranks) and evaluation shards."""
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any, Iterator, Optional
 
 import torch
@@ -82,7 +83,7 @@ class BatchStream:
                                          self.accumulation, self.rank, self.world_size)
             loader = DataLoader(_InEpoch(self.dataset, self.epoch), batch_sampler=self._batches[self.position:],
                                 collate_fn=self.collate, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                generator=_private_generator(self.seed))
+                                generator=_private_generator(self.seed), worker_init_fn=_leave_signals_to_the_trainer)
             self._it = iter(loader)
         batch = next(self._it)
         self.last_ids = self._batches[self.position]
@@ -141,6 +142,14 @@ def eval_loader(dataset, collate, batch_size: int, rank: int, world_size: int) -
     weights = [1.0 if p < n else 0.0 for p in positions]
     return DataLoader(_Weighted(dataset, indices, weights), batch_size=batch_size, shuffle=False,
                       collate_fn=collate, generator=_private_generator(0))
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Ctrl-C, a hangup and Slurm's warning reach every process of a run; a loader worker ignores them
+    (one killed would fail the step): the training process stops the run and shuts its workers down.
+    SIGTERM stays torch's (the trainer ends a worker with it)."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _private_generator(seed: int) -> torch.Generator:
