@@ -54,13 +54,13 @@ def launch_run(overrides: list[str], recipe: Path = ROOT / "recipes/demo/kd.yaml
     return launch(ROOT / "launchers/run.py", ["--config", recipe, *overrides], nproc)
 
 
-def launch_runs(jobs: list[tuple[Path | str, list]], jobs_file: Path, nproc: int = 2, timeout: float = 900):
+def launch_jobs(jobs: list[tuple[Path | str, list]], jobs_file: Path, nproc: int = 2, timeout: float = 900):
     """Jobs one after the other in one launch (tests/scripts/run_recipes.py), for jobs that cost less than a
     launch: ``jobs`` holds (recipe, overrides) training runs and ("distill", argv) commands, written to
     ``jobs_file``. The first job that fails ends the launch."""
     import json
 
-    jobs_file.write_text(json.dumps([[str(recipe), [str(o) for o in overrides]] for recipe, overrides in jobs]))
+    jobs_file.write_text(json.dumps([[str(first), [str(a) for a in args]] for first, args in jobs]))
     return launch(ROOT / "tests/scripts/run_recipes.py", [jobs_file], nproc, timeout)
 
 

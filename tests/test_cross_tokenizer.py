@@ -495,37 +495,17 @@ COMMON = ["data.max_train_samples=48", "training.max_steps=4", "training.warmup_
           "training.export=false"]
 
 
-@pytest.mark.integration
-def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_and_resume(demo_assets, unigram_dir,
-                                                                                           tmp_path):
-    from distill.models.from_scratch import init_model
-    from ranks import launch_run, metrics, resumed_metrics
-
-    student = init_model(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
-    pair = [f"teacher.path={demo_assets['teacher']}", f"student.path={student}", f"data.path={demo_assets['data']}"]
-    run = launch_run([*pair, *COMMON, "loss.cross_tokenizer=hybrid", f"training.output_dir={tmp_path / 'run'}"])
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    logged = metrics(tmp_path / "run")
-    for step in (1, 2, 3, 4):
-        row = logged[step]
-        assert row["loss/kd/shared"] > 0 and row["loss/kd/uld"] > 0, row
-        assert row["loss/kd"] == pytest.approx(row["loss/kd/shared"] + row["loss/kd/uld"], rel=1e-5)
-        assert "agreement/top1" not in row
-    # resumed from step 2: the spans come from the rows alone, so steps 3-4 are those of the run that never stopped
-    after = resumed_metrics(tmp_path / "run", tmp_path / "cut", "step-00000002")
-    for step in (3, 4):
-        for key in ("loss/total", "loss/kd/shared", "loss/kd/uld", "train/grad_norm"):
-            assert after[step][key] == pytest.approx(logged[step][key], rel=1e-5, abs=1e-7), (step, key)
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("mode,part", [("uld", "loss/kd"), ("mined", "loss/kd/mapped")])
-def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokenizer_on_packed_rows(
-        demo_assets, unigram_dir, tmp_path, mode, part):
+@pytest.fixture(scope="module")
+def cross_tokenizer_runs(demo_assets, unigram_dir, tmp_path_factory):
+    """The 2-rank runs of this module, in one launch: a BART teacher into a student of the Unigram tokenizer
+    (hybrid), and a LLaMA teacher into a Qwen2 student of the Unigram tokenizer on packed rows (uld, mined)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from ranks import launch_run, metrics
+    from distill.models.from_scratch import init_model
+    from ranks import ROOT, launch_jobs
 
+    root = tmp_path_factory.mktemp("cross-tokenizer-runs")
+    student = init_model(root / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
     torch.manual_seed(0)
     for name, tok_dir, model in (
             ("llama", demo_assets["tokenizer"], lambda tok: LlamaForCausalLM(LlamaConfig(
@@ -537,13 +517,46 @@ def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokeni
                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)))):
         tok = AutoTokenizer.from_pretrained(tok_dir)
-        model(tok).save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    run = launch_run([f"teacher.path={tmp_path / 'llama'}", f"student.path={tmp_path / 'qwen'}",
-                      f"data.path={demo_assets['data']}", *COMMON, "training.save_every=4", f"loss.cross_tokenizer={mode}",
-                      "data.packing=true", "data.max_source_length=48", f"training.output_dir={tmp_path / 'run'}"])
+        model(tok).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    data = f"data.path={demo_assets['data']}"
+    jobs = [(ROOT / "recipes/demo/kd.yaml", [f"teacher.path={demo_assets['teacher']}", f"student.path={student}", data,
+                                             *COMMON, "loss.cross_tokenizer=hybrid", f"training.output_dir={root / 'bart'}"])]
+    for mode in ("uld", "mined"):
+        jobs.append((ROOT / "recipes/demo/kd.yaml", [
+            f"teacher.path={root / 'llama'}", f"student.path={root / 'qwen'}", data, *COMMON, "training.save_every=4",
+            f"loss.cross_tokenizer={mode}", "data.packing=true", "data.max_source_length=48",
+            f"training.output_dir={root / mode}"]))
+    run = launch_jobs(jobs, root / "jobs.json")
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    logged = metrics(tmp_path / "run")
+    return root
+
+
+@pytest.mark.integration
+def test_two_ranks_distill_a_bart_teacher_into_a_student_of_another_tokenizer_and_resume(cross_tokenizer_runs,
+                                                                                           tmp_path):
+    from ranks import metrics, resumed_metrics
+
+    logged = metrics(cross_tokenizer_runs / "bart")
+    for step in (1, 2, 3, 4):
+        row = logged[step]
+        assert row["loss/kd/shared"] > 0 and row["loss/kd/uld"] > 0, row
+        assert row["loss/kd"] == pytest.approx(row["loss/kd/shared"] + row["loss/kd/uld"], rel=1e-5)
+        assert "agreement/top1" not in row
+    # resumed from step 2: the spans come from the rows alone, so steps 3-4 are those of the run that never stopped
+    after = resumed_metrics(cross_tokenizer_runs / "bart", tmp_path / "cut", "step-00000002")
+    for step in (3, 4):
+        for key in ("loss/total", "loss/kd/shared", "loss/kd/uld", "train/grad_norm"):
+            assert after[step][key] == pytest.approx(logged[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode,part", [("uld", "loss/kd"), ("mined", "loss/kd/mapped")])
+def test_two_ranks_distill_a_llama_teacher_into_a_qwen_student_of_another_tokenizer_on_packed_rows(
+        cross_tokenizer_runs, mode, part):
+    from ranks import metrics
+
+    logged = metrics(cross_tokenizer_runs / mode)
     assert all(logged[step][part] > 0 for step in (1, 2, 3, 4))
     assert logged[4]["loss/total"] < logged[1]["loss/total"]
 

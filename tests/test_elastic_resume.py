@@ -17,7 +17,7 @@ import pytest
 
 from distill.train import checkpoint, universal
 from distill.train.example_ids import DIRECTORY
-from ranks import launch_run, launch_runs, metrics
+from ranks import launch_run, launch_jobs, metrics
 
 ROOT = Path(__file__).parents[1]
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def uninterrupted_runs(families, tmp_path_factory):
     runs["bart-zero2"] = {2: root / "bart-zero2-ranks2"}
     for nproc in (2, 1):
         jobs = [_job(families[name], dirs[nproc], nproc) for name, dirs in runs.items() if nproc in dirs]
-        proc = launch_runs(jobs, root / f"jobs-ranks{nproc}.json", nproc)
+        proc = launch_jobs(jobs, root / f"jobs-ranks{nproc}.json", nproc)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return runs
 

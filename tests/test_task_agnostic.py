@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ranks import ROOT, launch, launch_run, metrics, resumed_metrics
+from ranks import ROOT, launch_run, launch_jobs, metrics, resumed_metrics
 
 RECIPE = ROOT / "recipes" / "udagawa_mha_roberta.yaml"  # the shipped task-agnostic recipe, on tiny local models
 
@@ -99,10 +99,7 @@ def test_every_objective_pretrains_a_model_with_no_teacher(demo_assets, tmp_path
                       "data.max_train_samples=null", "training.max_steps=3", "training.log_every=1",
                       "training.eval_every=0", "training.save_every=3", "training.micro_batch_size=4",
                       "training.warmup_steps=0", f"training.output_dir={tmp_path / objective}"]])
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    from ranks import launch
-
-    proc = launch(ROOT / "tests/scripts/run_recipes.py", [tmp_path / "jobs.json"])
+    proc = launch_jobs(jobs, tmp_path / "jobs.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for objective in ("mlm", "span_corruption", "infilling", "causal"):
         m = metrics(tmp_path / objective)
@@ -123,19 +120,18 @@ def test_od_from_a_cache_of_every_token_equals_the_live_teacher(bert_run, capsys
     args = ["--model", bert_run / "bert", "--data", corpus, "--config", RECIPE, "--top-k", vocab, "--out", cache,
             "--seed", 42, "data.name=null", "data.train_split=train", "data.block_length=64",
             "data.whole_word_masking=true"]
-    proc = launch(ROOT / "launchers/distill_cli.py", ["cache-teacher", *args])
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     od = [f"teacher.path={bert_run / 'bert'}", f"student.path={bert_run / 'student'}", f"data.path={corpus}",
           "data.name=null", "data.train_split=train", "data.eval_split=null", "data.whole_word_masking=true",
           "data.block_length=64", "loss.w_rel=0", "loss.w_kd=1.0", "loss.w_ce=0.5", "training.precision=fp32",
           "training.max_steps=3", "training.log_every=1", "training.micro_batch_size=4",
           "training.gradient_accumulation_steps=1", "training.warmup_steps=0", "training.export=false",
           "training.seed=42"]
-    live = launch_run([*od, f"training.output_dir={bert_run / 'od-live'}"], recipe=RECIPE)
-    assert live.returncode == 0, live.stdout[-2000:] + live.stderr[-2000:]
-    cached = launch_run([*od, "teacher.path=", f"teacher.cache={cache}", f"training.output_dir={bert_run / 'od-cached'}"],
-                        recipe=RECIPE)
-    assert cached.returncode == 0, cached.stdout[-2000:] + cached.stderr[-2000:]
+    # one launch: the cache, then a run from it and a run with the live teacher
+    runs = launch_jobs([("distill", ["cache-teacher", *args]),
+                        (RECIPE, [*od, "teacher.path=", f"teacher.cache={cache}",
+                                  f"training.output_dir={bert_run / 'od-cached'}"]),
+                        (RECIPE, [*od, f"training.output_dir={bert_run / 'od-live'}"])], bert_run / "od-jobs.json")
+    assert runs.returncode == 0, runs.stdout[-2000:] + runs.stderr[-2000:]
     a, b = metrics(bert_run / "od-live"), metrics(bert_run / "od-cached")
     for step in (1, 2, 3):
         assert b[step]["loss/kd"] == pytest.approx(a[step]["loss/kd"], rel=5e-3), step  # fp16 logits in the cache

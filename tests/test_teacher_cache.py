@@ -21,7 +21,7 @@ from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.errors import DistillError
 from distill.infer.cache_teacher import CacheSettings, cache_teacher
 from distill.losses.terms import TERMS
-from ranks import ENV, ROOT, launch, launch_run, metrics, resumed_metrics
+from ranks import ENV, ROOT, launch, launch_jobs, metrics, resumed_metrics
 
 KD = ROOT / "recipes/demo/kd.yaml"
 SETTINGS = dict(top_k=16, batch_size=8, shard_examples=16)
@@ -289,11 +289,11 @@ def test_training_from_a_cache_of_every_token_equals_online_kd_and_resumes_exact
     common = ["data.max_train_samples=48", "training.max_steps=4", "training.warmup_steps=0", "training.log_every=1",
               "training.micro_batch_size=4", "training.eval_every=0", "training.save_every=2", "eval.generate=false",
               "training.export=false", "loss.divergence=reverse_kl"]
-    online = launch_run([*pair, *common, f"training.output_dir={tmp_path / 'online'}"])
-    assert online.returncode == 0, online.stdout[-2000:] + online.stderr[-2000:]
-    cached = launch_run([*pair, *common, "teacher.path=", f"teacher.cache={cache}",
-                         f"training.output_dir={tmp_path / 'cached'}"])
-    assert cached.returncode == 0, cached.stdout[-2000:] + cached.stderr[-2000:]
+    # one launch, the cached run first (nothing of the online run in its processes before it)
+    runs = launch_jobs([(KD, [*pair, *common, "teacher.path=", f"teacher.cache={cache}",
+                              f"training.output_dir={tmp_path / 'cached'}"]),
+                        (KD, [*pair, *common, f"training.output_dir={tmp_path / 'online'}"])], tmp_path / "jobs.json")
+    assert runs.returncode == 0, runs.stdout[-2000:] + runs.stderr[-2000:]
     assert "teacher" not in json.loads((tmp_path / "cached" / "run_info.json").read_text())  # no teacher loaded
     a, b = metrics(tmp_path / "online"), metrics(tmp_path / "cached")
     for step in (1, 2, 3, 4):

@@ -14,5 +14,5 @@ jobs = json.loads(open([a for a in sys.argv[1:] if not a.startswith("--")][0]).r
 for first, args in jobs:
     code = distill(args) if first == "distill" else train(["--config", first, *args])
     if code:
-        print(f"job failed: {first} {args[0] if first == 'distill' else ''}", file=sys.stderr, flush=True)
+        print(f"job failed: {f'distill {args[0]}' if first == 'distill' else first}", file=sys.stderr, flush=True)
         sys.exit(code)
