@@ -105,7 +105,7 @@ class Stages:
         return self.deepspeed(ROOT / "launchers/distill_cli.py", *args)
 
     def deepspeed(self, script, *args) -> list:
-        from distill.runtime.cluster import free_port
+        from distill.runtime.environment import free_port
 
         return [Path(sys.executable).with_name("deepspeed"), "--num_gpus", self.nproc, "--master_port", free_port(),
                 script, *args]

@@ -47,7 +47,7 @@ def assets(root: Path, d_model: int) -> tuple[Path, Path, Path]:
 
 
 def launch(script: str, args: list[str]) -> subprocess.CompletedProcess:
-    from distill.runtime.cluster import free_port
+    from distill.runtime.environment import free_port
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu"} if not _cuda() else dict(os.environ)
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),

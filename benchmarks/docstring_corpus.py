@@ -118,7 +118,7 @@ def python_files(site: Path):
 
 
 def build(sites: list[Path], out: Path, summary_words: tuple[int, int], body_words: tuple[int, int]) -> dict:
-    from distill.models.from_scratch import building
+    from distill.files import building
 
     seen: set[str] = set()
     rows: dict[str, list[dict]] = {name: [] for name in SPLITS}

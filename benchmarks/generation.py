@@ -23,7 +23,8 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import append_section, machine  # noqa: E402
-from distill.infer.generate import GenerateSettings, generate_batch, generation_config_for, length_sorted_batches  # noqa: E402
+from distill.infer.generate import generate_batch, generation_config_for, length_sorted_batches  # noqa: E402
+from distill.infer.inputs import GenerateSettings  # noqa: E402
 
 
 def build(tmp: Path, args) -> tuple[Path, Path]:

@@ -235,7 +235,8 @@ def generation(args) -> None:
     from transformers.utils import logging as hf_logging
 
     from benchmarks.generation import build, documents
-    from distill.infer.generate import GenerateSettings, generation_config_for
+    from distill.infer.generate import generation_config_for
+    from distill.infer.inputs import GenerateSettings
 
     hf_logging.set_verbosity_error()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -111,7 +111,7 @@ def fetch(cache: Path) -> dict[str, Path]:
 
 
 def build(packages: dict[str, Path], out: Path) -> dict:
-    from distill.models.from_scratch import building
+    from distill.files import building
 
     find = lambda name, pattern: next(packages[name].rglob(pattern))  # noqa: E731
     with tarfile.open(find("vaderSentiment", "hutto_ICWSM_2014.tar.gz")) as t:

@@ -119,7 +119,7 @@ def documents(root: Path):
 
 
 def build(root: Path, out: Path, min_chars: int, versions: dict[str, str]) -> dict:
-    from distill.models.from_scratch import building
+    from distill.files import building
 
     seen: set[str] = set()
     counts = {"train": 0, "validation": 0, "documents": 0, "duplicates": 0}

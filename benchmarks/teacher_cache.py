@@ -32,7 +32,7 @@ ZERO3 = ROOT / "ds_configs/teacher_zero3.json"
 
 
 def _deepspeed(script: str, args: list) -> str:
-    from distill.runtime.cluster import free_port
+    from distill.runtime.environment import free_port
 
     cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / script), *map(str, args)]

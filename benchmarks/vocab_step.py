@@ -57,7 +57,7 @@ def assets(root: Path, vocab: int, hidden: int) -> tuple[Path, Path, Path]:
 
 
 def run(source: Path, teacher: Path, student: Path, data: Path, out: Path, micro_batch: int, args) -> dict:
-    from distill.runtime.cluster import free_port
+    from distill.runtime.environment import free_port
 
     overrides = [f"teacher.path={teacher}", f"student.path={student}", f"data.path={data}", "data.train_split=train",
                  "data.eval_split=null", "data.source_column=document", "data.target_column=summary",

@@ -100,7 +100,7 @@ def check() -> str:
         teacher = init_model(root / "teacher", data["tokenizer"], layers=4, d_model=256, ffn=1024, heads=4)
         make_student(str(teacher), str(root / "student"), decoder_layers=2)
         env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-        from distill.runtime.cluster import free_port
+        from distill.runtime.environment import free_port
 
         cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", "--master_port", str(free_port()),
                str(ROOT / "launchers/run.py"), "--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={teacher}",

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 from pathlib import Path
 
 from distill.commands import COMMANDS
 from distill.config.settings import TrainingConfig
 from distill.dtypes import DTYPE_NAMES
 from distill.errors import DistillError, print_error
+from distill.files import describe_write_error
 from distill.models.from_scratch import FAMILIES, TOKENIZER_KINDS
-from distill.runtime.cluster import exit_rank
+from distill.runtime.environment import rank_env
+from distill.runtime.process_group import exit_rank
 
 
 def _generation_parent() -> argparse.ArgumentParser:
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.runtime.cluster import adopt_slurm_env, leave_process_group_at_exit
+    from distill.runtime.environment import adopt_slurm_env
+    from distill.runtime.process_group import leave_process_group_at_exit
 
     adopt_slurm_env()  # srun with one task per rank
     leave_process_group_at_exit()
@@ -201,12 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args) or 0  # train returns its launcher's status
     except DistillError as exc:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank hits the same check; one line says it
+        if rank_env().rank == 0:  # every rank hits the same check; one line says it
             print_error(str(exc))
         return 2
     except OSError as exc:  # the machine, not the input: a full disk, a read-only or vanished directory
-        from distill.train.checkpoint import describe_write_error
-
         print_error(describe_write_error(exc, Path(exc.filename or ".")))
         return 2
 

@@ -92,7 +92,7 @@ def _run_demo(a: argparse.Namespace) -> None:
 
 
 def _export(a: argparse.Namespace) -> None:
-    from distill.infer.export import export_checkpoint
+    from distill.train.checkpoint_export import export_checkpoint
     from distill.dtypes import torch_dtype
 
     info = export_checkpoint(a.checkpoint, a.out, torch_dtype(a.dtype) if a.dtype else None, a.model, a.max_shard_size)
@@ -131,7 +131,8 @@ class _Opened(NamedTuple):
 def _open(a: argparse.Namespace, path: str, device) -> _Opened:
     """A model with its settings, its weights not loaded yet: a missing model or a --max-source-length it
     cannot take fails before any data or weights load."""
-    from distill.infer.generate import GENERATION_KEYS, GenerateSettings, open_model, resolve_dtype, source_length
+    from distill.infer.generate import open_model, resolve_dtype, source_length
+    from distill.infer.inputs import GENERATION_KEYS, GenerateSettings
 
     location, config, tokenizer = open_model(path)
     dtype = str(resolve_dtype(a.dtype, device)).removeprefix("torch.")  # "auto" as it resolves on this device

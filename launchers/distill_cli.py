@@ -2,7 +2,7 @@
 ``deepspeed --num_gpus 8 launchers/distill_cli.py generate --model ... --data ... --out ...``."""
 
 from distill.cli import main
-from distill.runtime.cluster import exit_rank
+from distill.runtime.process_group import exit_rank
 
 if __name__ == "__main__":
     exit_rank(main())

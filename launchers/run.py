@@ -4,8 +4,9 @@
 Also runs under torchrun, and on CPU with DS_ACCELERATOR=cpu.
 """
 
-from distill.runtime.cluster import exit_rank, one_rank_env
-from distill.runtime.launch import main
+from distill.runtime.environment import one_rank_env
+from distill.runtime.process_group import exit_rank
+from distill.train.launch import main
 
 if __name__ == "__main__":
     one_rank_env()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distill.runtime.cluster import free_port
+from distill.runtime.environment import free_port
 
 ROOT = Path(__file__).parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from distill.runtime.cluster import free_port
+from distill.runtime.environment import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
 

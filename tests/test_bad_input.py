@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.runtime.launch import main
+from distill.train.launch import main
 
 ROOT = Path(__file__).parents[1]
 

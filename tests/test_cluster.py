@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from distill.runtime.cluster import StopRequest, expand_hostlist, slurm_torch_env
+from distill.runtime.environment import expand_hostlist, slurm_torch_env
+from distill.runtime.stops import StopRequest
 
 
 @pytest.mark.parametrize("text, hosts", [
@@ -76,7 +77,7 @@ def test_exit_rank_runs_exit_handlers_flushes_and_skips_finalization(tmp_path):
     script = f"""
 import atexit, threading
 from pathlib import Path
-from distill.runtime.cluster import exit_rank
+from distill.runtime.process_group import exit_rank
 atexit.register(Path({str(marker)!r}).touch)
 threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon
 print("buffered line", end="")

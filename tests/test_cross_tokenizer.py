@@ -593,7 +593,7 @@ def test_feature_terms_across_tokenizers_are_refused_before_any_model_loads(demo
     from distill.models.from_scratch import init_model
     from ranks import ROOT
 
-    from distill.runtime.launch import main
+    from distill.train.launch import main
 
     student = init_model(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
     capsys.readouterr()

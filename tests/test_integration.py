@@ -247,7 +247,7 @@ def test_t5_distills(tiny_family, demo_assets, tmp_path):
 
 
 def test_encoder_decoder_teacher_with_decoder_only_student_is_refused(tiny_family, demo_assets, tmp_path, capsys):
-    from distill.runtime.launch import main
+    from distill.train.launch import main
 
     code = main(["--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={demo_assets['teacher']}",
                  f"student.path={tiny_family['llama']}", f"data.path={demo_assets['data']}",

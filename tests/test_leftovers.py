@@ -9,8 +9,8 @@ import time
 import pytest
 
 from distill.errors import DistillError
-from distill.runtime import cluster
-from distill.runtime.cluster import clear_leftovers, clear_stale_build_lock, remove_orphaned_shm
+from distill.runtime import leftovers
+from distill.runtime.leftovers import clear_leftovers, clear_stale_build_lock, remove_orphaned_shm
 
 
 def _age_by(path, seconds):
@@ -135,7 +135,7 @@ def test_only_local_rank_0_clears(tmp_path, monkeypatch, local_rank):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     calls = []
-    monkeypatch.setattr(cluster, "remove_orphaned_shm", calls.append)
+    monkeypatch.setattr(leftovers, "remove_orphaned_shm", calls.append)
     (tmp_path / "op").mkdir()
     lock = tmp_path / "op" / "lock"
     lock.touch()
@@ -144,4 +144,4 @@ def test_only_local_rank_0_clears(tmp_path, monkeypatch, local_rank):
         threading.Timer(0.5, lock.unlink).start()  # local rank 0
     clear_leftovers("op")
     assert not lock.exists()
-    assert calls == ([cluster.Path("/dev/shm")] if local_rank == "0" else [])
+    assert calls == ([leftovers.Path("/dev/shm")] if local_rank == "0" else [])

@@ -30,25 +30,25 @@ def _softmax(z):
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def _kl(a, b):
+def kl_rows(a, b):
     return sum(a[i] * math.log(a[i] / b[i]) for i in range(len(a)) if a[i] > 0)
 
 
 def ref_div(kind, q, p, beta, alpha, taid_target):
     """D(p ‖ q) of the student's q and the teacher's p (lists of probabilities); TAID's target r given."""
     if kind == "forward_kl":
-        return _kl(p, q)
+        return kl_rows(p, q)
     if kind == "reverse_kl":
-        return _kl(q, p)
+        return kl_rows(q, p)
     if kind == "jsd":
         m = [beta * a + (1 - beta) * b for a, b in zip(p, q)]
-        return beta * _kl(p, m) + (1 - beta) * _kl(q, m)
+        return beta * kl_rows(p, m) + (1 - beta) * kl_rows(q, m)
     if kind == "skew_kl":
-        return _kl(p, [alpha * a + (1 - alpha) * b for a, b in zip(p, q)])
+        return kl_rows(p, [alpha * a + (1 - alpha) * b for a, b in zip(p, q)])
     if kind == "skew_reverse_kl":
-        return _kl(q, [alpha * b + (1 - alpha) * a for a, b in zip(p, q)])
+        return kl_rows(q, [alpha * b + (1 - alpha) * a for a, b in zip(p, q)])
     if kind == "taid":
-        return _kl(taid_target, q)
+        return kl_rows(taid_target, q)
     raise AssertionError(kind)
 
 

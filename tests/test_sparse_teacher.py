@@ -37,7 +37,7 @@ def _softmax(z):
     return [x / sum(e) for x in e]
 
 
-def _kl(a, b):
+def kl_rows(a, b):
     return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
 
 
@@ -130,7 +130,7 @@ def test_taid_gradient_holds_its_target_fixed(tau):
     targets = [_taid_target(q, p, lam) for q, p in ref_buckets(s, topk, tau)]
 
     def value(x):
-        return sum(tau**2 * _kl(r, q) for r, (q, _) in zip(targets, ref_buckets(x, topk, tau)))
+        return sum(tau**2 * kl_rows(r, q) for r, (q, _) in zip(targets, ref_buckets(x, topk, tau)))
 
     eps, numeric = 1e-6, torch.zeros_like(s)
     for i in range(s.shape[0]):
@@ -223,7 +223,7 @@ def test_through_the_fused_head_pass():
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
 def test_zero_probability_gives_no_nan_gradient(kind):
-    """``_kl``'s 0·log 0 terms: a banned student token (-inf logit) gives a finite gradient, dense or sparse
+    """``kl_rows``'s 0·log 0 terms: a banned student token (-inf logit) gives a finite gradient, dense or sparse
     (nonzero only for forward KL, whose value is then rightly infinite)."""
     s, t, topk = make(10)
     s[:, -1] = float("-inf")

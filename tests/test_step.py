@@ -16,7 +16,8 @@ from distill.config.settings import DataConfig, LossConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.losses.objective import Objective
 from distill.models.capture import FeatureModel
-from distill.runtime.cluster import StopVote, free_port
+from distill.runtime.environment import free_port
+from distill.runtime.stops import StopVote
 from distill.train.divergence import DivergenceWatch
 from distill.train.step import Models, token_counts, train_step
 from distill.train.timing import PhaseTimer

@@ -11,7 +11,7 @@ import pytest
 
 import ranks
 from distill.train import checkpoint, run_dir
-from distill.runtime.cluster import free_port
+from distill.runtime.environment import free_port
 
 ROOT = Path(__file__).parents[1]
 KD = ROOT / "recipes/demo/kd.yaml"

@@ -112,7 +112,7 @@ def test_od_from_a_cache_of_every_token_equals_the_live_teacher(bert_run, capsys
     teacher's OD; a run that would go past the first epoch is refused before any model loads."""
     from transformers import AutoTokenizer
 
-    from distill.runtime.launch import main
+    from distill.train.launch import main
 
     vocab = len(AutoTokenizer.from_pretrained(bert_run / "bert"))
     corpus = bert_run / "corpus.txt"

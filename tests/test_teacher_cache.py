@@ -190,7 +190,7 @@ def test_another_cache_in_the_same_directory_is_refused(one_rank, demo_assets, t
 
 
 def test_a_run_with_other_data_or_tokenizer_settings_is_refused(one_rank, demo_assets, pair, tmp_path, capsys):
-    from distill.runtime.launch import main
+    from distill.train.launch import main
 
     def refusal(*overrides):
         capsys.readouterr()

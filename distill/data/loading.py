@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from distill.config.settings import DataConfig
 from distill.errors import DistillError, first_line
 from distill.paths import is_local_path
+from distill.runtime.environment import rank_env
 
 # A .txt file is plain text, one row per line, in a column named "text" (pre-training corpora).
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -124,7 +124,7 @@ def _check_values(ds, cfg: DataConfig, columns: list[str], split: str, role: str
         for mask in invalid.values():
             drop |= mask.to_numpy()
         if drop.any():
-            if os.environ.get("RANK", "0") == "0":  # every rank drops the same rows; one line says it
+            if rank_env().rank == 0:  # every rank drops the same rows; one line says it
                 print(f"distill: dropped {int(drop.sum())} of {len(ds)} rows of the {role} split '{split}' with a null "
                       f"or non-string value in column {' or '.join(repr(c) for c in columns)} (data.skip_invalid)")
             ds = ds.select(np.flatnonzero(~drop))

@@ -33,6 +33,7 @@ import torch
 from distill.config.settings import DataConfig, RunConfig
 from distill.data.objectives import IDS
 from distill.errors import DistillError
+from distill.files import file_digest, publish, write_atomic
 from distill.paths import is_local_path
 
 FORMAT = 1
@@ -139,8 +140,6 @@ def write_shard(out: Path, index: int, first: int, rows: list[dict[str, torch.Te
     its record, each written to a temporary name, flushed to disk and renamed."""
     from safetensors.torch import save_file
 
-    from distill.train.checkpoint import fsync_dir, write_atomic
-
     counts = torch.tensor([0] + [r["lse"].shape[0] for r in rows], dtype=torch.int64)
     tensors = {"offsets": counts.cumsum(0), **{k: torch.cat([r[k] for r in rows]).contiguous()
                                                 for k in TEACHER_KEYS.values()}}
@@ -148,27 +147,14 @@ def write_shard(out: Path, index: int, first: int, rows: list[dict[str, torch.Te
     directory.mkdir(parents=True, exist_ok=True)
     path, tmp = directory / f"{shard_name(index)}.safetensors", directory / f".{shard_name(index)}.{os.getpid()}.tmp"
     save_file(tensors, str(tmp), metadata={"first": str(first)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
+    publish(tmp, path)
     record = {"file": path.name, "first": first, "count": len(rows), "rows": int(counts.sum()),
-              "bytes": path.stat().st_size, "sha256": _file_sha256(path)}
+              "bytes": path.stat().st_size, "sha256": file_digest(path)["sha256"]}
     write_atomic(directory / f"{shard_name(index)}.json", json.dumps(record) + "\n")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_index(out: Path, fingerprint: dict, examples: int, shard_examples: int) -> dict:
     """The index over every shard's record, written last (rank 0, after every shard is done)."""
-    from distill.train.checkpoint import write_atomic
-
     shards = [json.loads((out / SHARDS / f"{shard_name(i)}.json").read_text())
               for i in range(-(-examples // shard_examples))]
     rows = sum(s["rows"] for s in shards)
@@ -185,7 +171,7 @@ def reopen_damaged(out: Path) -> list[str]:
     damaged = []
     for i, shard in enumerate(index["shards"]):
         path = out / SHARDS / shard["file"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"] or _file_sha256(path) != shard["sha256"]:
+        if not path.is_file() or path.stat().st_size != shard["bytes"] or file_digest(path)["sha256"] != shard["sha256"]:
             damaged.append(shard["file"])
             (out / SHARDS / f"{shard_name(i)}.json").unlink(missing_ok=True)
     if damaged:
@@ -254,7 +240,7 @@ class TeacherCache:
 
             record = self.index["shards"][index]
             path = self.dir / SHARDS / record["file"]
-            if _file_sha256(path) != record["sha256"]:
+            if file_digest(path)["sha256"] != record["sha256"]:
                 raise DistillError(f"teacher.cache {self.dir}: shard {record['file']} does not match its recorded "
                                    "digest (changed after it was written); rebuild the cache with distill cache-teacher "
                                    "--fresh")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from distill.errors import DistillError
+from distill.files import write_atomic
 from distill.finetune import metrics
 from distill.finetune.config import FinetuneConfig
 from distill.finetune.data import Split, Splits, eval_shard, load_splits, train_batches
@@ -50,8 +51,6 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
             _write_predictions(out / "predictions" / f"seed-{seed}.jsonl", seeds[-1].pop("predictions"))
     results = summarize(cfg, seeds, world)
     if rank == 0:
-        from distill.train.checkpoint import write_atomic
-
         write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
         write_atomic(out / "results.md", results_table(results))
     dist.barrier()
@@ -61,7 +60,8 @@ def finetune(cfg: FinetuneConfig, say: Callable[[str], None]) -> dict[str, Any]:
 def _join_group() -> None:
     """The launcher's process group, or a one-rank group of this process (DeepSpeed needs one)."""
     from distill.infer.generate import device_for_rank
-    from distill.runtime.cluster import join_process_group, one_rank_env
+    from distill.runtime.environment import one_rank_env
+    from distill.runtime.process_group import join_process_group
 
     device_for_rank()  # before the process group, so NCCL binds each rank to its own GPU
     if not dist.is_initialized():
@@ -107,14 +107,14 @@ def _load_model(location: str, num_labels: int, pad_token_id: int, ds: dict, pre
     from transformers.integrations import HfDeepSpeedConfig
 
     from distill.dtypes import torch_dtype
-    from distill.models.loading import _gather_for_late_init
+    from distill.models.loading import gather_for_late_init
 
     config = AutoConfig.from_pretrained(location, num_labels=num_labels)
     config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     if config.pad_token_id is None:  # decoder-only heads read the last non-pad token
         config.pad_token_id = pad_token_id
     keep_alive = HfDeepSpeedConfig(ds)
-    with _gather_for_late_init():
+    with gather_for_late_init():
         model = AutoModelForSequenceClassification.from_pretrained(location, config=config,
                                                                    dtype=torch_dtype(precision))
     return model, keep_alive
@@ -232,8 +232,6 @@ def _score(engine, tokenizer, split: Split, classes, cfg: FinetuneConfig, rank: 
 
 
 def _write_predictions(path: Path, records: list[dict]) -> None:
-    from distill.train.checkpoint import write_atomic
-
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 

@@ -27,8 +27,9 @@ from distill.config.settings import DataConfig, ModelConfig
 from distill.data import teacher_cache as tc
 from distill.data.objectives import IDS
 from distill.errors import DistillError
-from distill.infer.outputs import on_rank0
+from distill.files import write_atomic
 from distill.losses.fused_head import VOCAB_BLOCK, chunk_budget, rows_per_chunk
+from distill.runtime.process_group import on_rank0
 
 DEFAULT_SHARD_EXAMPLES = 1024
 
@@ -68,8 +69,6 @@ def _claim(out: Path, fingerprint: dict, fresh: bool) -> bool:
         return (out / tc.INDEX).is_file()
     if out.exists() and any(out.iterdir()):
         raise DistillError(f"{out} is not empty and holds no teacher cache: choose another --out")
-    from distill.train.checkpoint import write_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(record, json.dumps(fingerprint, indent=2) + "\n")
     return False
@@ -140,7 +139,8 @@ def cache_teacher(model_path: str, revision: Optional[str], data: DataConfig, sp
     from distill.data.objectives import TextObjectiveCollator, text_blocks
     from distill.models.architectures import ENCODER_DECODER, model_kind
     from distill.data.loading import drop_overlong, load_split
-    from distill.infer.generate import GenerateSettings, load_for_generation, model_location, resolve_dtype
+    from distill.infer.generate import load_for_generation, model_location, resolve_dtype
+    from distill.infer.inputs import GenerateSettings
     from distill.models.lm_head import head_of
     from distill.models.loading import load_model_config, load_tokenizer
 

@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from distill.errors import DistillError
+from distill.files import write_atomic
 from distill.paths import is_local_path
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -270,7 +271,6 @@ def evaluate_models(models: dict[str, str], examples, load, out_dir, fingerprint
 
     import torch.distributed as dist
 
-    from distill.train.checkpoint import write_atomic
     from distill.infer.outputs import claim_output
     from distill.infer.generate import run_generation
     from distill.models.loading import rank_param_counts

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,36 +27,13 @@ import torch.distributed as dist
 
 from distill.dtypes import torch_dtype
 from distill.errors import DistillError, first_line
-from distill.infer.outputs import _parts_dir, _read_records, done_records
+from distill.files import write_atomic
+from distill.infer.inputs import DEFAULT_SOURCE_LENGTH, GENERATION_KEYS, Example, GenerateSettings
+from distill.infer.outputs import done_records, parts_dir, read_records
 from distill.models.architectures import ENCODER_ONLY, model_kind
 from distill.paths import is_local_path
-from distill.runtime.cluster import join_process_group
-
-DEFAULT_SOURCE_LENGTH = 1024  # for a model that states no input limit
-
-# generation-config fields a flag may override
-GENERATION_KEYS = ("max_new_tokens", "min_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "top_k",
-                   "length_penalty", "no_repeat_ngram_size", "early_stopping", "repetition_penalty")
-
-
-@dataclass
-class Example:
-    id: int
-    source: str
-    target: Optional[str] = None
-
-
-@dataclass
-class GenerateSettings:
-    batch_size: int = 16
-    max_source_length: int = DEFAULT_SOURCE_LENGTH
-    source_prefix: str = ""
-    dtype: str = "auto"  # float32 on CPU, bfloat16 on GPU
-    static_cache: bool = False  # fixed-shape KV cache, so torch.compile need not recompile per length
-    compile: bool = False
-    generation: dict[str, Any] = field(default_factory=dict)  # overrides of the model's generation config
-    progress: bool = True
-    chat_template: bool = True  # decoder-only: wrap each source as a user turn when the tokenizer has a template
+from distill.runtime.environment import rank_env
+from distill.runtime.process_group import join_process_group
 
 
 def read_examples(path: str, split: str = "train", source_column: str = "document",
@@ -94,7 +70,7 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 
 def device_for_rank() -> torch.device:
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = rank_env().local_rank
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -168,13 +144,13 @@ def load_for_generation(location: str, config, settings: GenerateSettings, devic
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        from distill.models.loading import _gather_for_late_init
+        from distill.models.loading import gather_for_late_init
         from distill.runtime.dsconfig import read_ds_config
 
         ds = read_ds_config(ds_config, "generation model")
         ds = _inference_ds_config(ds, dtype, config)
         keep = HfDeepSpeedConfig(ds)  # noqa: F841  (transformers reads it while loading)
-        with _gather_for_late_init():
+        with gather_for_late_init():
             model = auto.from_pretrained(location, dtype=dtype, attn_implementation="sdpa")
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model.eval(), config=ds)
@@ -281,7 +257,7 @@ def run_generation(model, tokenizer, examples: list[Example], settings: Generate
     mine = batches[rank::world]
     rounds = -(-len(batches) // world) if synced else len(mine)  # synced: everyone runs the same count
     generation_config = generation_config_for(model, settings.generation)
-    parts = _parts_dir(out)
+    parts = parts_dir(out)
     parts.mkdir(parents=True, exist_ok=True)
     part = parts / f"rank{rank}-of{world}-{os.getpid()}.jsonl"
     bar = None
@@ -314,15 +290,13 @@ def run_generation(model, tokenizer, examples: list[Example], settings: Generate
         missing = [e.id for e in examples if e.id not in merged]
         if missing:
             raise DistillError(f"generation left {len(missing)} examples without output (first id {missing[0]})")
-        from distill.train.checkpoint import write_atomic
-
         write_atomic(out, "".join(json.dumps(merged[e.id]) + "\n" for e in examples))
         for p in parts.glob("*.jsonl"):
             p.unlink()
         parts.rmdir()
     if dist.is_initialized():
         dist.barrier()
-    merged = _read_records(out)
+    merged = read_records(out)
     return [merged[e.id] for e in examples]
 
 
@@ -333,5 +307,5 @@ def _sync(device: torch.device) -> None:
 
 def init_ranks() -> None:
     """Join the launcher's process group when there is one (deepspeed, torchrun); a lone process has none."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+    if rank_env().world > 1 and not dist.is_initialized():
         join_process_group()

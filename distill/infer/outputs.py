@@ -6,15 +6,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Optional, TYPE_CHECKING
-
-import torch.distributed as dist
+from typing import Any, Optional
 
 from distill.errors import DistillError
+from distill.files import write_atomic
+from distill.infer.inputs import Example, GenerateSettings
 from distill.paths import is_local_path
-
-if TYPE_CHECKING:  # generate imports this module
-    from distill.infer.generate import Example, GenerateSettings
+from distill.runtime.process_group import on_rank0
 
 
 def data_origin(path: str, split: str, source_column: str, target_column: Optional[str],
@@ -76,24 +74,8 @@ def claim_output(out: Path, written_by: dict, fresh: bool = False) -> None:
     on_rank0(_claim, Path(out), written_by, fresh)
 
 
-def on_rank0(action, *args):
-    """``action(*args)`` run on rank 0 only, its result shared with every rank; its refusal (or a failed
-    file operation) is raised on every rank."""
-    box = [None, None]
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            box[0] = action(*args)
-        except (DistillError, OSError) as exc:
-            box[1] = str(exc)
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise DistillError(box[1])
-    return box[0]
-
-
 def _claim(out: Path, written_by: dict, fresh: bool) -> None:
-    record, parts = _fingerprint_file(out), _parts_dir(out)
+    record, parts = _fingerprint_file(out), parts_dir(out)
     if fresh:
         out.unlink(missing_ok=True)
         shutil.rmtree(parts, ignore_errors=True)
@@ -109,17 +91,15 @@ def _claim(out: Path, written_by: dict, fresh: bool) -> None:
             raise DistillError(f"{out} was written {_WRITTEN[key.split('.')[0]]} ({key}: {old.get(key)!r} there, "
                                f"{new.get(key)!r} now): {advice}")
         return
-    from distill.train.checkpoint import write_atomic
-
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(record, json.dumps(written_by, indent=2) + "\n")
 
 
-def _parts_dir(out: Path) -> Path:
+def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _read_records(path: Path) -> dict[int, dict]:
+def read_records(path: Path) -> dict[int, dict]:
     """Complete records of a JSONL file; a line cut by a kill at write time is ignored."""
     records: dict[int, dict] = {}
     if not path.is_file():
@@ -135,9 +115,9 @@ def _read_records(path: Path) -> dict[int, dict]:
 
 def done_records(out: Path) -> dict[int, dict]:
     """Every record already written for ``out``: the merged file and all part files."""
-    records = _read_records(out)
-    parts = _parts_dir(out)
+    records = read_records(out)
+    parts = parts_dir(out)
     if parts.is_dir():
         for part in sorted(parts.glob("*.jsonl")):
-            records.update(_read_records(part))
+            records.update(read_records(part))
     return records

@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from distill.train.checkpoint import write_atomic
 from distill.errors import DistillError
-from distill.infer.generate import Example, read_examples, run_generation
+from distill.files import write_atomic
+from distill.infer.generate import read_examples, run_generation
+from distill.infer.inputs import Example
 from distill.infer.outputs import claim_output, data_origin, fingerprint
 
 WORK = ".pseudo_label"  # hidden: datasets ignores it when it loads the directory

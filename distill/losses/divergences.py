@@ -38,7 +38,7 @@ def select_rows(x: Tensor, index: Optional[Tensor]) -> Tensor:
     return rows if index is None else rows.index_select(0, index.to(rows.device))
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     # at least float32 (bf16/fp16 softmax over a large vocabulary is too coarse); keep float64.
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -51,7 +51,7 @@ def _log_probs(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, 
     )
 
 
-def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+def kl_rows(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a ‖ b) per row from log-probabilities.
 
     Terms with a = 0 count as 0 (the 0·log 0 convention), so -inf logits give 0 instead of NaN. The inner
@@ -74,32 +74,32 @@ def _log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """KL(p ‖ q): mode-covering, the classic Hinton/Shleifer KD term."""
     log_q, log_p = _log_probs(student_logits, teacher_logits)
-    return _kl(log_p, log_q)
+    return kl_rows(log_p, log_q)
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """KL(q ‖ p): mode-seeking."""
     log_q, log_p = _log_probs(student_logits, teacher_logits)
-    return _kl(log_q, log_p)
+    return kl_rows(log_q, log_p)
 
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, beta: float = 0.5) -> Tensor:
     """Generalized JSD: β·KL(p ‖ m) + (1−β)·KL(q ‖ m), m = β·p + (1−β)·q."""
     log_q, log_p = _log_probs(student_logits, teacher_logits)
     log_m = _log_mix(log_p, log_q, beta)
-    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return beta * kl_rows(log_p, log_m) + (1.0 - beta) * kl_rows(log_q, log_m)
 
 
 def skew_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1) -> Tensor:
     """KL(p ‖ α·p + (1−α)·q): bounded even where q ≈ 0 while p is not."""
     log_q, log_p = _log_probs(student_logits, teacher_logits)
-    return _kl(log_p, _log_mix(log_p, log_q, alpha))
+    return kl_rows(log_p, _log_mix(log_p, log_q, alpha))
 
 
 def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, alpha: float = 0.1) -> Tensor:
     """KL(q ‖ α·q + (1−α)·p)."""
     log_q, log_p = _log_probs(student_logits, teacher_logits)
-    return _kl(log_q, _log_mix(log_q, log_p, alpha))
+    return kl_rows(log_q, _log_mix(log_q, log_p, alpha))
 
 
 def taid(student_logits: Tensor, teacher_logits: Tensor, lam: float | Tensor = 0.0) -> Tensor:
@@ -111,7 +111,7 @@ def taid(student_logits: Tensor, teacher_logits: Tensor, lam: float | Tensor = 0
     """
     log_q, _ = _log_probs(student_logits, teacher_logits)
     target = (1.0 - lam) * student_logits.detach() + lam * teacher_logits.detach()
-    return _kl(F.log_softmax(target, dim=-1), log_q)
+    return kl_rows(F.log_softmax(target, dim=-1), log_q)
 
 
 def _check_params(kind: str, beta: float, alpha: float, lam: float | Tensor) -> None:

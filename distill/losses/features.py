@@ -16,14 +16,14 @@ from torch import Tensor
 
 from distill.config.settings import HiddenMetric
 from distill.errors import DistillError
-from distill.losses.divergences import CHUNK_ELEMENTS, _compute_dtype, _kl, select_rows
+from distill.losses.divergences import CHUNK_ELEMENTS, compute_dtype, kl_rows, select_rows
 
 HIDDEN_METRICS: tuple[str, ...] = get_args(HiddenMetric)
 
 
 def _common_dtype(*xs: Tensor) -> torch.dtype:
     # the widest of the inputs, and at least float32 (a bf16 teacher next to an fp32 student)
-    dtype = _compute_dtype(xs[0])
+    dtype = compute_dtype(xs[0])
     for x in xs[1:]:
         dtype = torch.promote_types(dtype, x.dtype)
     return dtype
@@ -131,7 +131,7 @@ def relation_log_probs(x: Tensor, heads: int, keep: Tensor | None, rows: slice |
     if heads <= 0 or w % heads:
         raise DistillError(f"the relation heads ({heads}) must divide the width W={w}")
     d_r = w // heads
-    xa = x.to(_compute_dtype(x)).reshape(b, t, heads, d_r).transpose(1, 2)
+    xa = x.to(compute_dtype(x)).reshape(b, t, heads, d_r).transpose(1, 2)
     queries = xa if rows is None else xa[:, :, rows]
     scores = torch.matmul(queries, xa.transpose(-1, -2)) / math.sqrt(d_r)
     return _masked_log_softmax(scores, row_slice(keep, rows))
@@ -190,7 +190,7 @@ def _map_kl_sum(student_log_probs: Tensor, teacher_log_probs: Tensor, rows: Opti
     (B, A, Tq, Tk) maps. Other rows are computed but replaced by 0 (``where``, not a product: a NaN
     there cannot leak, and their gradient is exactly 0)."""
     dtype = _common_dtype(student_log_probs, teacher_log_probs)
-    per_row = _kl(teacher_log_probs.detach().to(dtype), student_log_probs.to(dtype)).sum(1)  # the teacher: constant
+    per_row = kl_rows(teacher_log_probs.detach().to(dtype), student_log_probs.to(dtype)).sum(1)  # the teacher: constant
     if rows is not None:
         per_row = torch.where(rows.to(per_row.device), per_row, 0.0)
     return per_row.sum()

@@ -29,7 +29,6 @@ from distill.models.loading import model_class
 from distill.models.architectures import arch_spec, find_module, layer_stacks
 
 CAPTURE_ATTENTION = "distill_sdpa"
-SITES = ("encoder_self", "decoder_self", "decoder_cross")
 _SINK = "_distill_sink"
 
 

@@ -7,13 +7,11 @@ a corpus of their own (``benchmarks/quality.py`` trains its teacher from one).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.files import building
 
 # BART's special tokens, in id order: <s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4.
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -88,21 +86,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
         hf_tok.save_pretrained(str(tmp))
     return hf_tok
 
-
-@contextmanager
-def building(final: Path) -> Iterator[Path]:
-    """A new empty directory next to ``final`` to write into: moved into its place (``replace_dir``) when
-    the block ends, removed if it raises, so nothing half-written is ever found at ``final``."""
-    from distill.infer.export import replace_dir
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 FAMILIES = ("bart", "t5", "bert", "roberta", "modernbert", "llama")

@@ -112,14 +112,14 @@ def load_model(mc: ModelConfig, config, ds_config: dict[str, Any], precision: st
     keep_alive = HfDeepSpeedConfig(ds_config)
     auto = auto_class(config)
     path = str(Path(mc.path).expanduser()) if is_local_path(mc.path) else mc.path
-    with _gather_for_late_init():
+    with gather_for_late_init():
         model = auto.from_pretrained(path, revision=mc.revision, dtype=torch_dtype(precision),
                                      attn_implementation=attn_implementation or mc.attn_implementation)
     return model, keep_alive
 
 
 @contextmanager
-def _gather_for_late_init():
+def gather_for_late_init():
     """After loading, transformers runs ``_init_weights`` on modules it does not consider initialised,
     even when their weights came from the checkpoint (Pegasus' sinusoidal position table). Under
     ZeRO-3 those weights are empty partitions there, so gather them around that call."""

@@ -142,8 +142,3 @@ def _check_zero_section(zero: dict[str, Any], where: str) -> None:
 def with_universal_load(ds: dict[str, Any]) -> dict[str, Any]:
     """``ds`` set to load a universal checkpoint (nested: deepspeed.initialize ignores dotted keys)."""
     return {**ds, "checkpoint": {**(ds.get("checkpoint") or {}), "load_universal": True}}
-
-
-def offloads_params(ds: dict[str, Any]) -> bool:
-    node = ds.get("zero_optimization", {}).get("offload_param") or {}
-    return node.get("device", "none") not in ("none", None)

@@ -33,7 +33,7 @@ def launch_command(launcher: str, nproc: int, port: int, config: Optional[str], 
     exe = shutil.which(cmd[0], path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if exe is None:
         raise DistillError(f"the {launcher} launcher is not installed (no '{cmd[0]}' on PATH)")
-    return [exe, *cmd[1:], "distill.runtime.launch", *(["--config", config] if config else []), *overrides]
+    return [exe, *cmd[1:], "distill.train.launch", *(["--config", config] if config else []), *overrides]
 
 
 def train(launcher: str, nproc: int, port: int, config: Optional[str], overrides: list[str]) -> int:

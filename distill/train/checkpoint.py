@@ -18,8 +18,6 @@ checkpoints of the same run (run id).
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import random
@@ -32,7 +30,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from distill.errors import DistillError, first_line
+from distill.errors import DistillError
+from distill.files import describe_write_error, file_digest, fsync_dir, write_atomic
 
 LATEST = "latest"
 MANIFEST = "checksums.json"
@@ -45,10 +44,6 @@ Gather = Callable[[Any], list]
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    return int(_TAG.match(tag).group(1))
 
 
 def new_run_id() -> str:
@@ -72,69 +67,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---- durable files ---------------------------------------------------------------------------------
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a reader sees the old or the new content, never a torn one, even
-    after a power loss (file and directory are fsynced)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException as exc:  # a full disk: no half-written temp file stays
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:  # fsync names no file: the error line will
-            exc.filename = str(path)
-        raise
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def file_digest(path: Path, sync: bool = False) -> dict[str, Any]:
-    """Size and sha256 of a file; with ``sync`` its data is fsynced too (it was just written)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
-
-
-def describe_write_error(exc: BaseException, path: Path) -> str:
-    """One line for a failed write. torch's C++ writer hides ENOSPC behind messages such as
-    "basic_ios::clear", so a nearly full disk is named from the free space left."""
-    code = getattr(exc, "errno", None)
-    if code is None and (found := re.search(r"os error (\d+)|code: (\d+)", str(exc))):  # safetensors' Rust I/O
-        code = int(found.group(1) or found.group(2))
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
-    if code in reasons:
-        return f"{reasons[code]} ({path})"
-    try:
-        free = shutil.disk_usage(path if path.exists() else path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 16 << 20:
-        return f"no space left on device ({free >> 10} KiB free at {path})"
-    # DeepSpeed logs a failed makedirs and goes on; torch then says "Parent directory ... does not exist"
-    folder = next((p for p in (path, *path.parents) if p.exists()), None)
-    if folder is not None and folder.is_dir() and (not os.access(folder, os.W_OK) or not folder.stat().st_mode & 0o222):
-        return f"permission denied: {folder} is not writable ({path})"
-    return f"{first_line(exc)} ({path})"
 
 
 # ---- reading ---------------------------------------------------------------------------------------

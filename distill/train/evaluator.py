@@ -13,9 +13,9 @@ import torch.distributed as dist
 
 from distill.config.settings import RunConfig
 from distill.data.stream import eval_loader
+from distill.files import write_atomic
 from distill.infer.export import export_student, model_card
 from distill.losses.objective import teacher_forced_sums
-from distill.train.checkpoint import write_atomic
 
 
 class Evaluator:
@@ -76,7 +76,8 @@ class Evaluator:
         same number of batches (short shards repeat their last example), so none can leave early and
         deadlock the next collective."""
         from distill.infer.evaluate import rouge
-        from distill.infer.generate import GenerateSettings, generate_batch, generation_config_for
+        from distill.infer.generate import generate_batch, generation_config_for
+        from distill.infer.inputs import GenerateSettings
 
         cfg, e = self.cfg, self.cfg.eval
         data = self.eval_data.select(range(min(e.max_samples, len(self.eval_data))))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill.train.checkpoint import write_atomic
+from distill.files import write_atomic
 
 DIRECTORY = "example_ids"
 

@@ -10,6 +10,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from distill.files import write_atomic
+
 
 def reduce_mean(values: dict[str, float], device) -> dict[str, float]:
     """Average scalars over ranks (every rank must call with the same keys)."""
@@ -105,8 +107,6 @@ def _drop_rows_after(path: Path, step: int) -> None:
     replayed by the resumed run (as TensorBoard's purge_step does for the event files)."""
     if not path.is_file():
         return
-    from distill.train.checkpoint import write_atomic
-
     lines = path.read_text().splitlines()
     kept = []
     for line in lines:
@@ -123,8 +123,6 @@ def memory_report(path: Path, teacher, student, device: torch.device, precision:
     """Bytes each rank holds for the teacher, the student and its optimizer (``memory.json``): what
     ZeRO-3 partitioned, to check the per-rank arithmetic of BENCHMARKS.md against a real run; and the
     rank's peak since training started (``peak_gb``: loading excluded)."""
-    from distill.train.checkpoint import write_atomic
-
     mine = {"teacher_param_bytes": _param_bytes(teacher.module) if teacher is not None else 0,
             "student_param_bytes": _param_bytes(student.module),
             "optimizer_bytes": _tensor_bytes(student.optimizer.state_dict()),

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from distill.train import checkpoint
 from distill.errors import DistillError
+from distill.files import describe_write_error, write_atomic
+from distill.train import checkpoint
 
 LOCK = ".distill.lock"
 HEARTBEAT = 30.0  # seconds between refreshes of the lock's mtime
@@ -61,7 +62,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DistillError(f"training.output_dir {self.path.parent} cannot be created: "
-                               f"{checkpoint.describe_write_error(exc, self.path.parent)}") from None
+                               f"{describe_write_error(exc, self.path.parent)}") from None
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -72,7 +73,7 @@ class RunLock:
                 continue
             except OSError as exc:
                 raise DistillError(f"training.output_dir {self.path.parent} is not writable: "
-                                   f"{checkpoint.describe_write_error(exc, self.path)}") from None
+                                   f"{describe_write_error(exc, self.path)}") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self._thread = threading.Thread(target=self._beat, daemon=True, name="distill-lock")
@@ -132,7 +133,7 @@ def prepare(out_dir: Path, resume: str, resume_tag: Optional[str], overwrite: bo
                                f"{', '.join(newer)}: set training.overwrite=true to discard them")
         for tag in newer:
             shutil.rmtree(ckpt / tag)
-        checkpoint.write_atomic(ckpt / checkpoint.LATEST, resume_tag)
+        write_atomic(ckpt / checkpoint.LATEST, resume_tag)
 
 
 def record_config(out_dir: Path, text: str, step: int) -> Path:
@@ -141,10 +142,10 @@ def record_config(out_dir: Path, text: str, step: int) -> Path:
     history.mkdir(parents=True, exist_ok=True)
     n = len(list(history.glob("*.yaml"))) + 1
     path = history / f"{n:03d}-step-{step:08d}.yaml"
-    checkpoint.write_atomic(path, text)
-    checkpoint.write_atomic(out_dir / "config.yaml", text)
+    write_atomic(path, text)
+    write_atomic(out_dir / "config.yaml", text)
     return path
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    checkpoint.write_atomic(path, json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")

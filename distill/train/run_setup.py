@@ -7,7 +7,6 @@ finds the checkpoint to resume, and builds both engines, the data and the state 
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,9 @@ from distill.losses.objective import Objective
 from distill.models.architectures import ENCODER_ONLY, model_kind
 from distill.models.capture import register_attention
 from distill.models.loading import check_pair, hidden_size, load_model_config, load_tokenizer, rank_param_counts
-from distill.runtime.cluster import StopRequest, StopVote, join_process_group
+from distill.runtime.environment import rank_env
+from distill.runtime.process_group import join_process_group, on_rank0
+from distill.runtime.stops import StopRequest, StopVote
 from distill.runtime.dsconfig import read_ds_config, resolve_ds_config, with_universal_load
 from distill.train import checkpoint, engines, run_dir, training_data, universal
 from distill.train.divergence import DivergenceWatch
@@ -36,10 +37,6 @@ from distill.train.evaluator import Evaluator
 from distill.train.example_ids import ExampleIds
 from distill.train.state import TrainState
 from distill.train.step import forward
-
-
-def _world() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 class RunSetup:
@@ -85,7 +82,7 @@ class RunSetup:
         if model_kind(self.student_config) == ENCODER_ONLY and (cfg.eval.generate or cfg.loss.on_policy_fraction):
             raise DistillError("the student is an encoder-only masked LM, which does not generate text: set "
                                "eval.generate=false and loss.on_policy_fraction=0")
-        world = _world()[1]
+        world = rank_env().world
         from deepspeed.accelerator import get_accelerator
 
         self.accelerator = get_accelerator()
@@ -140,7 +137,7 @@ class RunSetup:
         join_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.accelerator.device_name() != "cpu":
-            self.accelerator.set_device(_world()[2])  # before zero.Init places any shard
+            self.accelerator.set_device(rank_env().local_rank)  # before zero.Init places any shard
         self.device = torch.device(self.accelerator.current_device_name())
         self._claim_output_dir()
         _seed_everything(t.seed + self.rank)
@@ -196,11 +193,11 @@ class RunSetup:
         """Before any model loads: hold the output directory, find the intact checkpoint to resume
         from, and refuse a start that would overwrite an earlier run or change what its state means."""
         t = self.cfg.training
-        self._on_rank0(self._hold_output_dir)
+        on_rank0(self._hold_output_dir)
         self.resume_tag = checkpoint.resolve_resume(self.ckpt_dir, t.resume, self.world, self.rank, self._gather,
                                                     self._say)
         if self.resume_tag is None:
-            self._on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
+            on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
             return
         tag_dir = self.ckpt_dir / self.resume_tag
         self.run_id = checkpoint.run_id_of(tag_dir)
@@ -213,10 +210,10 @@ class RunSetup:
         data_line = checkpoint.check_data(tag_dir, self.data_identity, t.allow_data_change)
         if data_line:
             self._say(data_line)
-        self._on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
+        on_rank0(lambda: run_dir.prepare(self.out, t.resume, self.resume_tag, t.overwrite))
         if written != self.world and universal.needed(tag_dir):
             found = universal.problem(tag_dir, self.rank, self.world, self._gather)
-            self._on_rank0(lambda: universal.prepare(tag_dir, written, self.world, found, self._say))
+            on_rank0(lambda: universal.prepare(tag_dir, written, self.world, found, self._say))
             self.universal = tag_dir / universal.UNIVERSAL
 
     def _keep_global_batch(self, saved: dict[str, Any], written: int) -> None:
@@ -240,17 +237,6 @@ class RunSetup:
     def _hold_output_dir(self) -> None:
         self.lock = run_dir.RunLock(self.out)
         self.lock.acquire()
-
-    def _on_rank0(self, action) -> None:
-        """Run ``action`` on rank 0 only; its refusal is raised on every rank."""
-        error = None
-        if self.rank == 0:
-            try:
-                action()
-            except DistillError as exc:
-                error = str(exc)
-        if (error := self._gather(error)[0]) is not None:
-            raise DistillError(error)
 
     def _gather(self, value: Any) -> list:
         values: list = [None] * self.world

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from distill.errors import DistillError, first_line
-from distill.train.checkpoint import (MANIFEST, PARTIAL, Gather, check_files, describe_write_error, file_digest,
-                                      fsync_dir, write_atomic)
+from distill.files import describe_write_error, file_digest, fsync_dir, write_atomic
+from distill.train.checkpoint import MANIFEST, PARTIAL, Gather, check_files
 
 UNIVERSAL = "universal"
 

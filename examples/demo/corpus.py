@@ -28,7 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.models.from_scratch import building, train_tokenizer
+from distill.files import building
+from distill.models.from_scratch import train_tokenizer
 
 __all__ = [
     "generate_corpus",

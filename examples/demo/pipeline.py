@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from distill.errors import DistillError
-from distill.runtime.cluster import free_port
+from distill.runtime.environment import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER = ROOT / "launchers" / "run.py"

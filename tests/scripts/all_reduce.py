@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from deepspeed import comm
 
-from distill.runtime.cluster import join_process_group
+from distill.runtime.process_group import join_process_group
 
 join_process_group()
 rank = dist.get_rank()

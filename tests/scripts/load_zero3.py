@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from distill.runtime.cluster import join_process_group
+from distill.runtime.process_group import join_process_group
 from distill.config.settings import ModelConfig
 from distill.config.parsing import load_config
 from distill.runtime.dsconfig import read_ds_config, resolve_ds_config

@@ -6,8 +6,8 @@ import sys
 import torch.distributed as dist
 
 from distill.errors import DistillError
-from distill.runtime.cluster import exit_rank, join_process_group
-from distill.runtime.launch import main
+from distill.runtime.process_group import exit_rank, join_process_group
+from distill.train.launch import main
 from distill.train import loop
 
 

@@ -1,6 +1,6 @@
 """Run under the deepspeed launcher: several jobs, one after the other, in one set of ranks, so the launch
 cost is paid once. Argument: a JSON file holding a list of jobs, each [recipe, [overrides...]] for a
-training run through the real entry point (``distill.runtime.launch.main``) or ["distill", [argv...]] for
+training run through the real entry point (``distill.train.launch.main``) or ["distill", [argv...]] for
 a ``distill`` command (``distill.cli.main``, as launchers/distill_cli.py runs it). Exits non-zero at the
 first job that fails."""
 
@@ -8,7 +8,7 @@ import json
 import sys
 
 from distill.cli import main as distill
-from distill.runtime.launch import main as train
+from distill.train.launch import main as train
 
 jobs = json.loads(open([a for a in sys.argv[1:] if not a.startswith("--")][0]).read())
 for first, args in jobs:

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from distill.errors import DistillError, print_error
-from distill.runtime.cluster import another_rank_failed, error_line, exit_rank
+from distill.files import describe_write_error
+from distill.runtime.environment import rank_env
+from distill.runtime.process_group import another_rank_failed, error_line, exit_rank
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,8 +31,7 @@ def _limit_cpu_threads() -> None:
     if get_accelerator().device_name() == "cpu":
         import torch
 
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank_env().local_world))
 
 
 def _quiet_libraries() -> None:
@@ -49,13 +50,15 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from distill.runtime.cluster import StopRequest, adopt_slurm_env, leave_process_group_at_exit
+    from distill.runtime.environment import adopt_slurm_env
+    from distill.runtime.process_group import leave_process_group_at_exit
+    from distill.runtime.stops import StopRequest
 
     adopt_slurm_env()  # srun with one task per rank: SLURM_* -> RANK, WORLD_SIZE, MASTER_ADDR, ...
     leave_process_group_at_exit()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = int(os.environ.get("RANK", 0))
+    rank = rank_env().rank
     # Armed first, so a signal or the launcher's death during set-up also ends in a clean stop.
     stop_file = os.environ.get("DISTILL_STOP_FILE")  # touched by the sbatch script's signal trap
     stop = StopRequest(Path(stop_file) if stop_file else None)
@@ -78,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             print_error(line)
         return 2
     except OSError as exc:  # the machine, not the code: a full disk, a read-only or vanished directory
-        from distill.train.checkpoint import describe_write_error
-
         print_error(f"rank {rank}: {describe_write_error(exc, Path(exc.filename or '.'))}")
         return 2
     except Exception:
-        if another_rank_failed(rank, int(os.environ.get("WORLD_SIZE", 1))):
+        if another_rank_failed(rank, rank_env().world):
             return 2  # the connection to a rank that stopped with an error: that rank's line says why
         raise
     finally:
@@ -102,5 +103,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # distill train starts the ranks as `-m distill.runtime.launch`
+if __name__ == "__main__":  # distill train starts the ranks as `-m distill.train.launch`
     exit_rank(main())
