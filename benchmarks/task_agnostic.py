@@ -107,6 +107,17 @@ def students(a, st: Stages, family: str, teacher: Path) -> dict[str, Path]:
     return out
 
 
+def student_overrides(a, shape: str, method: str, overrides: list[str], student: Path, teacher: Path,
+                      data: list[str]) -> list[str]:
+    """The command-line settings of one student's distillation: the method's own, then the shared ones."""
+    extra = [f"teacher.path={teacher}"]  # the baseline names it too, and loads it not (no teacher term)
+    if "width" in shape and (method.startswith("HS") or method == "MHA + HS"):
+        extra.append("loss.hidden.projection=true")  # hidden states of two widths meet through a projection
+    # relation heads dividing both widths (MiniLMv2 uses 32-48)
+    return [f"student.path={student}", *overrides, *extra, *data, *training(a, a.steps, a.lr),
+            f"loss.relation.heads={math.gcd(32, a.d_model // 2)}", "training.eval_every=0"]
+
+
 def finetune(a, st: Stages, model: Path, task: Path, out: Path, title: str) -> dict:
     kind = "regression" if isinstance(json.loads(next(open(task / "train.jsonl")))["label"], float) else "classification"
     pair = "text_pair" in json.loads(next(open(task / "train.jsonl")))
@@ -180,16 +191,8 @@ def main() -> None:
                 if a.methods and method not in a.methods and method != BASELINE:
                     continue
                 out = a.workdir / "runs" / kind / slug(shape) / slug(method)
-                extra = [f"teacher.path={teacher}"]  # the baseline names it too, and loads it not (no teacher term)
-                if "width" in shape and recipe.startswith("udagawa_hs"):
-                    extra.append("loss.hidden.projection=true")
-                if "width" in shape and method == "MHA + HS":
-                    extra.append("loss.hidden.projection=true")
-                st.train(RECIPES / recipe, out, [f"student.path={student}", *extra, *text_data(a, corpus, objective),
-                                                 *training(a, a.steps, a.lr),
-                                                 # relation heads dividing both widths (MiniLMv2 uses 32-48)
-                                                 f"loss.relation.heads={math.gcd(32, a.d_model // 2)}",
-                                                 "training.eval_every=0"],
+                st.train(RECIPES / recipe, out, student_overrides(a, shape, method, overrides, student, teacher,
+                                                                  text_data(a, corpus, objective)),
                          f"{kind} {shape}: {method}")
                 models[kind][f"{shape}: {method}"] = out / "final"
     # fine-tunes are small: several at once, each on its share of the cores, use the machine better than ranks

@@ -92,3 +92,20 @@ def test_the_task_agnostic_table_gives_each_tasks_main_metric_and_the_average(tm
     text = report(scores, ["a", "b"], st, argparse.Namespace(nproc=2, steps=10, seed=0, seeds=3, finetune_epochs=2))
     assert "| teacher | 0.800 [0.700, 0.900] | 0.400 | 0.600 |" in text
     assert "| half depth: MHA | 0.750 [0.700, 0.800] | 0.200 | 0.475 |" in text
+
+
+def test_every_task_agnostic_student_runs_with_its_methods_own_settings():
+    """Each method's settings reach its command and no shared setting after them undoes one (a later key=value
+    wins), for both student shapes."""
+    import argparse
+
+    from benchmarks.task_agnostic import FAMILIES, student_overrides
+
+    a = argparse.Namespace(steps=10, lr=1e-3, batch=4, seed=0, eval_every=5, d_model=64)
+    for _, _, methods in FAMILIES.values():
+        for method, (_, overrides) in methods.items():
+            for shape in ("half depth", "half depth, half width"):
+                command = student_overrides(a, shape, method, overrides, Path("s"), Path("t"), ["data.path=d"])
+                final = dict(o.split("=", 1) for o in command)
+                assert all(final[o.split("=", 1)[0]] == o.split("=", 1)[1] for o in overrides), (method, command)
+                assert ("loss.hidden.projection=true" in command) == ("width" in shape and "HS" in method)
