@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import append_section, machine, rss_hwm  # noqa: E402
 from distill.models.capture import CAPTURE_ATTENTION, FeatureModel, register_attention  # noqa: E402
 from distill.config.parsing import _build  # noqa: E402
-from distill.config.settings import LossConfig  # noqa: E402
+from distill.config.loss import LossConfig  # noqa: E402
 from distill.data.collate import source_index, target_index  # noqa: E402
 from distill.losses.objective import Objective  # noqa: E402
 

@@ -92,7 +92,8 @@ def main() -> None:
             a_s, a_t = getattr(s_out, name)[-1], getattr(t_out, name)[-1]
             row = (a_t * (torch.log(a_t + 1e-12) - torch.log(a_s + 1e-12))).sum(-1)  # (B, H, T)
             attn = attn + (row * mask[:, None]).sum() / (mask.sum() * a_s.shape[1])
-        loss = loss_cfg.w_ce * ce + loss_cfg.w_kd * kd + loss_cfg.w_hid * hid + loss_cfg.w_attn * attn
+        w = {name: weight.value for name, weight in loss_cfg.weights.items()}
+        loss = w["ce"] * ce + w["kd"] * kd + w["hid"] * hid + w["attn"] * attn
         t3 = time.perf_counter()
         student.backward(loss)
         student.step()

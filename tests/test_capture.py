@@ -20,7 +20,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from distill.config.settings import LossConfig
+from distill.config.loss import LossConfig
 from distill.data.collate import source_index, target_index
 from distill.errors import DistillError
 from distill.losses.features import attention_log_probs

@@ -118,14 +118,15 @@ def _float_keys(cls=RunConfig, prefix=""):
     import typing
 
     keys = []
-    for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+    # the loss section takes each registered term's weight keys in place of its weights field
+    hints = cls.setting_hints() if hasattr(cls, "setting_hints") else typing.get_type_hints(cls)
+    for name, tp in hints.items():
         args = typing.get_args(tp) or (tp,)
         if float in args:
-            keys.append(prefix + f.name)
+            keys.append(prefix + name)
         for arg in args:
             if dataclasses.is_dataclass(arg):
-                keys += _float_keys(arg, f"{prefix}{f.name}.")
+                keys += _float_keys(arg, f"{prefix}{name}.")
     return keys
 
 

@@ -9,7 +9,7 @@ from torch.testing import assert_close
 from transformers import BertConfig, BertForMaskedLM, ModernBertConfig, ModernBertForMaskedLM, RobertaConfig, \
     RobertaForMaskedLM
 
-from distill.config.settings import LossConfig
+from distill.config.loss import LossConfig
 from distill.data.collate import IGNORE_INDEX, source_index, target_index
 from distill.errors import DistillError
 from distill.losses.objective import Objective

@@ -19,7 +19,7 @@ from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, 
 from distill.losses.divergences import DIVERGENCES, scaled_divergence
 from distill.losses import fused_head
 from distill.losses.fused_head import LIVE_ROW_TENSORS, RowSum, Side, head_pass, row_bytes, rows_per_chunk
-from distill.losses.objective import AGREEMENT, teacher_forced_sums
+from distill.losses.metrics import AGREEMENT, teacher_forced_sums
 from distill.losses.terms.mse import logit_mse
 from distill.models.lm_head import Head, head_of, trunk
 

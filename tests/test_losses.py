@@ -9,13 +9,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from distill.config.settings import Divergence, HiddenMetric, Schedule, TaidMode
 from distill.errors import DistillError
-from distill.losses.divergences import DIVERGENCES, crop_vocab, per_token_divergence, scaled_divergence
-from distill.losses.features import HIDDEN_METRICS
+from distill.losses.divergences import DIVERGENCES, Divergence, crop_vocab, per_token_divergence, scaled_divergence
+from distill.losses.features import HIDDEN_METRICS, HiddenMetric
 from distill.losses.fused_head import RowSum, Side, head_pass, row_bytes
-from distill.losses.schedules import SCHEDULES
-from distill.losses.taid import TAID_MODES
+from distill.losses.schedules import SCHEDULES, Schedule
+from distill.losses.taid import TAID_MODES, TaidMode
 from test_terms_fakes import logits_output
 
 B, T, V = 3, 7, 11

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distill.config.settings import DataConfig, LossConfig
+from distill.config.loss import LossConfig
+from distill.config.settings import DataConfig
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.losses.objective import Objective
 from distill.models.capture import FeatureModel

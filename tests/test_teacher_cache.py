@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from distill.config.parsing import load_config, load_data_config
-from distill.config.settings import FEATURE_WEIGHTS, DataConfig
+from distill.config.settings import DataConfig
 from distill.data import teacher_cache as tc
 from distill.data.collate import CausalCollator, Seq2SeqCollator
 from distill.errors import DistillError
@@ -238,9 +238,19 @@ def test_terms_a_cache_cannot_serve_are_refused(demo_assets, pair):
         load_config(KD, [*pair, "teacher.path="])
 
 
-def test_feature_weights_are_the_terms_that_read_the_teachers_features():
-    found = {f"w_{cls.name}" for cls in TERMS.values() if cls.needs_teacher and not cls.uses_logits}
-    assert found == set(FEATURE_WEIGHTS)
+def test_a_cache_alone_serves_exactly_the_terms_that_declare_a_top_k_teacher(pair):
+    """Over the registry: each teacher term with a cache and no teacher model runs on the cache when it
+    declares ``top_k_teacher``, and is refused in one line naming its weight when it does not."""
+    for name, cls in TERMS.items():
+        overrides = [*pair, "teacher.path=", "teacher.cache=/some/cache", "loss.w_kd=0", f"loss.w_{name}=1"]
+        if not cls.needs_teacher:
+            continue
+        if cls.top_k_teacher:
+            assert not load_config(KD, overrides).live_teacher, name
+            continue
+        with pytest.raises(DistillError, match=f"^loss.w_{name} ") as refused:
+            load_config(KD, overrides)
+        assert "\n" not in str(refused.value), name
 
 
 class _MarkedCache:

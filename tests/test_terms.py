@@ -3,9 +3,7 @@ refuses, and its sums against float64 references; the logit MSE term (the README
 like the other losses; the registry; and a new term added by following the README's recipe."""
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -13,13 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 from transformers import LlamaConfig
-from test_terms_fakes import STUDENT, TEACHER, V, all_terms, fake_output, logit_sums, logits_output, make_batch
+from test_terms_fakes import (STUDENT, TEACHER, V, all_terms, fake_output, logit_sums, logits_output, make_batch,
+                              registered)
 
-from distill.config.settings import WEIGHTS, LossConfig, Schedule
+from distill.config.loss import LossConfig, weight_keys
 from distill.errors import DistillError
 from distill.losses.features import attention_log_probs, concat_heads, hidden_distance, relation_log_probs
 from distill.losses.objective import Objective
-from distill.losses.terms import TERMS, Term, register
+from distill.losses.terms import TERMS, Term
 from distill.losses.terms.base import layer_request, stack_index
 from distill.losses.terms.mse import logit_mse
 
@@ -50,8 +49,9 @@ def kl_rows(s_log, t_log, real):
 # ---------------------------------------------------------------- the registry
 
 
-def test_registry_follows_the_config_weights_and_docstrings_say_what_they_average():
-    assert [f"w_{name}" for name in TERMS] == list(WEIGHTS)
+def test_the_weights_follow_the_registry_and_docstrings_say_what_they_average():
+    assert list(LossConfig().weights) == list(TERMS)
+    assert list(weight_keys()) == [f"w_{name}{suffix}" for suffix in ("", "_schedule", "_end") for name in TERMS]
     for cls in TERMS.values():
         assert "mean over" in " ".join(cls.__doc__.split()), cls.__name__
 
@@ -263,26 +263,6 @@ def test_readme_example_is_the_real_mse_module():
     assert code and all(line in source for block in code for line in block.splitlines() if line.strip())
 
 
-@dataclass
-class _DemoLoss(LossConfig):
-    w_emb: float = 2.0
-    w_emb_schedule: Schedule = "linear"
-    w_emb_end: Optional[float] = 0.0
-
-
-@pytest.fixture
-def registered():
-    """Register a term for one test; the registry is left as it was."""
-    added = []
-
-    def add(cls):
-        added.append(register(cls))
-        return cls
-    yield add
-    for cls in added:
-        TERMS.pop(cls.name)
-
-
 def test_a_term_added_by_the_recipe_joins_the_objective(registered):
     @registered
     class EmbeddingMatch(Term):
@@ -301,7 +281,7 @@ def test_a_term_added_by_the_recipe_joins_the_objective(registered):
             s, t = student.features.hidden[("encoder", 0)], teacher.features.hidden[("encoder", 0)]
             return {"emb": hidden_distance(s, t, stack_index(batch, "encoder"))}
 
-    cfg = _DemoLoss(w_ce=0.0, w_kd=1.0)
+    cfg = LossConfig(w_ce=0.0, w_kd=1.0, w_emb=2.0, w_emb_schedule="linear", w_emb_end=0.0)
     with pytest.raises(DistillError, match="needs equal widths"):
         Objective(cfg, 4, STUDENT, TEACHER)
     objective = Objective(cfg, 4, TEACHER, TEACHER)

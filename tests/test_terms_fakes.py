@@ -1,6 +1,7 @@
 """Shared by the tests/test_terms*.py files (no tests here): two tiny model configs, random batches
 carrying the collator's flat indices, and hand-made model outputs (logits and captured features) for
-any request, so the objective runs without a model.
+any request, so the objective runs without a model; and the ``registered`` fixture, which registers a
+term for one test.
 
 A fake output's logits are random; its ``Output`` is their target rows with an identity head (the
 head of the real models is tested in tests/test_fused_head.py), so the references are written
@@ -9,15 +10,16 @@ directly in terms of ``logits``."""
 from dataclasses import dataclass
 from typing import Optional
 
+import pytest
 import torch
 from torch import Tensor, nn
 from transformers import BartConfig
 
-from distill.config.settings import LossConfig
+from distill.config.loss import LossConfig
 from distill.losses.fused_head import RowSum, Side, head_pass
 from distill.losses.objective import Output
 from distill.models.lm_head import Head
-from distill.losses.terms.base import SITE_STACK
+from distill.losses.terms.base import SITE_STACK, TERMS, register
 from distill.models.architectures import attention_dims
 from distill.models.capture import AttentionInputs, Features
 from distill.models.loading import hidden_size
@@ -30,14 +32,31 @@ TEACHER = BartConfig(vocab_size=V + 3, d_model=32, encoder_layers=3, decoder_lay
 STUDENT = BartConfig(vocab_size=V, d_model=16, encoder_layers=2, decoder_layers=1, **_BART)
 
 
-def all_terms(**weights) -> LossConfig:
-    """Every term at once, across widths (projections) and depths."""
-    cfg = LossConfig(**{"w_ce": 0.3, "w_kd": 1.0, "w_hid": 0.5, "w_attn": 0.7, "w_rel": 0.2, "w_mse": 0.1,
-                        **weights})
+def term_weights() -> dict[str, float]:
+    """A distinct weight for every registered term: 0.1, 0.2, ... in the registry's order."""
+    return {name: (i + 1) / 10 for i, name in enumerate(TERMS)}
+
+
+def all_terms(**settings) -> LossConfig:
+    """Every registered term at once (``term_weights``), across widths (projections) and depths."""
+    cfg = LossConfig(**{f"w_{name}": w for name, w in term_weights().items()}, **settings)
     cfg.hidden.map, cfg.hidden.projection = "uniform", True
     cfg.relation.heads = 4
     cfg.relation.sites = ["encoder_self", "decoder_self"]
     return cfg
+
+
+@pytest.fixture
+def registered():
+    """Register a term for one test (``@registered`` on its class); the registry is left as it was."""
+    added = []
+
+    def add(cls):
+        added.append(register(cls))
+        return cls
+    yield add
+    for cls in added:
+        TERMS.pop(cls.name)
 
 
 def with_indices(batch: dict) -> dict:

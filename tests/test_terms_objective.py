@@ -5,11 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
-from test_terms_fakes import STUDENT, TEACHER, all_terms, logit_sums, logits_output, make_batch, outputs, rows, with_indices
+from test_terms_fakes import (STUDENT, TEACHER, all_terms, logit_sums, logits_output, make_batch, outputs, rows, term_weights,
+                              with_indices)
 
-from distill.config.settings import LossConfig
+from distill.config.loss import LossConfig
 from distill.losses.objective import Objective
-from distill.losses.terms import TERMS
+from distill.losses.terms import COUNTS, TERMS
 
 
 def totals_of(objective, micro_batches, dtype=torch.float64):
@@ -20,14 +21,16 @@ def totals_of(objective, micro_batches, dtype=torch.float64):
 
 def test_contract_surface():
     objective = Objective(all_terms(), 10, STUDENT, TEACHER)
-    assert [t.name for t in objective.terms] == ["ce", "kd", "hid", "attn", "rel", "mse"]
+    assert [t.name for t in objective.terms] == list(TERMS)
     assert objective.needs_teacher and objective.captures_attention
-    assert objective.count_names == ("target", "target_gold", "source")
+    assert objective.count_names == tuple(name for name in COUNTS
+                                          if any(name in t.parts.values() for t in objective.terms))
     batch = make_batch(0)
     n_t, n_s = int((batch["labels"] != -100).sum()), int(batch["attention_mask"].sum())
-    assert objective.counts(batch, gold=True) == [n_t, n_t, n_s]
-    assert objective.counts(batch, gold=False) == [n_t, 0, n_s]
-    assert objective.weights() == {"ce": 0.3, "kd": 1.0, "hid": 0.5, "attn": 0.7, "rel": 0.2, "mse": 0.1}
+    per_count = {"target": (n_t, n_t), "target_gold": (n_t, 0), "source": (n_s, n_s)}
+    assert objective.counts(batch, gold=True) == [per_count[name][0] for name in objective.count_names]
+    assert objective.counts(batch, gold=False) == [per_count[name][1] for name in objective.count_names]
+    assert objective.weights() == term_weights()
     assert {k: tuple(m.weight.shape) for k, m in objective.build_projections(torch.float32).items()} == {
         "hidden_encoder": (32, 16), "hidden_decoder": (32, 16)}
     ce_only = Objective(LossConfig(), 10, STUDENT)
@@ -136,7 +139,7 @@ def test_the_loss_path_never_syncs(monkeypatch):
     values = objective.schedule_values()
     monkeypatch.undo()
     assert counts == totals.tolist()
-    assert {"kd", "hid", "attn", "rel"} <= set(terms) and torch.isfinite(total)
+    assert {name for name, cls in TERMS.items() if cls.needs_teacher} <= set(terms) and torch.isfinite(total)
     assert isinstance(values["taid_lambda"], torch.Tensor) and values["taid_lambda"] > lam_before
     assert all(p.grad is not None for p in projections.parameters())
 

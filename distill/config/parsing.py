@@ -114,13 +114,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise DistillError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    """Each key a section takes -> its type (``LossConfig``'s weight keys come from the loss terms)."""
+    return cls.setting_hints() if hasattr(cls, "setting_hints") else typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints = _hints(cls)
+    names = list(hints)
     kwargs = {}
 
     def take(key: str, value: Any) -> None:
         if key not in names:
+            if hasattr(cls, "unknown_key") and (line := cls.unknown_key(str(key), prefix)):
+                raise DistillError(line)
             close = difflib.get_close_matches(str(key), names, n=1)
             elsewhere = [k for k in _dotted_keys(RunConfig) if k.rsplit(".", 1)[-1] == key and k != prefix + key]
             hint = (f" (did you mean '{prefix}{close[0]}'?)" if close else
@@ -136,10 +143,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def _dotted_keys(cls: type, prefix: str = "") -> tuple[str, ...]:
     """Every setting's dotted name, for pointing a key given in the wrong section to its own."""
     keys: list[str] = []
-    for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+    for name, tp in _hints(cls).items():
         nested = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
-        keys += _dotted_keys(nested[0], f"{prefix}{f.name}.") if nested else [prefix + f.name]
+        keys += _dotted_keys(nested[0], f"{prefix}{name}.") if nested else [prefix + name]
     return tuple(keys)
 
 

@@ -13,17 +13,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from distill.config.checks import nonempty, positive
+from distill.config.loss import LossConfig, check_teacher_terms
 from distill.errors import DistillError, collect_errors
 
 Precision = Literal["fp32", "bf16", "fp16"]
-
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
-
-TaidMode = Literal["constant", "linear", "adaptive"]
-
-HiddenMetric = Literal["mse", "cosine"]
-
-CrossTokenizer = Literal["uld", "hybrid", "mined"]
 
 # Pre-training objectives on raw text (distill.data.objectives): the teacher's own, applied on the fly.
 TextObjective = Literal["mlm", "span_corruption", "infilling", "causal"]
@@ -103,8 +97,8 @@ class DataConfig:
             raise DistillError(f"{prefix}.source_column is required")
         if self.target_column == "":
             raise DistillError(f"{prefix}.target_column is empty (use null for plain text)")
-        _positive(self, prefix, "max_source_length", "max_target_length")
-        _positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
+        positive(self, prefix, "max_source_length", "max_target_length")
+        positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
         if self.num_workers < 0:
             raise DistillError(f"{prefix}.num_workers must be >= 0, got {self.num_workers}")
         if self.source_column == self.target_column:
@@ -125,7 +119,7 @@ class DataConfig:
         if self.packing or self.source_prefix:
             raise DistillError(f"{name} cuts the text into full blocks itself: {prefix}.packing and "
                                f"{prefix}.source_prefix do not apply")
-        _positive(self, prefix, "block_length")
+        positive(self, prefix, "block_length")
         rate = self.mask_rate
         if rate is not None and (self.objective == "causal" or not 0 < rate < 1):
             raise DistillError(f"{prefix}.mask_rate must be in (0, 1) with a corrupting objective, got {rate} with "
@@ -180,7 +174,7 @@ class TrainingConfig:
         if not 0 <= self.seed < SEED_LIMIT:  # numpy's range, less headroom for the seed + rank of every rank
             raise DistillError(f"{prefix}.seed must be in [0, {SEED_LIMIT}) (each rank seeds with seed + rank), "
                                f"got {self.seed}")
-        _positive(self, prefix, "micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
+        positive(self, prefix, "micro_batch_size", "gradient_accumulation_steps", "max_steps", "log_every",
                   "save_every", "keep_checkpoints", "max_nonfinite_steps")
         if self.learning_rate <= 0:
             raise DistillError(f"{prefix}.learning_rate must be > 0, got {self.learning_rate}")
@@ -194,186 +188,6 @@ class TrainingConfig:
             raise DistillError(f"{prefix}.eval_every must be >= 0, got {self.eval_every}")
         if self.weight_decay < 0:
             raise DistillError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
-
-
-Schedule = Literal["constant", "linear", "cosine"]
-
-Site = Literal["encoder_self", "decoder_self", "decoder_cross"]
-
-HiddenMap = Literal["copied", "supervise_forward", "last", "uniform", "uniform_consecutive", "uniform_last", "custom"]
-
-@dataclass
-class HiddenLossConfig:
-    """Hidden-state matching (Shleifer & Rush 2020; Udagawa et al. 2023): which stacks, layer pairs, distance."""
-
-    map: HiddenMap = "copied"
-    teacher_layers: Optional[list[int]] = None  # map=custom: 0-based teacher layer per student layer
-    stacks: list[Literal["encoder", "decoder"]] = field(default_factory=lambda: ["encoder", "decoder"])
-    metric: HiddenMetric = "mse"
-    normalize: bool = False  # layer-norm both hidden states (no affine) before the distance
-    projection: bool = False  # learned linear map student width -> teacher width (dropped at export)
-
-    def validate(self, prefix: str) -> None:
-        if (self.map == "custom") != (self.teacher_layers is not None):
-            raise DistillError(f"{prefix}.teacher_layers is set exactly when {prefix}.map is 'custom'")
-        _nonempty(self, prefix, "stacks")
-
-
-@dataclass
-class AttentionLossConfig:
-    """MiniLM / MiniEnD attention distributions: KL(teacher ‖ student) per head at one layer per site."""
-
-    sites: list[Site] = field(default_factory=lambda: ["encoder_self", "decoder_self", "decoder_cross"])
-    student_layer: int = -1  # 0-based, negative from the end
-    teacher_layer: int = -1
-
-    def validate(self, prefix: str) -> None:
-        _nonempty(self, prefix, "sites")
-
-
-@dataclass
-class RelationLossConfig:
-    """MiniLMv2 Q-Q/K-K/V-V self-attention relations (metric kl), or DirectMiniLM (metric mse)."""
-
-    sites: list[Literal["encoder_self", "decoder_self"]] = field(default_factory=lambda: ["encoder_self"])
-    kinds: list[Literal["q", "k", "v"]] = field(default_factory=lambda: ["q", "k", "v"])
-    heads: int = 32  # relation heads A_r; must divide both models' Q/K/V widths
-    student_layer: int = -1
-    teacher_layer: int = -2  # upper-middle works better than the last for large teachers
-    metric: Literal["kl", "mse"] = "kl"
-    projection: bool = False  # mse only: learned map of the student's Q/K/V to the teacher's width
-
-    def validate(self, prefix: str) -> None:
-        _nonempty(self, prefix, "sites", "kinds")
-        _positive(self, prefix, "heads")
-        if self.projection and self.metric != "mse":
-            raise DistillError(f"{prefix}.projection applies to {prefix}.metric=mse (DirectMiniLM) only")
-
-
-@dataclass
-class LossConfig:
-    """The interpolated objective:
-    L = w_ce·CE + w_kd·τ²·D(teacher ‖ student) + w_hid·L_hid + w_attn·L_attn + w_rel·L_rel
-        + w_mse·‖z_S − z_T‖².
-
-    Each weight ``w_X`` is its value at step 0; with ``w_X_schedule`` linear or cosine it moves to
-    ``w_X_end`` by the last step. ``w_X`` weighs the loss term named X (``distill.losses.terms``);
-    ``WEIGHTS`` is read off these fields.
-    """
-
-    w_ce: float = 1.0
-    w_kd: float = 0.0
-    w_hid: float = 0.0
-    w_attn: float = 0.0
-    w_rel: float = 0.0
-    w_mse: float = 0.0
-    w_ce_schedule: Schedule = "constant"
-    w_kd_schedule: Schedule = "constant"
-    w_hid_schedule: Schedule = "constant"
-    w_attn_schedule: Schedule = "constant"
-    w_rel_schedule: Schedule = "constant"
-    w_mse_schedule: Schedule = "constant"
-    w_ce_end: Optional[float] = None
-    w_kd_end: Optional[float] = None
-    w_hid_end: Optional[float] = None
-    w_attn_end: Optional[float] = None
-    w_rel_end: Optional[float] = None
-    w_mse_end: Optional[float] = None
-    temperature: float = 2.0
-    divergence: Divergence = "forward_kl"
-    jsd_beta: float = 0.5
-    skew_alpha: float = 0.1
-    taid_lambda_start: float = 0.1
-    taid_lambda_end: float = 1.0
-    taid_schedule: TaidMode = "linear"
-    label_smoothing: float = 0.0
-    # Memory budget (MiB) of one chunk of target rows in the logit terms' pass over both LM heads (the
-    # chunk's logits and float32 intermediates): rows per chunk = budget / the bytes one row costs.
-    # Unset: the device's default (distill.losses.fused_head.DEFAULT_CHUNK_MIB).
-    logit_chunk_mib: Optional[float] = None
-    # Teacher and student with different tokenizers: compare aligned spans of the target text by ULD, or
-    # by loss.divergence over the tokens both vocabularies hold and ULD elsewhere (hybrid), or (mined) by
-    # loss.divergence to the teacher's distribution read on the student's vocabulary through a minimum edit
-    # distance token map, where the span's first tokens agree under it, and gold CE on the other target
-    # rows (distill.losses.cross_tokenizer). Published settings: ULD as Boizard et al. 2024 is uld with
-    # w_ce=1, w_kd=1.5, temperature=1, uld_top_k=null; GOLD's ULD defaults (TRL) are w_ce=0, w_kd=1,
-    # temperature=1.
-    cross_tokenizer: Optional[CrossTokenizer] = None
-    # ULD compares the top uld_top_k probabilities of each side and one bucket of the rest; null: all of them.
-    uld_top_k: Optional[int] = 1024
-    # hybrid: the weight of the ULD spans against the shared-token ones (ULD sharpens whatever the student
-    # ranks first, right or wrong, so it can pull a student that still misspells a word further off)
-    uld_weight: float = 1.0
-    # Run the teacher's decoder on the student's encoder output, skipping the teacher's encoder
-    # (distilBART's KD with an unshrunk, frozen encoder); needs equal hidden sizes.
-    teacher_uses_student_encoder: bool = False
-    # On-policy distillation (GKD): this share of micro-batches trains on responses the student samples
-    # itself from the batch's prompts, scored by the teacher (the CE term skips them: no gold there).
-    on_policy_fraction: float = 0.0
-    on_policy_max_new_tokens: int = 64
-    on_policy_temperature: float = 1.0
-    hidden: HiddenLossConfig = field(default_factory=HiddenLossConfig)
-    attention: AttentionLossConfig = field(default_factory=AttentionLossConfig)
-    relation: RelationLossConfig = field(default_factory=RelationLossConfig)
-
-    def validate(self, prefix: str) -> None:
-        for key in WEIGHTS:
-            kind, end = getattr(self, f"{key}_schedule"), getattr(self, f"{key}_end")
-            if getattr(self, key) < 0 or (end is not None and end < 0):
-                raise DistillError(f"{prefix}.{key} and {prefix}.{key}_end must be >= 0")
-            if (kind == "constant") != (end is None):
-                raise DistillError(f"{prefix}.{key}_end is set exactly when {prefix}.{key}_schedule is not "
-                                   f"'constant' (got schedule {kind!r}, end {end})")
-        if not any(self.active(key) for key in WEIGHTS):
-            raise DistillError(f"every loss weight of {prefix} is 0: nothing to train on")
-        if self.temperature <= 0:
-            raise DistillError(f"{prefix}.temperature must be > 0, got {self.temperature}")
-        # jsd_beta 0 or 1 and skew_alpha 1 make the divergence identically 0.
-        if not 0 < self.jsd_beta < 1:
-            raise DistillError(f"{prefix}.jsd_beta must be in (0, 1), got {self.jsd_beta}")
-        if not 0 <= self.skew_alpha < 1:
-            raise DistillError(f"{prefix}.skew_alpha must be in [0, 1), got {self.skew_alpha}")
-        for key in ("taid_lambda_start", "taid_lambda_end"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise DistillError(f"{prefix}.{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.taid_lambda_start > self.taid_lambda_end:
-            raise DistillError(f"{prefix}.taid_lambda_start must not exceed {prefix}.taid_lambda_end")
-        if not 0 <= self.label_smoothing < 1:
-            raise DistillError(f"{prefix}.label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.logit_chunk_mib is not None and not self.logit_chunk_mib > 0:
-            raise DistillError(f"{prefix}.logit_chunk_mib must be > 0, got {self.logit_chunk_mib}")
-        if not 0 <= self.on_policy_fraction <= 1:
-            raise DistillError(f"{prefix}.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
-        _positive(self, prefix, "on_policy_max_new_tokens")
-        _positive(self, prefix, "uld_top_k", optional=True)
-        if self.uld_weight < 0 or (self.uld_weight != 1.0 and self.cross_tokenizer != "hybrid"):
-            raise DistillError(f"{prefix}.uld_weight weighs hybrid's ULD spans: >= 0, with {prefix}.cross_tokenizer=hybrid "
-                               f"(got {self.uld_weight} with {self.cross_tokenizer})")
-        if self.cross_tokenizer == "mined" and self.divergence in ("reverse_kl", "taid"):
-            raise DistillError(f"{prefix}.divergence={self.divergence} takes the log of the mapped teacher, which "
-                               f"{prefix}.cross_tokenizer=mined leaves at 0 on student tokens no teacher token maps "
-                               "to (an infinite or undefined loss): use forward_kl, jsd, skew_kl or skew_reverse_kl")
-        if self.on_policy_temperature <= 0:
-            raise DistillError(f"{prefix}.on_policy_temperature must be > 0, got {self.on_policy_temperature}")
-        self.hidden.validate(f"{prefix}.hidden")
-        self.attention.validate(f"{prefix}.attention")
-        self.relation.validate(f"{prefix}.relation")
-
-    def active(self, key: str) -> bool:
-        """Whether weight ``key`` is above 0 at some step."""
-        end = getattr(self, f"{key}_end")
-        return max(getattr(self, key), end or 0.0) > 0
-
-    @property
-    def uses_teacher(self) -> bool:
-        return any(self.active(key) for key in WEIGHTS if key != "w_ce")
-
-
-# Every term's weight, in the order the fields are declared: adding a term's three fields adds it here.
-WEIGHTS = tuple(f.name for f in dataclasses.fields(LossConfig)
-                if f.name.startswith("w_") and not f.name.endswith(("_schedule", "_end")))
-# the terms that read the teacher's features (hidden states, attention), not its logits
-FEATURE_WEIGHTS = ("w_hid", "w_attn", "w_rel")
 
 
 @dataclass
@@ -390,7 +204,7 @@ class EvalConfig:
     best_metric: Optional[str] = None
 
     def validate(self, prefix: str) -> None:
-        _positive(self, prefix, "max_samples", "num_beams", "max_new_tokens")
+        positive(self, prefix, "max_samples", "num_beams", "max_new_tokens")
         if self.text_samples < 0:
             raise DistillError(f"{prefix}.text_samples must be >= 0, got {self.text_samples}")
         choices = ["eval/ce", "eval/token_accuracy"]
@@ -435,48 +249,8 @@ class RunConfig:
         if self.eval.generate and self.data.target_column is None:
             raise DistillError("eval.generate scores generations against references: plain text (data.target_column: "
                                "null) has none")
-        if self.loss.uses_teacher and self.teacher is None:
-            active = [k for k in WEIGHTS if k != "w_ce" and self.loss.active(k)]
-            raise DistillError(f"loss.{active[0]} > 0 needs a teacher: set teacher.path and teacher.ds_config")
-        if self.teacher_cache is not None:
-            self._check_cache()
-        if self.loss.cross_tokenizer is not None:
-            self._check_cross_tokenizer()
+        check_teacher_terms(self)
         return self
-
-    def _check_cross_tokenizer(self) -> None:
-        # what needs the two models to read the same tokens
-        loss, name = self.loss, f"loss.cross_tokenizer={self.loss.cross_tokenizer}"
-        if self.teacher_cache is not None:
-            raise DistillError(f"{name} reads the live teacher on its own tokens; teacher.cache holds logits at the "
-                               "student's: drop teacher.cache")
-        if loss.active("w_mse"):
-            raise DistillError(f"loss.w_mse compares logits token for token, which {name} cannot: set loss.w_mse=0")
-        if loss.on_policy_fraction > 0:
-            raise DistillError(f"loss.on_policy_fraction with {name} would retokenize every sample for the teacher, "
-                               "which is not supported: set loss.on_policy_fraction=0")
-        if loss.teacher_uses_student_encoder:
-            raise DistillError(f"loss.teacher_uses_student_encoder feeds the student's encoding to the teacher, which "
-                               f"reads other tokens under {name}")
-        if self.data.objective is not None:
-            raise DistillError(f"data.objective={self.data.objective} corrupts the student's tokens, which the teacher "
-                               f"does not read under {name}: use one tokenizer for both")
-
-    def _check_cache(self) -> None:
-        # what a cache of the dataset's top-K logits cannot stand in for
-        if self.loss.active("w_mse"):
-            raise DistillError("loss.w_mse compares the full logits, and teacher.cache holds the top-K of them: set "
-                               "loss.w_mse=0, or drop teacher.cache for a live teacher")
-        if self.loss.on_policy_fraction > 0:
-            raise DistillError("loss.on_policy_fraction needs a live teacher to score the student's own samples; "
-                               "teacher.cache holds the dataset's targets only")
-        if self.loss.teacher_uses_student_encoder:
-            raise DistillError("loss.teacher_uses_student_encoder runs the teacher on the student's encoding; "
-                               "teacher.cache holds the teacher's own")
-        features = [k for k in FEATURE_WEIGHTS if self.loss.active(k)]
-        if features and not self.teacher.path:
-            raise DistillError(f"loss.{features[0]} > 0 needs the live teacher's features, which teacher.cache does not "
-                               "hold: set teacher.path and teacher.ds_config too")
 
     @property
     def uses_teacher(self) -> bool:
@@ -490,10 +264,10 @@ class RunConfig:
     @property
     def live_teacher(self) -> bool:
         """Whether the teacher model is loaded: a teacher term is on and the cache does not serve them all."""
-        return self.uses_teacher and (self.teacher.cache is None or any(self.loss.active(k) for k in FEATURE_WEIGHTS))
+        return self.uses_teacher and bool(self.loss.live_teacher_terms(self.teacher.cache is not None))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "loss": self.loss.to_dict()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -501,24 +275,6 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """Dotted names to values, as used on the command line and in TensorBoard hparams."""
         return flatten(self.to_dict())
-
-
-def _nonempty(obj: Any, prefix: str, *keys: str) -> None:
-    for key in keys:
-        values = getattr(obj, key)
-        if not values:
-            raise DistillError(f"{prefix}.{key} must not be empty")
-        if len(set(values)) != len(values):
-            raise DistillError(f"{prefix}.{key} lists a value twice: {values}")
-
-
-def _positive(obj: Any, prefix: str, *keys: str, optional: bool = False) -> None:
-    for key in keys:
-        value = getattr(obj, key)
-        if optional and value is None:
-            continue
-        if value < 1:
-            raise DistillError(f"{prefix}.{key} must be >= 1, got {value}")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -7,15 +7,16 @@ select rows by flat index: no host syncs (no boolean indexing, no ``nonzero``), 
 from __future__ import annotations
 
 import math
-from typing import Optional, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.config.settings import Divergence
 from distill.errors import DistillError
 from distill.losses.sparse_teacher import TopK, bucket_log_probs
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid"]
 
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 

@@ -8,15 +8,16 @@ indices, with no host sync; the caller divides by a count.
 from __future__ import annotations
 
 import math
-from typing import Optional, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.config.settings import HiddenMetric
 from distill.errors import DistillError
 from distill.losses.divergences import CHUNK_ELEMENTS, compute_dtype, kl_rows, select_rows
+
+HiddenMetric = Literal["mse", "cosine"]
 
 HIDDEN_METRICS: tuple[str, ...] = get_args(HiddenMetric)
 

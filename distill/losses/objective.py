@@ -17,17 +17,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distill.config.settings import LossConfig
+from distill.config.loss import LossConfig
 from distill.errors import DistillError
-from distill.data.teacher_cache import TEACHER_KEYS
-from distill.data.token_alignment import TEACHER_PREFIX
-from distill.losses.cross_tokenizer import MappedRows, SpanRows, continuation, mapped_rows, span_rows
-from distill.losses.divergences import crop_vocab
-from distill.losses.fused_head import RowFn, RowSum, Side, head_pass
-from distill.losses.sparse_teacher import TopK, bucket_log_probs
+from distill.losses.cross_tokenizer import continuation
+from distill.losses.fused_head import RowSum, Side, head_pass
+from distill.losses.metrics import agreement_row_sums, agreement_sums
+from distill.losses.teacher_source import LogitTeacher, logit_teacher
 from distill.losses.terms import COUNTS, TERMS, Output
 from distill.losses.terms.base import merge_requests
 from distill.models.capture import Features, check_capturable
@@ -51,10 +48,9 @@ class Objective:
         self.shared_ids: Optional[tuple[Tensor, Tensor]] = None
         has_teacher = teacher_config is not None or cache_vocab is not None
         self.terms = [cls(cfg, total_steps, student_config, teacher_config) for cls in TERMS.values()
-                      if cfg.active(f"w_{cls.name}") and (has_teacher or not cls.needs_teacher)]
+                      if cfg.weights[cls.name].active and (has_teacher or not cls.needs_teacher)]
         # the live teacher's forward: for every teacher term the cache does not serve
-        self.needs_teacher = any(term.needs_teacher and not (cache_vocab is not None and term.uses_logits)
-                                 for term in self.terms)
+        self.needs_teacher = any(term.live_teacher(cache_vocab is not None) for term in self.terms)
         self.student_request = merge_requests(term.student_request for term in self.terms)
         self.teacher_request = merge_requests(term.teacher_request for term in self.terms)
         if self.needs_teacher:
@@ -112,7 +108,7 @@ class Objective:
         over its rows divided by ``totals``: ``counts`` summed over every micro-batch of the optimizer step
         and every rank, a float tensor on the batch's device ordered as ``count_names``. Parts are named
         ``term/part``. ``gold`` False: the targets are the student's own samples (on-policy), so there is
-        no CE term. ``agreement`` (log steps, with a teacher): ``AGREEMENT``'s sums and the row count.
+        no CE term. ``agreement`` (log steps, with a teacher): ``metrics.AGREEMENT``'s sums and the row count.
 
         Runs inside the student's forward (``FeatureModel``'s ``loss``): every logit term and the
         agreement metrics share one chunked pass over both heads (``fused_head.head_pass``)."""
@@ -122,30 +118,22 @@ class Objective:
         weights = self.weights()
         active = [term for term in self.terms if gold or not term.gold_only]
         labels = batch["labels"].reshape(-1).index_select(0, batch["target_index"])
-        spans = self._span_rows(batch, student, teacher, labels, weights, count, active)
-        parts, sums = [], []
-        for term in (t for t in active if t.uses_logits):
-            for part, fn in term.row_values(labels, spans).items():
-                parts.append((term, part))
-                sums.append(RowSum(fn, weights[term.name] / count[term.parts[part]]))
-        chained = isinstance(spans, SpanRows)  # a continuation term carries ∂loss/∂log c
-        if spans is not None:
-            logit_teacher = spans.teacher
-            if chained:
-                sums.append(continuation(spans, labels, self.cfg.temperature))
-        elif self.cache_vocab is not None:
-            logit_teacher = TopK(**{part: batch[key] for key, part in TEACHER_KEYS.items()}, vocab=self.cache_vocab)
-        else:
-            logit_teacher = None if teacher is None else Side(teacher.hidden, teacher.head)
-        agree = agreement and logit_teacher is not None and spans is None
+        source = self._logit_teacher(batch, student, teacher, labels, weights, count, active)
+        # the logit terms' parts, then (ULD's spans) the continuation term, then the agreement metrics
+        parts = [(term, part, fn) for term in active if term.uses_logits
+                 for part, fn in term.row_values(labels, source.spans).items()]
+        sums = [RowSum(fn, weights[term.name] / count[term.parts[part]]) for term, part, fn in parts]
+        if source.chained:
+            sums.append(continuation(source.spans, labels, self.cfg.temperature))
+        agree = agreement and source.head is not None and source.spans is None
         if agree:
-            sums += [RowSum(fn) for fn in AGREEMENT.values()]
+            sums += agreement_row_sums()
         terms: dict[str, Tensor] = {}
         if sums:
-            total, values = head_pass(Side(student.hidden, student.head), logit_teacher, sums, self.cfg.logit_chunk_mib)
-            for k, (term, part) in enumerate(parts):
+            total, values = head_pass(Side(student.hidden, student.head), source.head, sums, self.cfg.logit_chunk_mib)
+            for k, (term, part, _) in enumerate(parts):
                 terms[part] = values[k] / count[term.parts[part]]
-            if chained:  # the continuation term carries a gradient, not a value
+            if source.chained:  # the continuation term carries a gradient, not a value
                 total = total - values[len(parts)].to(total.dtype)
         else:
             total = student.hidden.new_zeros((), dtype=torch.float32)
@@ -164,27 +152,16 @@ class Objective:
             # trainable bias: BERT's) join the graph with weight 0 so that every module takes part in the backward.
             total = total + student.head.call(lambda w, b, h: 0.0 * (h.sum() + w.sum() + (0 if b is None else b.sum())),
                                               student.hidden)
-        sums_agree = None
-        if agree:
-            n = torch.full((1,), student.hidden.shape[0], dtype=torch.float64, device=values.device)
-            sums_agree = torch.cat([values[len(parts):], n])
+        sums_agree = agreement_sums(values[len(parts):], student.hidden.shape[0]) if agree else None
         return total, terms, sums_agree
 
-    def _span_rows(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output], labels: Tensor,
-                   weights: dict[str, float], count: dict[str, Tensor],
-                   active: list) -> Optional[SpanRows | MappedRows]:
-        """Across tokenizers, with the kd term on: its per-row context (``cross_tokenizer.span_rows``, or
-        ``mapped_rows`` for mined)."""
-        cfg = self.cfg
-        if cfg.cross_tokenizer is None or teacher is None or not any(t.name == "kd" for t in active):
-            return None
-        if cfg.cross_tokenizer == "mined":
-            return mapped_rows(batch, Side(student.hidden, student.head), Side(teacher.hidden, teacher.head),
-                               self.shared_ids)
-        t_labels = batch[TEACHER_PREFIX + "labels"].reshape(-1).index_select(0, batch[TEACHER_PREFIX + "target_index"])
-        return span_rows(batch, Side(student.hidden, student.head), Side(teacher.hidden, teacher.head), labels,
-                         t_labels, cfg.cross_tokenizer, cfg.temperature, cfg.uld_top_k, weights["kd"] / count["span"] * cfg.uld_weight,
-                         self.shared_ids, cfg.logit_chunk_mib)
+    def _logit_teacher(self, batch: dict[str, Tensor], student: Output, teacher: Optional[Output], labels: Tensor,
+                       weights: dict[str, float], count: dict[str, Tensor], active: list) -> LogitTeacher:
+        """The teacher the logit terms read (``teacher_source``); across tokenizers, the spans carry the
+        weight of the active term that declares ``across_tokenizers``."""
+        across = next((term for term in active if term.across_tokenizers), None)
+        return logit_teacher(self.cfg, batch, student, teacher, labels, None if across is None else weights[across.name],
+                             count.get("span"), self.shared_ids, self.cache_vocab)
 
     # ---- state across steps --------------------------------------------------------------------
 
@@ -211,42 +188,3 @@ class Objective:
         for term in self.terms:
             term.load_state_dict(state)
 
-
-def _entropy(logits: Tensor) -> Tensor:
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def _shared(student_logits: Tensor, teacher: Tensor | TopK) -> tuple[Tensor, Tensor]:
-    """(student logits over the shared vocabulary, the teacher's (log-)probabilities' logits there; for
-    a cache, over its K + 1 buckets at temperature 1)."""
-    if isinstance(teacher, TopK):
-        return student_logits[:, :teacher.vocab], bucket_log_probs(student_logits, teacher, 1.0)[1]
-    return crop_vocab(student_logits, teacher)
-
-
-def _top1(student_logits: Tensor, teacher: Tensor | TopK, rows: slice) -> Tensor:
-    if isinstance(teacher, TopK):
-        best = teacher.ids.gather(1, teacher.logits.argmax(-1, keepdim=True)).squeeze(1)
-        return (student_logits[:, :teacher.vocab].argmax(-1) == best).to(student_logits.dtype)
-    s, t = crop_vocab(student_logits, teacher)
-    return (s.argmax(-1) == t.argmax(-1)).to(s.dtype)
-
-
-# Teacher-student agreement over the shared vocabulary, per target row (logged as agreement/<name>); with
-# a teacher cache the teacher's entropy is over its top-K and one bucket for the rest
-AGREEMENT: dict[str, RowFn] = {
-    "top1": _top1,
-    "teacher_entropy": lambda s, t, rows: _entropy(_shared(s, t)[1]),
-    "student_entropy": lambda s, t, rows: _entropy(_shared(s, t)[0]),
-}
-
-
-@torch.no_grad()
-def teacher_forced_sums(student: Output, labels: Tensor, row_weight: Tensor, budget_mib: Optional[float]) -> Tensor:
-    """(Σ weight · NLL, Σ weight, Σ weight · [top-1 correct]) over the target rows of ``student``
-    (evaluation only); ``labels`` and ``row_weight``: one per row."""
-    sums = [RowSum(lambda s, t, rows: F.cross_entropy(s, labels[rows], reduction="none") * row_weight[rows]),
-            RowSum(lambda s, t, rows: row_weight[rows].to(s.dtype)),
-            RowSum(lambda s, t, rows: (s.argmax(-1) == labels[rows]).to(s.dtype) * row_weight[rows])]
-    return head_pass(Side(student.hidden, student.head), None, sums, budget_mib)[1]

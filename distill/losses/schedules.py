@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import get_args
+from typing import Literal, get_args
 
-from distill.config.settings import Schedule
 from distill.errors import DistillError
+
+Schedule = Literal["constant", "linear", "cosine"]
 
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 

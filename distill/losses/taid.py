@@ -3,14 +3,15 @@ waits for the GPU."""
 
 from __future__ import annotations
 
-from typing import Optional, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import Tensor
 
-from distill.config.settings import TaidMode
 from distill.errors import DistillError
 from distill.losses.schedules import schedule_value
+
+TaidMode = Literal["constant", "linear", "adaptive"]
 
 TAID_MODES: tuple[str, ...] = get_args(TaidMode)
 

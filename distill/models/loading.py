@@ -9,15 +9,17 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from distill.config.settings import ModelConfig
 from distill.dtypes import torch_dtype
 from distill.models.architectures import ENCODER_DECODER, ENCODER_ONLY, model_kind
 from distill.errors import DistillError, first_line
 from distill.paths import hub_reachable, is_local_path
+
+if TYPE_CHECKING:  # the settings are validated against the loss terms, which read model configs through here
+    from distill.config.settings import ModelConfig
 
 
 def load_model_config(mc: ModelConfig, role: str):

@@ -15,7 +15,7 @@ from distill.config.settings import RunConfig
 from distill.data.stream import eval_loader
 from distill.files import write_atomic
 from distill.infer.export import export_student, model_card
-from distill.losses.objective import teacher_forced_sums
+from distill.losses.metrics import teacher_forced_sums
 
 
 class Evaluator:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from distill.config.resume import fit_accumulation, global_batch, resume_changes
-from distill.config.settings import FEATURE_WEIGHTS, RunConfig
+from distill.config.settings import RunConfig
 from distill.data.objectives import check_objective
 from distill.data.stream import BatchStream, check_enough_examples
 from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, with_example_ids
@@ -105,7 +105,7 @@ class RunSetup:
             self._check_cache_epochs(world)
         self.collate = self.train_collate = training_data.collator(self.tokenizer, self.student_config, cfg)
         if self.shared_vocab is not None:
-            features = any(cfg.loss.active(k) for k in FEATURE_WEIGHTS)
+            features = bool(cfg.loss.feature_terms())
             teacher_collate = training_data.collator(self.teacher_tokenizer, self.teacher_config, cfg)
             self.train_collate = CrossTokenizerCollator(self.collate, teacher_collate, self.shared_vocab, features)
             if features:  # the first examples already split differently: refused before any model loads

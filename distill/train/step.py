@@ -63,7 +63,7 @@ class StepResult:
     nonfinite: Tensor  # 0-dim bool: the loss or the gradient norm was not finite
     source_tokens: int  # token_counts
     target_tokens: int
-    agreement: Optional[Tensor] = None  # objective.AGREEMENT's sums and the rows, on the steps that log
+    agreement: Optional[Tensor] = None  # metrics.AGREEMENT's sums and the rows, on the steps that log
 
 
 def train_step(models: Models, objective: Objective, batches: list[dict[str, Tensor]], golds: list[bool],

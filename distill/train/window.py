@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from distill.losses.objective import AGREEMENT
+from distill.losses.metrics import AGREEMENT
 from distill.train.monitor import reduce_mean
 from distill.train.step import StepResult
 from distill.train.timing import PhaseTimer
@@ -61,7 +61,7 @@ class Window:
         return scalars
 
     def agreement_scalars(self, all_reduce: Callable[[Tensor], Tensor]) -> dict[str, float]:
-        """Teacher-student agreement over the window's log steps (``objective.AGREEMENT``), reduced over ranks."""
+        """Teacher-student agreement over the window's log steps (``metrics.AGREEMENT``), reduced over ranks."""
         if self.agreement is None:
             return {}
         *sums, n = all_reduce(self.agreement).tolist()

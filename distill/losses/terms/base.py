@@ -8,7 +8,6 @@ from typing import Any, ClassVar, Iterable, Optional
 
 from torch import Tensor, nn
 
-from distill.config.settings import LossConfig
 from distill.errors import DistillError
 from distill.losses.fused_head import RowFn
 from distill.losses.schedules import schedule_value
@@ -43,7 +42,21 @@ QKV = {"q": "query", "k": "key", "v": "value"}
 class Term:
     """One loss term, weighted by ``loss.w_<name>`` (with ``w_<name>_schedule`` and ``w_<name>_end``).
 
-    A subclass sets the class attributes below and, in ``__init__`` (configs only, before any model
+    Its contract is its class attributes, from which the settings derive (``distill.config.loss``) its
+    weight keys, which teachers can serve it and which runs are refused before anything loads:
+
+    * ``name``: its weight keys ``loss.w_<name>``, ``_schedule`` and ``_end``; ``default_weight``;
+    * ``needs_teacher``: it reads a teacher (CE does not); ``gold_only``: skipped on-policy;
+    * ``uses_logits``: a logit term (``row_values``); else a feature term (``__call__``) that reads the
+      live teacher's hidden states or attention, so ``teacher.cache`` never serves it;
+    * ``top_k_teacher``: a logit term whose row functions also take a ``sparse_teacher.TopK`` teacher,
+      so ``teacher.cache`` can serve it; without it the term needs the teacher's dense logits and a
+      cache is refused;
+    * ``across_tokenizers``: a logit term that reads aligned spans (``row_values``' ``spans``), so
+      ``loss.cross_tokenizer`` can serve it; without it that setting is refused. Feature terms compare
+      positions and run across tokenizers only where both split every batch alike.
+
+    A subclass sets the class attributes above and, in ``__init__`` (configs only, before any model
     loads), checks the two model configs and fills:
 
     * ``parts``: part name -> the ``COUNTS`` entry it is averaged over. One part named ``name``, or
@@ -61,22 +74,29 @@ class Term:
     """
 
     name: ClassVar[str]
+    default_weight: ClassVar[float] = 0.0
     needs_teacher: ClassVar[bool] = True
     gold_only: ClassVar[bool] = False  # left out of on-policy micro-batches (no gold targets there)
     uses_logits: ClassVar[bool] = False  # a logit term: row_values, not __call__
+    top_k_teacher: ClassVar[bool] = False
+    across_tokenizers: ClassVar[bool] = False
     tracks_losses: bool = False  # whether step_end needs the step's losses (state such as TAID's adaptive λ)
 
-    def __init__(self, cfg: LossConfig, total_steps: int, student_config: Any, teacher_config: Any):
+    def __init__(self, cfg: Any, total_steps: int, student_config: Any, teacher_config: Any):
+        """``cfg``: the ``loss`` settings (``distill.config.loss.LossConfig``)."""
         self.cfg, self.total_steps = cfg, total_steps
         self.parts: dict[str, str] = {}
         self.student_request = self.teacher_request = Request()
         self.projection_shapes: dict[str, tuple[int, int]] = {}
 
     def weight(self, step: int) -> float:
-        key = f"w_{self.name}"
-        start, end = getattr(self.cfg, key), getattr(self.cfg, f"{key}_end")
-        return schedule_value(getattr(self.cfg, f"{key}_schedule"), start, start if end is None else end, step,
-                              self.total_steps)
+        w = self.cfg.weights[self.name]
+        return schedule_value(w.schedule, w.value, w.value if w.end is None else w.end, step, self.total_steps)
+
+    @classmethod
+    def live_teacher(cls, cache: bool) -> bool:
+        """Whether the term reads the teacher model itself, with or without a ``teacher.cache``."""
+        return cls.needs_teacher and not (cache and cls.top_k_teacher)
 
     def project(self, features: Features, projections: nn.ModuleDict) -> None:
         """Apply this term's ``projection_shapes`` maps to the student's features (in place)."""
@@ -111,6 +131,8 @@ def register(cls: type[Term]) -> type[Term]:
     """Add a term class to ``TERMS`` (the order of registration is the order terms are summed and logged)."""
     if cls.name in TERMS:
         raise TypeError(f"a loss term named {cls.name!r} is registered twice")
+    if not cls.name.isidentifier() or "_" in cls.name:  # w_<name>_schedule must parse back to one name
+        raise TypeError(f"a loss term's name is letters and digits, got {cls.name!r}")
     TERMS[cls.name] = cls
     return cls
 

@@ -16,6 +16,7 @@ class CrossEntropy(Term):
     labels and skip it)."""
 
     name = "ce"
+    default_weight = 1.0
     needs_teacher = False
     gold_only = True
     uses_logits = True

@@ -25,6 +25,8 @@ class LogitDivergence(Term):
 
     name = "kd"
     uses_logits = True
+    top_k_teacher = True
+    across_tokenizers = True
 
     def __init__(self, cfg, total_steps, student_config, teacher_config):
         super().__init__(cfg, total_steps, student_config, teacher_config)
