@@ -4,6 +4,8 @@ command line, is refused by ``check-config`` in one line with a teacher it decla
 top-K cache, a cross-tokenizer pair), computes its loss through the objective on a tiny model, and
 leaves the registry as it was."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,12 @@ def test_a_new_term_computes_its_loss_through_the_objective_on_a_tiny_model(l1_t
 
 def test_the_throwaway_term_left_the_registry():
     assert "l1" not in TERMS
+
+
+def test_the_terms_import_no_settings():
+    """The settings are checked against the registry (distill.config.loss imports it), so the terms and
+    what they import must not import the settings back: that would be an import cycle."""
+    code = ("import sys, distill.losses.terms; "
+            "print(sorted(m for m in sys.modules if m.startswith('distill.config')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
