@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from distill.runtime.environment import expand_hostlist, slurm_torch_env
+from distill.errors import DistillError
+from distill.runtime.environment import RankEnv, expand_hostlist, rank_env, slurm_torch_env
+from distill.runtime.process_group import on_rank0
 from distill.runtime.stops import StopRequest
 
 
@@ -29,6 +31,26 @@ def test_srun_task_gets_torch_variables():
     # torchrun / deepspeed already set them: nothing is replaced
     assert slurm_torch_env({**env, "RANK": "0"}) == {}
     assert slurm_torch_env({}) == {}
+
+
+
+def test_rank_env_reads_the_launcher_or_is_one_rank_alone():
+    assert rank_env({}) == RankEnv(rank=0, world=1, local_rank=0, local_world=1)
+    # an srun task's variables, once adopted, read the same as torchrun's
+    srun = slurm_torch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"})
+    assert rank_env(srun) == RankEnv(rank=5, world=8, local_rank=1, local_world=4)
+    assert rank_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}).local_world == 2  # one node
+
+
+def test_on_rank0_in_one_process_returns_the_result_and_refuses_in_one_line(tmp_path):
+    def refuse():
+        raise DistillError("nothing here")
+
+    assert on_rank0(lambda a, b: a + b, 2, 3) == 5
+    with pytest.raises(DistillError, match="^nothing here$"):
+        on_rank0(refuse)
+    with pytest.raises(DistillError, match=f"{tmp_path / 'gone'}"):  # a failed file operation: one line, no traceback
+        on_rank0(lambda: (tmp_path / "gone" / "f").write_text("x"))
 
 
 def test_stop_request_by_signal_or_file(tmp_path):
