@@ -231,7 +231,7 @@ def test_disk_full_in_generate_is_one_line_on_its_own_and_leaves_no_temp_file(mo
     and no half-written temp file."""
     import errno
 
-    from distill.train import checkpoint
+    from distill import files
 
     real = os.fsync
 
@@ -240,7 +240,7 @@ def test_disk_full_in_generate_is_one_line_on_its_own_and_leaves_no_temp_file(mo
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(files.os, "fsync", full)
     out = tmp_path / "preds.jsonl"
     assert main(["generate", "--model", str(models[0]), *data, "--out", str(out), *GEN]) == 2
     err = capsys.readouterr().err
