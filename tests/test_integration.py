@@ -12,6 +12,7 @@ from distill.train import checkpoint
 from ranks import launch_run as launch, metrics
 
 ROOT = Path(__file__).parents[1]
+KD = ROOT / "recipes/demo/kd.yaml"
 pytestmark = pytest.mark.integration
 
 
@@ -22,15 +23,29 @@ TRAIN = ["training.micro_batch_size=4", "training.max_steps=8", "training.save_e
 
 
 @pytest.fixture(scope="module")
-def kd_run(pair, tmp_path_factory):
-    out = tmp_path_factory.mktemp("kd") / "run"
-    proc = launch([*pair, *TRAIN, f"training.output_dir={out}"])
+def runs(pair, tiny_family, demo_assets, tmp_path_factory):
+    """The module's runs that succeed, in one launch: KD of the BART pair (``kd``, 8 steps, evaluated with
+    generation) and 3 steps of a T5 pair (``t5``)."""
+    from distill.models.make_student import make_student
+
+    root = tmp_path_factory.mktemp("runs")
+    make_student(str(tiny_family["t5"]), str(root / "t5-student"), decoder_layers=1)
+    t5 = [f"teacher.path={tiny_family['t5']}", f"student.path={root / 't5-student'}", f"data.path={demo_assets['data']}",
+          "data.source_prefix=summarize: ", "training.micro_batch_size=4", "training.max_steps=3",
+          "training.save_every=3", "training.log_every=1", "data.max_eval_samples=8", "training.warmup_steps=0"]
+    proc = ranks.launch_jobs([(KD, [*pair, *TRAIN, f"training.output_dir={root / 'kd'}"]),
+                              (KD, [*t5, f"training.output_dir={root / 't5'}"])], root / "jobs.json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    return root
+
+
+@pytest.fixture(scope="module")
+def kd_run(runs):
+    return runs / "kd"
 
 
 def test_each_rank_holds_half_of_each_model(kd_run):
-    info = json.loads((kd_run[0] / "run_info.json").read_text())
+    info = json.loads((kd_run / "run_info.json").read_text())
     assert info["world_size"] == 2
     for name in ("teacher", "student"):
         total, per_rank = info[name]["params"], info[name]["params_per_rank"]
@@ -40,7 +55,7 @@ def test_each_rank_holds_half_of_each_model(kd_run):
 
 
 def test_loss_falls(kd_run):
-    m = metrics(kd_run[0])
+    m = metrics(kd_run)
     assert sorted(m) == list(range(1, 9))
     first = sum(m[s]["loss/total"] for s in (1, 2)) / 2
     last = sum(m[s]["loss/total"] for s in (7, 8)) / 2
@@ -53,8 +68,8 @@ def test_tensorboard_holds_every_family(kd_run):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert [p.name for p in (kd_run[0] / "tensorboard").iterdir() if p.is_dir()] == []  # rank 0 only, one run
-    acc = EventAccumulator(str(kd_run[0] / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    assert [p.name for p in (kd_run / "tensorboard").iterdir() if p.is_dir()] == []  # rank 0 only, one run
+    acc = EventAccumulator(str(kd_run / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     families = {
@@ -82,10 +97,10 @@ def test_tensorboard_holds_every_family(kd_run):
 def test_checkpoints_and_export(kd_run):
     from transformers import AutoModelForSeq2SeqLM
 
-    ckpt = kd_run[0] / "checkpoints"
+    ckpt = kd_run / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-00000008"
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step-00000004", "step-00000008"]
-    model = AutoModelForSeq2SeqLM.from_pretrained(kd_run[0] / "final")
+    model = AutoModelForSeq2SeqLM.from_pretrained(kd_run / "final")
     assert model.config.decoder_layers == 1
     assert model.get_input_embeddings().weight.abs().sum() > 0  # gathered, not empty ZeRO-3 placeholders
 
@@ -94,7 +109,7 @@ def test_corrupted_latest_falls_back_and_resumes_like_uninterrupted(kd_run, tmp_
     """Flip one byte of the last checkpoint's optimizer state: the run says so in one line, resumes from
     the step-4 checkpoint, and matches the run that never stopped, one metrics row per step (its batches
     made by two loader processes per rank, the uninterrupted run's by the training processes)."""
-    full, _ = kd_run
+    full = kd_run
     cut = tmp_path / "run"
     shutil.copytree(full, cut)
     optim = sorted((cut / "checkpoints" / "step-00000008").glob("*optim_states.pt"))[0]
@@ -129,7 +144,7 @@ def test_a_new_run_never_touches_an_earlier_one(kd_run, tmp_path):
     """resume=never on a directory holding a run, or a resumed run that cannot keep the global batch: one line
     each, before any model loads, and the earlier run's checkpoints are all still there."""
     run = tmp_path / "run"
-    shutil.copytree(kd_run[0], run)
+    shutil.copytree(kd_run, run)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "already holds a run and training.resume is never" in _one_error(
         launch([f"training.output_dir={run}", "training.resume=never"], recipe=run / "config.yaml"))
@@ -231,25 +246,15 @@ def test_every_family_loads_partitioned(tiny_family):
         assert r["max_diff"] < 1e-4 and r["fused_diff"] < 1e-4 and 0.45 < r["share"] < 0.6, r
 
 
-def test_t5_distills(tiny_family, demo_assets, tmp_path):
-    from distill.models.make_student import make_student
-
-    student = tmp_path / "t5-student"
-    make_student(str(tiny_family["t5"]), str(student), decoder_layers=1)
-    out = tmp_path / "run"
-    proc = launch([f"teacher.path={tiny_family['t5']}", f"student.path={student}", f"data.path={demo_assets['data']}",
-                   "data.source_prefix=summarize: ", "training.micro_batch_size=4", "training.max_steps=3",
-                   "training.save_every=3", "training.log_every=1", "data.max_eval_samples=8", "training.warmup_steps=0",
-                   f"training.output_dir={out}"])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    m = metrics(out)
+def test_t5_distills(runs):
+    m = metrics(runs / "t5")
     assert sorted(m) == [1, 2, 3] and all(r["loss/kd"] >= 0 for r in m.values())
 
 
 def test_encoder_decoder_teacher_with_decoder_only_student_is_refused(tiny_family, demo_assets, tmp_path, capsys):
     from distill.train.launch import main
 
-    code = main(["--config", str(ROOT / "recipes/demo/kd.yaml"), f"teacher.path={demo_assets['teacher']}",
+    code = main(["--config", str(KD), f"teacher.path={demo_assets['teacher']}",
                  f"student.path={tiny_family['llama']}", f"data.path={demo_assets['data']}",
                  f"training.output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -260,15 +265,15 @@ def test_encoder_decoder_teacher_with_decoder_only_student_is_refused(tiny_famil
 def test_generation_during_training_and_best_checkpoint(kd_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(kd_run[0] / "tensorboard"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(kd_run / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
     for tag in ("eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/rougeLsum"):
         assert [e.step for e in acc.Scalars(tag)] == [4, 8], tag
     assert "eval/samples/text_summary" in acc.Tags()["tensors"]
-    best = json.loads((kd_run[0] / "best.json").read_text())
+    best = json.loads((kd_run / "best.json").read_text())
     assert best["metric"] == "eval/rougeL" and best["step"] in (4, 8)
     assert best["value"] == max(e.value for e in acc.Scalars("eval/rougeL"))
-    assert (kd_run[0] / "best" / "model.safetensors").exists() and (kd_run[0] / "best" / "README.md").exists()
+    assert (kd_run / "best" / "model.safetensors").exists() and (kd_run / "best" / "README.md").exists()
 
 
 def test_offline_export_matches_deepspeed_consolidation(kd_run, tmp_path, capsys):
@@ -278,7 +283,7 @@ def test_offline_export_matches_deepspeed_consolidation(kd_run, tmp_path, capsys
 
     from distill.cli import main
 
-    run = kd_run[0]
+    run = kd_run
     assert main(["export", str(run), str(tmp_path / "out")]) == 0
     ours = load_file(tmp_path / "out" / "model.safetensors")
     reference = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step-00000008")
@@ -304,13 +309,13 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(kd_run, tmp_path, caps
     from distill.models.make_student import make_student
 
     torn = tmp_path / "torn"
-    shutil.copytree(kd_run[0] / "checkpoints" / "step-00000008", torn / "step-00000008")
+    shutil.copytree(kd_run / "checkpoints" / "step-00000008", torn / "step-00000008")
     (torn / "step-00000008" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
     capsys.readouterr()
     assert main(["export", str(torn / "step-00000008"), str(tmp_path / "x")]) == 2
     assert "is damaged or incomplete: zero_pp_rank_1_mp_rank_00_model_states.pt is missing" in capsys.readouterr().err
     flipped = tmp_path / "flipped" / "step-00000008"
-    shutil.copytree(kd_run[0] / "checkpoints" / "step-00000008", flipped)
+    shutil.copytree(kd_run / "checkpoints" / "step-00000008", flipped)
     optim = sorted(flipped.glob("*optim_states.pt"))[0]
     data = bytearray(optim.read_bytes())
     data[-100] ^= 0x01
@@ -320,7 +325,7 @@ def test_export_refuses_incomplete_or_foreign_checkpoints(kd_run, tmp_path, caps
     other = tmp_path / "other"
     make_student(str(demo_assets["teacher"]), str(other), encoder_layers=1, decoder_layers=1)
     capsys.readouterr()
-    assert main(["export", str(kd_run[0]), str(tmp_path / "y"), "--model", str(other)]) == 2
+    assert main(["export", str(kd_run), str(tmp_path / "y"), "--model", str(other)]) == 2
     err = capsys.readouterr().err
     assert "is not a checkpoint of the model in" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
