@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.files import write_atomic
 from distill.train import checkpoint, universal
 from distill.train.example_ids import DIRECTORY
 from ranks import launch_run, launch_jobs, metrics
@@ -158,7 +159,7 @@ def _resume_copy(run: Path, dst: Path) -> Path:
     shutil.copytree(run, dst)
     ckpt = dst / "checkpoints"
     shutil.rmtree(ckpt / checkpoint.tag_for(STEPS))
-    checkpoint.write_atomic(ckpt / checkpoint.LATEST, checkpoint.tag_for(CUT))
+    write_atomic(ckpt / checkpoint.LATEST, checkpoint.tag_for(CUT))
     return dst
 
 

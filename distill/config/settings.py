@@ -16,28 +16,12 @@ import yaml
 from distill.config.checks import nonempty, positive
 from distill.config.loss import LossConfig, check_teacher_terms
 from distill.errors import DistillError, collect_errors
+from distill.models.loading import ModelConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
 # Pre-training objectives on raw text (distill.data.objectives): the teacher's own, applied on the fly.
 TextObjective = Literal["mlm", "span_corruption", "infilling", "causal"]
-
-
-@dataclass
-class ModelConfig:
-    """A teacher or student: a local Hugging Face directory or a hub id, and its DeepSpeed config."""
-
-    path: str = ""
-    ds_config: str = ""
-    revision: Optional[str] = None
-    # SDPA keeps attention fast; feature capture never needs the whole model in eager mode.
-    attn_implementation: str = "sdpa"
-
-    def validate(self, prefix: str) -> None:
-        if not self.path:
-            raise DistillError(f"{prefix}.path is required")
-        if not self.ds_config:
-            raise DistillError(f"{prefix}.ds_config is required")
 
 
 @dataclass

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from distill.errors import DistillError
+from distill.losses.cross_tokenizer import TEACHER_PREFIX
 
-TEACHER_PREFIX = "teacher."  # the teacher's own batch keys in a cross-tokenizer batch
 # the span tensors a cross-tokenizer batch adds (indices into the micro-batch's target rows, in order)
 SPAN_KEYS = ("span_first", "span_rest", "span_rest_of", "span_exact")
 MAPPED_KEY = "span_mapped"  # with a MinED map: 1 where the teacher's first token maps to the student's

@@ -40,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.data.token_alignment import TEACHER_PREFIX
 from distill.losses.divergences import per_token_divergence
 from distill.losses.fused_head import RowFn, RowSum, Side, row_values
 
 # each mode's parts of the kd term and the count each averages over
 CROSS_PARTS = {"uld": {"kd": "span"}, "hybrid": {"kd/shared": "span", "kd/uld": "span"},
                "mined": {"kd/mapped": "target", "kd/gold": "target"}}
+TEACHER_PREFIX = "teacher."  # the teacher's own batch keys in a cross-tokenizer batch (the collator writes them)
 
 
 # ---- the math, per row ----------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from distill.data.teacher_cache import TEACHER_KEYS
-from distill.data.token_alignment import TEACHER_PREFIX
-from distill.losses.cross_tokenizer import MappedRows, SpanRows, mapped_rows, span_rows
+from distill.losses.cross_tokenizer import TEACHER_PREFIX, MappedRows, SpanRows, mapped_rows, span_rows
 from distill.losses.fused_head import Side
 from distill.losses.sparse_teacher import TopK
 from distill.models.capture import Output

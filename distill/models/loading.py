@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -18,8 +18,23 @@ from distill.models.architectures import ENCODER_DECODER, ENCODER_ONLY, model_ki
 from distill.errors import DistillError, first_line
 from distill.paths import hub_reachable, is_local_path
 
-if TYPE_CHECKING:  # the settings are validated against the loss terms, which read model configs through here
-    from distill.config.settings import ModelConfig
+
+@dataclass
+class ModelConfig:
+    """A teacher or student: a local Hugging Face directory or a hub id, and its DeepSpeed config (the
+    ``student`` / ``teacher`` settings; here, beside their loader, so the models sit below the settings)."""
+
+    path: str = ""
+    ds_config: str = ""
+    revision: Optional[str] = None
+    # SDPA keeps attention fast; feature capture never needs the whole model in eager mode.
+    attn_implementation: str = "sdpa"
+
+    def validate(self, prefix: str) -> None:
+        if not self.path:
+            raise DistillError(f"{prefix}.path is required")
+        if not self.ds_config:
+            raise DistillError(f"{prefix}.ds_config is required")
 
 
 def load_model_config(mc: ModelConfig, role: str):

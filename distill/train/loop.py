@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distill.files import write_atomic
 from distill.infer.export import MODEL_FILES, export_student, model_card, save_model_files
 from distill.train import checkpoint, run_dir
 from distill.train.monitor import Monitor, memory_report, peak_memory_gb, reduce_max
@@ -109,7 +110,7 @@ class Trainer(RunSetup):
 
     def _write_model_files(self, tag_dir: Path) -> None:
         save_model_files(self.student.module.model, self.tokenizer, self.cfg.to_dict(), tag_dir / MODEL_FILES)
-        checkpoint.write_atomic(tag_dir / checkpoint.DATA_RECORD, json.dumps(self.data_identity) + "\n")
+        write_atomic(tag_dir / checkpoint.DATA_RECORD, json.dumps(self.data_identity) + "\n")
 
     def _stalled(self) -> bool:
         """Whether eval.best_metric has not improved for training.early_stopping_patience evaluations."""
