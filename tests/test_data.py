@@ -11,7 +11,7 @@ import torch
 
 from distill.config.settings import DataConfig
 from distill.data.collate import IGNORE_INDEX, Seq2SeqCollator, shift_right
-from distill.data.stream import BatchStream, epoch_order, eval_loader, rank_batches
+from distill.data.stream import BatchStream, epoch_order, eval_loader, loader_workers, rank_batches
 from distill.data.loading import load_split
 from distill.errors import DistillError
 
@@ -257,3 +257,8 @@ def test_no_file_is_blamed_when_each_loads(tmp_path):
         load_split(DataConfig(path=str(tmp_path)), "validation", "eval")
     assert str(err.value) == (f"cannot load eval split 'validation' of dataset '{tmp_path}': "
                               "Unknown split \"validation\". Should be one of ['train'].")
+
+
+def test_loader_workers_default_to_two_on_a_gpu_and_none_on_cpu():
+    assert loader_workers(None, gpu=True) == 2 and loader_workers(None, gpu=False) == 0
+    assert loader_workers(0, gpu=True) == 0 and loader_workers(3, gpu=False) == 3

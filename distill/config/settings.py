@@ -71,8 +71,9 @@ class DataConfig:
     mean_span_length: float = 3.0  # span_corruption's mean span, infilling's Poisson mean
     whole_word_masking: bool = False  # mlm: mask every token of a chosen word
     # Loader processes per rank that make the next training micro-batches while the step runs; 0: the
-    # training process makes each one when the step asks for it. Either way, the same batches.
-    num_workers: int = 0
+    # training process makes each one when the step asks for it. Either way, the same batches. null: 2 on a
+    # GPU, whose step leaves the host idle, and 0 on CPU, where the workers would take the step's own cores.
+    num_workers: Optional[int] = None
 
     def validate(self, prefix: str) -> None:
         if not self.path:
@@ -83,7 +84,7 @@ class DataConfig:
             raise DistillError(f"{prefix}.target_column is empty (use null for plain text)")
         positive(self, prefix, "max_source_length", "max_target_length")
         positive(self, prefix, "max_train_samples", "max_eval_samples", optional=True)
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise DistillError(f"{prefix}.num_workers must be >= 0, got {self.num_workers}")
         if self.source_column == self.target_column:
             raise DistillError(f"{prefix}.source_column and {prefix}.target_column are both '{self.source_column}'")

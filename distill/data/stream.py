@@ -44,6 +44,12 @@ def check_enough_examples(n: int, micro_batch: int, accumulation: int, world_siz
                            f"{accumulation} x {world_size} ranks)")
 
 
+def loader_workers(num_workers: Optional[int], gpu: bool) -> int:
+    """``data.num_workers``, where null is 2 on a GPU (its step leaves the host idle) and 0 on CPU (workers
+    would take the cores the step runs on)."""
+    return num_workers if num_workers is not None else (2 if gpu else 0)
+
+
 class BatchStream:
     """An endless, resumable stream of this rank's training micro-batches.
 

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from distill.config.resume import fit_accumulation, global_batch, resume_changes
 from distill.config.settings import RunConfig
 from distill.data.objectives import check_objective
-from distill.data.stream import BatchStream, check_enough_examples
+from distill.data.stream import BatchStream, check_enough_examples, loader_workers
 from distill.data.teacher_cache import CachedTeacherCollator, TeacherCache, with_example_ids
 from distill.data.token_alignment import CrossTokenizerCollator, SharedVocab
 from distill.errors import DistillError
@@ -185,8 +185,9 @@ class RunSetup:
                  else (self.train_data, self.train_collate))
         # data.num_workers processes make the next micro-batches while the step runs; pinned, they copy
         # to a GPU without blocking
+        gpu = self.device.type == "cuda"
         self.stream = BatchStream(*train, t.micro_batch_size, self.rank, self.world, t.seed, t.gradient_accumulation_steps,
-                                  cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                                  loader_workers(cfg.data.num_workers, gpu), pin_memory=gpu)
         self.state = TrainState(self.stream, self.objective, self.run_id)
 
     def _claim_output_dir(self) -> None:
