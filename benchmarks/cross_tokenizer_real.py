@@ -51,6 +51,10 @@ METHODS = {
                                                           "loss.w_kd=1.0", "loss.temperature=1.0"]),
     "hybrid (project defaults)": ("kd.yaml", ["loss.cross_tokenizer=hybrid"]),
     "MinED (mined)": ("kd.yaml", ["loss.cross_tokenizer=mined"]),
+    # the conservative candidate: the whole CE, and the teacher only where the comparison is exact (a span of
+    # one token both vocabularies hold); no ULD
+    "hybrid (full CE, shared spans only)": ("kd.yaml", ["loss.cross_tokenizer=hybrid", "loss.w_ce=1.0",
+                                                        "loss.w_kd=1.0", "loss.uld_weight=0.0"]),
 }
 SAME = {"CE only": ("baseline.yaml", []), "KD (forward KL)": ("kd.yaml", [])}  # A's runs, the reference
 T95 = {1: math.nan, 2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
