@@ -103,6 +103,50 @@ def split_share(student_tok: Path, teacher_tok: Path, recipe_overrides: list) ->
     return len(vocab.to_teacher), 1.0 - float(batch["span_exact"].mean())
 
 
+def span_nll(models: dict[str, tuple[Path, str]], student_tok: Path, teacher_tok: Path, recipe_overrides: list,
+             batch: int = 64) -> dict[str, dict[str, float]]:
+    """Where each model loses its validation CE: its summed NLL per aligned span of the validation targets, averaged
+    over the spans that are one token both vocabularies hold ("shared") and over the others ("split"). A span is the
+    same text on both sides, so the figures compare across tokenizers. ``models``: name -> (directory, side), the
+    side ("A" or "B") saying which tokenization the model reads. Also each kind's span count ("shared_spans")."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from distill.config.parsing import load_config
+    from distill.data.collate import Seq2SeqCollator
+    from distill.data.loading import load_split
+    from distill.data.token_alignment import CrossTokenizerCollator, SharedVocab, teacher_view
+
+    b, t = AutoTokenizer.from_pretrained(student_tok), AutoTokenizer.from_pretrained(teacher_tok)
+    data = load_config(RECIPES / "baseline.yaml", recipe_overrides).data
+    collate = CrossTokenizerCollator(Seq2SeqCollator(b, data, b.eos_token_id), Seq2SeqCollator(t, data, t.eos_token_id),
+                                     SharedVocab.of(b, t, len(b), len(t)))
+    rows = list(load_split(data, data.eval_split, "eval"))
+    batches = [collate(rows[i:i + batch]) for i in range(0, len(rows), batch)]
+    out = {}
+    for name, (path, side) in models.items():
+        model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+        sums = {"shared": [0.0, 0], "split": [0.0, 0]}
+        for full in batches:
+            view = full if side == "B" else teacher_view(full)
+            with torch.no_grad():
+                logits = model(input_ids=view["input_ids"], attention_mask=view["attention_mask"],
+                               decoder_input_ids=view["decoder_input_ids"]).logits
+            rows_at = view["target_index"]
+            nll = -logits.reshape(-1, logits.shape[-1])[rows_at].log_softmax(-1).gather(
+                -1, view["labels"].reshape(-1)[rows_at, None]).squeeze(-1)
+            prefix = "" if side == "B" else "teacher."
+            per_span = torch.zeros(len(full["span_exact"]), dtype=torch.float64)
+            per_span.index_add_(0, torch.arange(len(per_span)), nll[full[prefix + "span_first"]].double())
+            per_span.index_add_(0, full[prefix + "span_rest_of"], nll[full[prefix + "span_rest"]].double())
+            for kind, mask in (("shared", full["span_exact"] == 1), ("split", full["span_exact"] == 0)):
+                sums[kind][0] += float(per_span[mask].sum())
+                sums[kind][1] += int(mask.sum())
+        out[name] = {**{kind: total / max(n, 1) for kind, (total, n) in sums.items()},
+                     **{f"{kind}_spans": n for kind, (_, n) in sums.items()}}
+    return out
+
+
 def pretrained_student(a: argparse.Namespace, st: Stages, data, tok: Path, name: str) -> Path:
     """A random-init BART for ``tok``, pretrained by text infilling on the train sources for a fixed budget."""
     init = a.workdir / f"{name}-init"
@@ -206,14 +250,20 @@ def main() -> None:
     for tok_dir, side in ((teacher, "A"), (tok_b, "B")):
         tokens, size = target_bytes(tok_dir, settings)
         per_byte[side] = tokens / size  # CE per token x tokens per byte
-    body = report(a, st, runs, rouge, per_byte, shared, split, teacher)
+    spans_file = results / "spans.json"  # computed in this process, once
+    if not spans_file.exists():
+        models = {"teacher": (teacher, "A")}
+        models.update({path.name: (path / "final", side) for (side, _), paths in runs.items() for path in paths})
+        spans_file.write_text(json.dumps(span_nll(models, tok_b, teacher, settings), indent=1))
+    spans = json.loads(spans_file.read_text())
+    body = report(a, st, runs, rouge, per_byte, shared, split, teacher, spans)
     print(body)
     if not a.no_write:
         append_section("Cross-tokenizer KD on real text", body)
 
 
 def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte: dict, shared: int, split: float,
-           teacher: Path) -> str:
+           teacher: Path, spans: dict) -> str:
     def ce_byte(side: str, run: Path) -> float:
         return json.loads((run / "eval_results.json").read_text())["eval/ce"] * per_byte[side]
 
@@ -232,8 +282,11 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
         if side == "B" and method != "CE only" and base is not None:
             diff, diff_w = mean_interval([ce_byte(side, r) - b for r, b in zip(paths, base)])  # paired by seed
             gap = f"{diff:+.4f} ± {diff_w:.4f}"
-        rows.append(f"| {side} | {method} | {ce:.4f} ± {ce_w:.4f} | {gap} | {r2:.2f} ± {r2_w:.2f} | "
-                    f"{rl:.2f} ± {rl_w:.2f} | {statistics.fmean(map(sec_per_step, paths)):.2f} |")
+        sh, sh_w = mean_interval([spans[r.name]["shared"] for r in paths])
+        sp, sp_w = mean_interval([spans[r.name]["split"] for r in paths])
+        rows.append(f"| {side} | {method} | {ce:.4f} ± {ce_w:.4f} | {gap} | {sh:.3f} ± {sh_w:.3f} | "
+                    f"{sp:.3f} ± {sp_w:.3f} | {r2:.2f} ± {r2_w:.2f} | {rl:.2f} ± {rl_w:.2f} | "
+                    f"{statistics.fmean(map(sec_per_step, paths)):.2f} |")
     t = rouge["teacher"]
     return (f"Machine: {machine()}; {st.hours():.1f} h from the first stage's end to the last's. Data: "
             f"{'the docstring corpus (benchmarks/docstring_corpus.py)' if a.docstrings else a.data}. Teacher "
@@ -247,8 +300,13 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
             f"tokens per byte (A {per_byte['A']:.3f}, B {per_byte['B']:.3f}); ROUGE F1 × 100 on "
             f"{a.test_samples} test examples, greedy, no repeated {a.no_repeat_ngram_size}-grams. Each cell: the "
             "mean over seeds ± the half-width of its 95% t-interval; the gap is paired by seed.\n\n"
-            "| tokenizer | student | validation CE / byte | vs B's CE only | ROUGE-2 | ROUGE-L | s / step |\n"
-            "|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+            "NLL / span: the summed NLL of a validation span's tokens, averaged over the spans that are one shared "
+            "token (shared) and over the others (split); a span is the same text on both sides, so these compare "
+            f"across tokenizers. The teacher: {spans['teacher']['shared']:.3f} per shared span, "
+            f"{spans['teacher']['split']:.3f} per split span.\n\n"
+            "| tokenizer | student | validation CE / byte | vs B's CE only | NLL / shared span | NLL / split span | "
+            "ROUGE-2 | ROUGE-L | s / step |\n"
+            "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
             + "\n\nCommands, in order:\n\n```\n" + "\n".join(st.commands) + "\n```")
 
 

@@ -2,6 +2,7 @@
 references, the whole span objective's gradient against dense autograd, and the collator."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -603,3 +604,46 @@ def test_feature_terms_across_tokenizers_are_refused_before_any_model_loads(demo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "its spans are not one-to-one" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_benchmarks_nll_per_span_adds_up_to_each_models_nll_on_the_aligned_rows(demo_assets, unigram_dir,
+                                                                                     tmp_path):
+    """benchmarks/cross_tokenizer_real.py's diagnostic splits each model's validation NLL between the spans both
+    vocabularies write as one token and the others: on either side, the parts add up to the model's own NLL over
+    the target rows the spans cover (the rows up to where the two texts part, less the start token)."""
+    import sys
+
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from distill.config.parsing import load_config
+    from distill.data.collate import Seq2SeqCollator
+    from distill.data.loading import load_split
+    from distill.data.token_alignment import CrossTokenizerCollator, SharedVocab, teacher_view
+    from distill.models.from_scratch import init_model
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks.cross_tokenizer_real import RECIPES, span_nll
+
+    student = init_model(tmp_path / "student", unigram_dir, layers=1, d_model=64, ffn=128, heads=4)
+    settings = [f"data.path={demo_assets['data']}", "data.max_eval_samples=20", "data.eval_split=validation"]
+    got = span_nll({"teacher": (demo_assets["teacher"], "A"), "student": (student, "B")}, unigram_dir,
+                   demo_assets["teacher"], settings, batch=8)
+    data = load_config(RECIPES / "baseline.yaml", settings).data
+    rows = list(load_split(data, "validation", "eval"))
+    b, a = AutoTokenizer.from_pretrained(unigram_dir), AutoTokenizer.from_pretrained(demo_assets["teacher"])
+    full = CrossTokenizerCollator(Seq2SeqCollator(b, data, b.eos_token_id), Seq2SeqCollator(a, data, a.eos_token_id),
+                                  SharedVocab.of(b, a, len(b), len(a)))(rows)  # one batch, not got's batches of 8
+    for name, path, batch in (("teacher", demo_assets["teacher"], teacher_view(full)), ("student", student, full)):
+        model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           decoder_input_ids=batch["decoder_input_ids"]).logits
+        nll = F.cross_entropy(logits.double().flatten(0, 1), batch["labels"].flatten(), reduction="none")
+        rows_nll = nll[batch["target_index"]]
+        covered = torch.cat([batch["span_first"], batch["span_rest"]])
+        g = got[name]
+        assert g["split_spans"] > 0 and g["shared_spans"] > 0
+        assert g["shared_spans"] + g["split_spans"] == len(full["span_exact"])
+        parts = g["shared"] * g["shared_spans"] + g["split"] * g["split_spans"]
+        assert math.isclose(parts, float(rows_nll[covered].sum()), rel_tol=1e-5)
+        assert len(covered.unique()) == len(covered) > 0.5 * len(rows_nll)
