@@ -105,11 +105,11 @@ def build_teacher(a: argparse.Namespace, st: Stages, data) -> Path:
     return run / "best"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def teacher_arguments(p: argparse.ArgumentParser, workdir: Path) -> None:
+    """The data and the teacher's settings, shared by the benchmarks that build a teacher as this one does."""
     p.add_argument("--data", help="hub dataset, directory or data file with train, validation and test splits")
     p.add_argument("--docstrings", action="store_true", help="build and use the docstring corpus in the workdir")
-    p.add_argument("--workdir", type=Path, default=Path("runs/quality"))
+    p.add_argument("--workdir", type=Path, default=workdir)
     p.add_argument("--source-column", default="document")
     p.add_argument("--target-column", default="summary")
     p.add_argument("--teacher", help="a trained teacher; without it one is built from the data")
@@ -127,18 +127,28 @@ def main() -> None:
     p.add_argument("--teacher-max-steps", type=int, default=20000)
     p.add_argument("--patience", type=int, default=3, help="evaluations without a better validation CE")
     p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--second-depth", type=int, default=1, help="decoder layers of the second student")
-    p.add_argument("--steps", type=int, default=600, help="every student's step budget")
-    p.add_argument("--lr", type=float, default=5e-4, help="every student's learning rate")
-    p.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-rouge2", type=float, default=10.0, help="PL filter: drop labels under this ROUGE-2")
+
+
+def text_arguments(p: argparse.ArgumentParser) -> None:
+    """Lengths, the validation and test samples and the decoding, shared likewise."""
     p.add_argument("--max-source-length", type=int, default=128)
     p.add_argument("--max-target-length", type=int, default=48)
     p.add_argument("--eval-samples", type=int, default=512, help="validation examples per evaluation")
     p.add_argument("--test-samples", type=int, help="test examples (default: the whole split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--no-repeat-ngram-size", type=int, default=3, help="as BART's summarization models generate")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    teacher_arguments(p, Path("runs/quality"))
+    p.add_argument("--second-depth", type=int, default=1, help="decoder layers of the second student")
+    p.add_argument("--steps", type=int, default=600, help="every student's step budget")
+    p.add_argument("--lr", type=float, default=5e-4, help="every student's learning rate")
+    p.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-rouge2", type=float, default=10.0, help="PL filter: drop labels under this ROUGE-2")
+    text_arguments(p)
     p.add_argument("--min-distinct", type=float, default=0.5,
                    help="the least share of distinct teacher summaries on validation sources to go on to the students")
     p.add_argument("--nproc", type=int, default=2)
