@@ -181,12 +181,17 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=16, help="micro-batch per rank")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--runs", nargs="+", help="only these students (default: all): A0 A1 are tokenizer A's CE only and "
+                   "KD, B0 B1 ... tokenizer B's CE only and the cross-tokenizer methods, in METHODS' order")
     p.set_defaults(test_samples=300)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     a = p.parse_args()
     if bool(a.data) == a.docstrings:
         raise SystemExit("cross_tokenizer_real: give --data or --docstrings (one of them)")
+    labels = [f"A{i}" for i in range(len(SAME))] + [f"B{i}" for i in range(len(METHODS))]
+    if a.runs and not set(a.runs) <= set(labels):
+        raise SystemExit(f"cross_tokenizer_real: --runs takes {' '.join(labels)} (got {' '.join(a.runs)})")
     a.workdir = a.workdir.resolve()
     a.seed = a.seeds[0]  # the teacher's and the pretraining stages'
     st = Stages(a.workdir, a.nproc, "cross_tokenizer_real")
@@ -212,7 +217,10 @@ def main() -> None:
     runs: dict[tuple[str, str], list[Path]] = {}  # (tokenizer, method) -> one run per seed
     for side, methods in (("A", SAME), ("B", METHODS)):
         for method, (recipe, extra) in methods.items():
-            slug = f"{side}{list(methods).index(method)}-" + method.split(" (")[0].lower().replace(" ", "-")
+            label = f"{side}{list(methods).index(method)}"
+            if a.runs and label not in a.runs:
+                continue
+            slug = f"{label}-" + method.split(" (")[0].lower().replace(" ", "-")
             for seed in a.seeds:
                 teacher_setting = [f"teacher.path={teacher}"] if recipe == "kd.yaml" else []
                 run = st.train(RECIPES / recipe, a.workdir / "runs" / f"{slug}-s{seed}",
@@ -268,7 +276,8 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
             gap = f"{diff:+.4f} ± {diff_w:.4f}"
         sh, sh_w = mean_interval([spans[r.name]["shared"] for r in paths])
         sp, sp_w = mean_interval([spans[r.name]["split"] for r in paths])
-        rows.append(f"| {side} | {method} | {ce:.4f} ± {ce_w:.4f} | {gap} | {sh:.3f} ± {sh_w:.3f} | "
+        label = f"{side}{list(SAME if side == 'A' else METHODS).index(method)}"  # as --runs names it
+        rows.append(f"| {label} | {method} | {ce:.4f} ± {ce_w:.4f} | {gap} | {sh:.3f} ± {sh_w:.3f} | "
                     f"{sp:.3f} ± {sp_w:.3f} | {r2:.2f} ± {r2_w:.2f} | {rl:.2f} ± {rl_w:.2f} | "
                     f"{statistics.fmean(map(sec_per_step, paths)):.2f} |")
     t = rouge["teacher"]
@@ -288,7 +297,7 @@ def report(a: argparse.Namespace, st: Stages, runs: dict, rouge: dict, per_byte:
             "token (shared) and over the others (split); a span is the same text on both sides, so these compare "
             f"across tokenizers. The teacher: {spans['teacher']['shared']:.3f} per shared span, "
             f"{spans['teacher']['split']:.3f} per split span.\n\n"
-            "| tokenizer | student | validation CE / byte | vs B's CE only | NLL / shared span | NLL / split span | "
+            "| run (A: tokenizer A, B: tokenizer B) | student | validation CE / byte | vs B's CE only | NLL / shared span | NLL / split span | "
             "ROUGE-2 | ROUGE-L | s / step |\n"
             "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
             + "\n\nCommands, in order:\n\n```\n" + "\n".join(st.commands) + "\n```")
