@@ -325,10 +325,15 @@ def _dense_reference(mode, h_s, w_s, h_t, w_t, labels_s, labels_t, shared, tau, 
     return w_ce * ce + w_kd * (values["shared"] + values["uld"]) / n, {k: v / n for k, v in values.items()}
 
 
-@pytest.mark.parametrize("mode,uld_weight", [("uld", 1.0), ("hybrid", 1.0), ("hybrid", 0.25)])
+@pytest.mark.parametrize("mode,uld_weight", [("uld", 1.0), ("hybrid", 1.0), ("hybrid", 0.25), ("hybrid", 0.0)])
 @pytest.mark.parametrize("top_k", [None, 4])
 @pytest.mark.parametrize("budget", [1e-4, 1.0])  # one row per chunk, or all rows in one
-def test_span_objective_and_its_gradient_match_dense_autograd(mode, uld_weight, top_k, budget):
+def test_span_objective_and_its_gradient_match_dense_autograd(mode, uld_weight, top_k, budget, monkeypatch):
+    import distill.losses.cross_tokenizer as cross
+
+    if not uld_weight:  # hybrid without ULD spans (the recommended setting): no ULD pass may run
+        for name in ("uld", "uld_log_scale_grad"):
+            monkeypatch.setattr(cross, name, lambda *a, **k: pytest.fail("a ULD pass ran with loss.uld_weight=0"))
     g = torch.Generator().manual_seed(3)
     head_s, head_t = _head(11, 6, 0), _head(14, 5, 1)
     h_s = torch.randn(9, 6, generator=g, dtype=torch.float64).requires_grad_()
@@ -355,7 +360,10 @@ def test_span_objective_and_its_gradient_match_dense_autograd(mode, uld_weight, 
     assert_close(total, ref_total, rtol=1e-10, atol=1e-12)
     assert_close(grad_h, ref_h, rtol=1e-9, atol=1e-12)
     assert_close(grad_w, ref_w, rtol=1e-9, atol=1e-12)
-    if mode == "hybrid":
+    if mode == "hybrid" and not uld_weight:
+        assert "kd/uld" not in terms
+        assert_close(terms["kd"], ref_parts["shared"], rtol=1e-10, atol=1e-12)
+    elif mode == "hybrid":
         assert_close(terms["kd/shared"], ref_parts["shared"], rtol=1e-10, atol=1e-12)
         assert_close(terms["kd/uld"], ref_parts["uld"], rtol=1e-10, atol=1e-12)
         assert_close(terms["kd"], terms["kd/shared"] + terms["kd/uld"])

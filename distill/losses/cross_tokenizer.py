@@ -12,7 +12,8 @@ start. Both sides' vectors (at temperature τ) are compared by
   null the distance is exact; with a cut-off the rest bucket gives its lower bound);
 * ``hybrid``: on spans of one token that both vocabularies hold (same bytes, or the same special
   role), ``loss.divergence`` between the two distributions renormalized over the shared tokens; ULD on
-  the others, weighted by ``loss.uld_weight``. Logged as ``kd/shared`` and ``kd/uld``.
+  the others, weighted by ``loss.uld_weight``. Logged as ``kd/shared`` and ``kd/uld``; with ``uld_weight`` 0
+  the ULD spans get CE only, and neither ULD nor its passes run.
 
 Both parts average over the step's spans (the ``span`` count).
 
@@ -126,11 +127,13 @@ class SpanRows:
 
 def span_rows(batch: dict[str, Tensor], student: Side, teacher: Side, s_labels: Tensor, t_labels: Tensor,
               mode: str, temperature: float, top_k: Optional[int], coef: Tensor | float,
-              shared_ids: tuple[Tensor, Tensor], budget_mib: Optional[float]) -> SpanRows:
-    """The three passes without gradient (module docstring). ``coef``: the ULD spans' weight over the span count."""
+              shared_ids: tuple[Tensor, Tensor], budget_mib: Optional[float], uld_spans: bool = True) -> SpanRows:
+    """The three passes without gradient (module docstring). ``coef``: the ULD spans' weight over the span count;
+    ``uld_spans`` False (hybrid with ``loss.uld_weight`` 0): no span is scored by ULD, so none of the passes runs."""
     first, rest, rest_of = batch["span_first"], batch["span_rest"], batch["span_rest_of"]
     t_first, t_rest, t_rest_of = (batch[TEACHER_PREFIX + k] for k in ("span_first", "span_rest", "span_rest_of"))
     n, spans, device = student.hidden.shape[0], first.shape[0], student.hidden.device
+    exact = batch["span_exact"] > 0 if mode == "hybrid" else torch.zeros(spans, dtype=torch.bool, device=device)
 
     def log_scale(side: Side, labels: Tensor, rows: Tensor, of: Tensor, own_forward: bool) -> Tensor:
         cont = row_values(Side(side.hidden.index_select(0, rows), side.head),
@@ -138,14 +141,16 @@ def span_rows(batch: dict[str, Tensor], student: Side, teacher: Side, s_labels: 
                           budget_mib, own_forward)
         return cont.new_zeros(spans).index_add_(0, of, cont)
 
-    s_scale = log_scale(student, s_labels, rest, rest_of, True)
-    t_scale = log_scale(teacher, t_labels, t_rest, t_rest_of, False)
-    exact = batch["span_exact"] > 0 if mode == "hybrid" else torch.zeros(spans, dtype=torch.bool, device=device)
-    grad = row_values(Side(student.hidden.index_select(0, first), student.head),
-                      Side(teacher.hidden.index_select(0, t_first), teacher.head),
-                      lambda s, t, r: torch.where(exact[r], 0.0, uld_log_scale_grad(s, t, s_scale[r], t_scale[r],
-                                                                                      temperature, top_k)),
-                      budget_mib)
+    if uld_spans:
+        s_scale = log_scale(student, s_labels, rest, rest_of, True)
+        t_scale = log_scale(teacher, t_labels, t_rest, t_rest_of, False)
+        grad = row_values(Side(student.hidden.index_select(0, first), student.head),
+                          Side(teacher.hidden.index_select(0, t_first), teacher.head),
+                          lambda s, t, r: torch.where(exact[r], 0.0, uld_log_scale_grad(s, t, s_scale[r], t_scale[r],
+                                                                                          temperature, top_k)),
+                          budget_mib)
+    else:
+        s_scale = t_scale = grad = student.hidden.new_zeros(spans)
     if teacher.hidden.shape[0] == 0:  # no teacher targets (so no spans): a row for the unused pairs
         teacher = Side(teacher.hidden.new_zeros(1, teacher.hidden.shape[1]), teacher.head)
     at_first = lambda values, fill: torch.full((n,), fill, dtype=values.dtype, device=device).index_copy_(  # noqa: E731
@@ -210,7 +215,15 @@ def span_row_fns(rows: SpanRows, mode: str, kind: str, temperature: float, top_k
         value = shared_divergence(s, t, s_ids, t_ids, kind, temperature, beta, alpha, lam)
         return torch.where(rows.shared[r], value, 0.0)
 
-    return {"kd/shared": shared_fn, "kd/uld": uld_fn}
+    return {"kd/shared": shared_fn, **({"kd/uld": uld_fn} if uld_weight else {})}
+
+
+def cross_parts(mode: str, uld_weight: float) -> dict[str, str]:
+    """The kd term's parts for ``mode`` and the count each averages over: hybrid without ULD spans has one."""
+    parts = dict(CROSS_PARTS[mode])
+    if mode == "hybrid" and not uld_weight:
+        del parts["kd/uld"]
+    return parts
 
 
 def continuation(rows: SpanRows, labels: Tensor, temperature: float) -> RowSum:

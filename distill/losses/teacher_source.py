@@ -43,7 +43,8 @@ def logit_teacher(cfg: Any, batch: dict[str, Tensor], student: Output, teacher: 
         else:
             t_labels = batch[TEACHER_PREFIX + "labels"].reshape(-1).index_select(0, batch[TEACHER_PREFIX + "target_index"])
             spans = span_rows(batch, s_side, t_side, labels, t_labels, cfg.cross_tokenizer, cfg.temperature,
-                              cfg.uld_top_k, across_weight / span_count * cfg.uld_weight, shared_ids, cfg.logit_chunk_mib)
+                              cfg.uld_top_k, across_weight / span_count * cfg.uld_weight, shared_ids, cfg.logit_chunk_mib,
+                              uld_spans=cfg.cross_tokenizer == "uld" or cfg.uld_weight > 0)
         return LogitTeacher(spans.teacher, spans)
     if cache_vocab is not None:
         return LogitTeacher(TopK(**{part: batch[key] for key, part in TEACHER_KEYS.items()}, vocab=cache_vocab))

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
-from distill.losses.cross_tokenizer import CROSS_PARTS, MappedRows, SpanRows, mapped_row_fns, span_row_fns
+from distill.losses.cross_tokenizer import MappedRows, SpanRows, cross_parts, mapped_row_fns, span_row_fns
 from distill.losses.divergences import scaled_divergence
 from distill.losses.fused_head import RowFn
 from distill.losses.taid import TaidLambda
@@ -31,7 +31,7 @@ class LogitDivergence(Term):
     def __init__(self, cfg, total_steps, student_config, teacher_config):
         super().__init__(cfg, total_steps, student_config, teacher_config)
         mode = cfg.cross_tokenizer
-        self.parts = {"kd": "target"} if mode is None else dict(CROSS_PARTS[mode])
+        self.parts = {"kd": "target"} if mode is None else cross_parts(mode, cfg.uld_weight)
         self.taid = (TaidLambda(cfg.taid_lambda_start, cfg.taid_lambda_end, total_steps, cfg.taid_schedule)
                      if cfg.divergence == "taid" else None)
         self.tracks_losses = self.taid is not None and self.taid.adaptive
