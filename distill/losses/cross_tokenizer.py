@@ -123,6 +123,7 @@ class SpanRows:
     t_log_scale: Tensor
     continuation: Tensor  # (N,) ∂(weighted loss)/∂ log p(label) at continuation rows, 0 elsewhere
     shared_ids: tuple[Tensor, Tensor]  # (M,) each: the shared tokens' student and teacher ids
+    chained: bool = True  # some span is scored by ULD, so the continuation term has a gradient to carry
 
 
 def span_rows(batch: dict[str, Tensor], student: Side, teacher: Side, s_labels: Tensor, t_labels: Tensor,
@@ -160,7 +161,7 @@ def span_rows(batch: dict[str, Tensor], student: Side, teacher: Side, s_labels: 
                     uld=at_first(~exact, False), shared=at_first(exact, False),
                     s_log_scale=at_first(s_scale, 0.0), t_log_scale=at_first(t_scale, 0.0),
                     continuation=grad.new_zeros(n).index_copy_(0, rest, (grad * coef).index_select(0, rest_of)),
-                    shared_ids=shared_ids)
+                    shared_ids=shared_ids, chained=uld_spans)
 
 
 @dataclass

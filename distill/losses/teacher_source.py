@@ -27,7 +27,7 @@ class LogitTeacher:
     @property
     def chained(self) -> bool:
         """Whether a continuation term carries ∂loss/∂log c (ULD's aligned spans)."""
-        return isinstance(self.spans, SpanRows)
+        return isinstance(self.spans, SpanRows) and self.spans.chained
 
 
 def logit_teacher(cfg: Any, batch: dict[str, Tensor], student: Output, teacher: Optional[Output], labels: Tensor,
