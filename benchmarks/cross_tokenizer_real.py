@@ -36,6 +36,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Stages, append_section, machine  # noqa: E402
+from distill.files import write_atomic  # noqa: E402
 from benchmarks.quality import (RECIPES, build_teacher, data_settings, decoding, infilling_settings,  # noqa: E402
                                 teacher_arguments, text_arguments, training)
 
@@ -242,12 +243,15 @@ def main() -> None:
     for tok_dir, side in ((teacher, "A"), (tok_b, "B")):
         tokens, size = target_bytes(tok_dir, settings)
         per_byte[side] = tokens / size  # CE per token x tokens per byte
-    spans_file = results / "spans.json"  # computed in this process, once
-    if not spans_file.exists():
-        models = {"teacher": (teacher, "A")}
-        models.update({path.name: (path / "final", side) for (side, _), paths in runs.items() for path in paths})
-        spans_file.write_text(json.dumps(span_nll(models, tok_b, teacher, settings), indent=1))
-    spans = json.loads(spans_file.read_text())
+    # computed in this process, once per model: a rerun with more --runs adds only the new ones
+    spans_file = results / "spans.json"
+    spans = json.loads(spans_file.read_text()) if spans_file.exists() else {}
+    models = {"teacher": (teacher, "A")}
+    models.update({path.name: (path / "final", side) for (side, _), paths in runs.items() for path in paths})
+    missing = {name: model for name, model in models.items() if name not in spans}
+    if missing:
+        spans.update(span_nll(missing, tok_b, teacher, settings))
+        write_atomic(spans_file, json.dumps(spans, indent=1))
     body = report(a, st, runs, rouge, per_byte, shared, split, teacher, spans)
     print(body)
     if not a.no_write:
