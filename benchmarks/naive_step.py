@@ -23,7 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.runtime.process_group import join_process_group  # noqa: E402
+from distill.runtime.process_group import exit_rank, join_process_group  # noqa: E402
 from distill.config.settings import ModelConfig  # noqa: E402
 from distill.config.parsing import load_config  # noqa: E402
 from distill.data.stream import BatchStream  # noqa: E402
@@ -116,3 +116,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)

@@ -109,3 +109,17 @@ exit_rank(3)
                           cwd=Path(__file__).parents[1])
     assert (proc.returncode, proc.stdout) == (3, "buffered line"), proc.stderr
     assert marker.exists()
+
+
+def test_every_script_launched_as_ranks_ends_through_exit_rank():
+    """A script the deepspeed launcher runs (one that joins the process group, or runs a rank's entry point)
+    and then leaves through interpreter finalization aborts now and then after its work is done, and the
+    launcher fails the job: CI saw it in tests/scripts/run_recipes.py. Each must end through exit_rank."""
+    root = Path(__file__).parents[1]
+    entry = ("join_process_group()", "from distill.train.launch import main", "from distill.cli import main")
+    scripts = [f for folder in ("launchers", "tests/scripts", "benchmarks") for f in sorted((root / folder).glob("*.py"))
+               if any(e in f.read_text() for e in entry)]
+    assert len(scripts) >= 8
+    missing = [str(f.relative_to(root)) for f in scripts if "exit_rank(" not in f.read_text()]
+    assert not missing, missing
+

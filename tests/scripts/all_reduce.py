@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from deepspeed import comm
 
-from distill.runtime.process_group import join_process_group
+from distill.runtime.process_group import exit_rank, join_process_group
 
 join_process_group()
 rank = dist.get_rank()
@@ -17,3 +17,4 @@ for n in (16, 1 << 20):  # below and above DeepSpeed's naive all-reduce threshol
     comm.all_reduce(x)
     sums.append(x.unique().tolist())
 print(json.dumps({"rank": rank, "sums": sums, "shm": comm.comm.cdb.shm_comm_op is not None}), flush=True)
+exit_rank(0)

@@ -28,7 +28,7 @@ from distill.data.collate import IGNORE_INDEX, shift_right, source_index, target
 from distill.losses.objective import Objective
 from distill.models.capture import FeatureModel
 from distill.models.loading import hidden_size, load_model, load_model_config
-from distill.runtime.process_group import join_process_group
+from distill.runtime.process_group import exit_rank, join_process_group
 from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
 from distill.train.step import Models, train_step
 from distill.train.timing import PhaseTimer
@@ -177,3 +177,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_rank(0)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from distill.runtime.process_group import join_process_group
+from distill.runtime.process_group import exit_rank, join_process_group
 from distill.config.settings import ModelConfig
 from distill.config.parsing import load_config
 from distill.runtime.dsconfig import read_ds_config, resolve_ds_config
@@ -47,3 +47,4 @@ for path in [a for a in sys.argv[1:] if not a.startswith("--")]:  # the launcher
         print(json.dumps({"path": path, "type": config.model_type, "share": local / total,
                           "max_diff": (logits - reference).abs().max().item(),
                           "fused_diff": (fused - reference).abs().max().item()}), flush=True)
+exit_rank(0)
