@@ -40,6 +40,7 @@ from benchmarks.common import Stages, append_section, machine  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 BASELINE = "objective alone"
+NO_PRETRAINING = "teacher's shape, random init"
 # name -> (recipe, overrides); the encoder's students read MLM, the encoder-decoder's span corruption
 ENCODER_METHODS = {
     "OD": ("udagawa_od_roberta.yaml", []),
@@ -194,7 +195,8 @@ def main() -> None:
         if a.kinds and kind not in a.kinds:
             continue
         teacher = build_teacher(a, st, family, objective, tok, corpus)
-        models[kind] = {"teacher": teacher}
+        # the floor: what fine-tuning alone makes of the teacher's shape with no pretraining at all
+        models[kind] = {"teacher": teacher, NO_PRETRAINING: a.workdir / f"{family}-init"}
         for shape, student in students(a, st, family, teacher).items():
             for method, (recipe, overrides) in methods.items():
                 if a.methods and method not in a.methods and method != BASELINE:
@@ -215,24 +217,41 @@ def main() -> None:
                 for key, (path, t) in jobs.items()}
     scores = {kind: {name: {t.name: done[kind, name, t.name].result() for t in task_dirs} for name in named}
               for kind, named in models.items()}
-    body = report(scores, [t.name for t in task_dirs], st, a)
+    sizes = {t.name: {split: sum(1 for _ in open(t / f"{split}.jsonl")) for split in ("train", "validation", "test")}
+             for t in task_dirs}
+    ce = {kind: {name: _pretraining_ce(path) for name, path in named.items()} for kind, named in models.items()}
+    body = report(scores, sizes, ce, st, a)
     print(body)
     append_section("Task-agnostic distillation on real text", body)
 
 
-def report(scores: dict, tasks: list[str], st: Stages, a: argparse.Namespace) -> str:
-    """One table per model kind: each model's mean test score per task [95% interval over seeds], and the
-    average of the means."""
+def _pretraining_ce(model: Path) -> float | None:
+    """The validation CE of the pretraining objective where the model's run measured one (a run's final/ or
+    best/ directory; none for a random init)."""
+    found = model.parent / "eval_results.json"
+    return json.loads(found.read_text())["eval/ce"] if found.is_file() else None
+
+
+def report(scores: dict, sizes: dict[str, dict[str, int]], ce: dict, st: Stages, a: argparse.Namespace) -> str:
+    """One table per model kind: each model's validation CE on its pretraining objective, its mean test score
+    per task [95% interval over seeds], and the average of the means."""
+    tasks = list(sizes)
+    cap = a.finetune_train_samples or None
+    shown = ", ".join(f"{t} {min(n['train'], cap or n['train'])}/{n['validation']}/{n['test']}" for t, n in sizes.items())
     lines = [f"Machine: {machine()}, {a.nproc} ranks; {st.hours():.1f} h of stages. Students: {a.steps} steps each, "
-             f"seed {a.seed}; fine-tuning: {a.seeds} seeds, {a.finetune_epochs} epochs. Each cell: the task's main "
-             "test metric (accuracy; Pearson for the pair regression), mean [95% Student-t interval] over seeds.", ""]
+             f"seed {a.seed}; fine-tuning: {a.seeds} seeds, {a.finetune_epochs} epochs at learning rate "
+             f"{a.finetune_lr:g}. Tasks (train/validation/test rows): {shown}. Each task cell: the task's main test "
+             "metric (accuracy; Pearson for the pair regression), mean [95% Student-t interval] over seeds. "
+             "Pretraining CE: the objective's validation CE after pretraining or distillation (for a loss with no "
+             "logit term the LM head is never trained, so this CE says nothing of the encoder).", ""]
     for kind, rows in scores.items():
-        lines += [f"**{kind}**", "", "| model | " + " | ".join(tasks) + " | average |",
-                  "|---|" + "---|" * (len(tasks) + 1)]
+        lines += [f"**{kind}**", "", "| model | pretraining CE | " + " | ".join(tasks) + " | average |",
+                  "|---|---|" + "---|" * (len(tasks) + 1)]
         for name, by_task in rows.items():
             cells = [_cell(by_task[t]) for t in tasks]
             mean = sum(_main(by_task[t])[0] for t in tasks) / len(tasks)
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} |")
+            pre = ce[kind][name]
+            lines.append(f"| {name} | {'–' if pre is None else f'{pre:.3f}'} | " + " | ".join(cells) + f" | {mean:.3f} |")
         lines.append("")
     lines += ["Commands:", "", "```", *st.commands, "```"]
     return "\n".join(lines)

@@ -89,9 +89,13 @@ def test_the_task_agnostic_table_gives_each_tasks_main_metric_and_the_average(tm
     scores = {"encoder": {"teacher": {"a": results("accuracy", 0.8, 0.7, 0.9), "b": results("pearson", 0.4)},
                           "half depth: MHA": {"a": results("accuracy", 0.75, 0.7, 0.8), "b": results("pearson", 0.2)}}}
     st = Stages(tmp_path, 2, "task_agnostic")
-    text = report(scores, ["a", "b"], st, argparse.Namespace(nproc=2, steps=10, seed=0, seeds=3, finetune_epochs=2))
-    assert "| teacher | 0.800 [0.700, 0.900] | 0.400 | 0.600 |" in text
-    assert "| half depth: MHA | 0.750 [0.700, 0.800] | 0.200 | 0.475 |" in text
+    sizes = {"a": {"train": 5000, "validation": 300, "test": 200}, "b": {"train": 400, "validation": 40, "test": 45}}
+    ce = {"encoder": {"teacher": 5.25, "half depth: MHA": None}}
+    text = report(scores, sizes, ce, st, argparse.Namespace(nproc=2, steps=10, seed=0, seeds=3, finetune_epochs=2,
+                                                            finetune_lr=1e-3, finetune_train_samples=2400))
+    assert "| teacher | 5.250 | 0.800 [0.700, 0.900] | 0.400 | 0.600 |" in text
+    assert "| half depth: MHA | – | 0.750 [0.700, 0.800] | 0.200 | 0.475 |" in text
+    assert "a 2400/300/200, b 400/40/45" in text  # the training rows a fine-tune draws from
 
 
 def test_every_task_agnostic_student_runs_with_its_methods_own_settings():
