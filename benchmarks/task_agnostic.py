@@ -37,6 +37,7 @@ ROOT = Path(__file__).parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Stages, append_section, machine  # noqa: E402
+from distill.finetune.metrics import t_interval  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 BASELINE = "objective alone"
@@ -245,27 +246,38 @@ def report(scores: dict, sizes: dict[str, dict[str, int]], ce: dict, st: Stages,
              "Pretraining CE: the objective's validation CE after pretraining or distillation (for a loss with no "
              "logit term the LM head is never trained, so this CE says nothing of the encoder).", ""]
     for kind, rows in scores.items():
-        lines += [f"**{kind}**", "", "| model | pretraining CE | " + " | ".join(tasks) + " | average |",
-                  "|---|---|" + "---|" * (len(tasks) + 1)]
+        lines += [f"**{kind}**", "", "| model | pretraining CE | " + " | ".join(tasks) + f" | average | vs {BASELINE} |",
+                  "|---|---|" + "---|" * (len(tasks) + 2)]
         for name, by_task in rows.items():
             cells = [_cell(by_task[t]) for t in tasks]
-            mean = sum(_main(by_task[t])[0] for t in tasks) / len(tasks)
+            average = _seed_averages(by_task, tasks)
+            shape, _, method = name.rpartition(": ")
+            baseline = rows.get(f"{shape}: {BASELINE}")
+            gain = "–" if not shape or method == BASELINE or baseline is None else \
+                _interval(t_interval([x - y for x, y in zip(average, _seed_averages(baseline, tasks))]), signed=True)
             pre = ce[kind][name]
-            lines.append(f"| {name} | {'–' if pre is None else f'{pre:.3f}'} | " + " | ".join(cells) + f" | {mean:.3f} |")
+            lines.append(f"| {name} | {'–' if pre is None else f'{pre:.3f}'} | " + " | ".join(cells)
+                         + f" | {_interval(t_interval(average))} | {gain} |")
         lines.append("")
     lines += ["Commands:", "", "```", *st.commands, "```"]
     return "\n".join(lines)
 
 
-def _main(results: dict) -> tuple[float, float | None, float | None]:
-    """(mean, low, high) of the task's main test metric over the seeds (low/high None for one seed)."""
-    score = results["test"][results["main_metric"]]
-    return score["mean"], score["low"], score["high"]
+def _seed_averages(by_task: dict, tasks: list[str]) -> list[float]:
+    """Each fine-tuning seed's main test metric averaged over the tasks: seed i of every model and task starts
+    its head and orders its batches alike, so two models' averages pair up by seed."""
+    per_task = [[seed["test"][by_task[t]["main_metric"]] for seed in by_task[t]["seeds"]] for t in tasks]
+    return [sum(scores) / len(tasks) for scores in zip(*per_task)]
 
 
 def _cell(results: dict) -> str:
-    mean, low, high = _main(results)
-    return f"{mean:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
+    return _interval(results["test"][results["main_metric"]])
+
+
+def _interval(score: dict, signed: bool = False) -> str:
+    """mean [low, high] (mean alone for one seed)."""
+    form = "+.3f" if signed else ".3f"
+    return f"{score['mean']:{form}}" + ("" if score["low"] is None else f" [{score['low']:{form}}, {score['high']:{form}}]")
 
 
 if __name__ == "__main__":

@@ -82,19 +82,27 @@ def test_the_task_agnostic_table_gives_each_tasks_main_metric_and_the_average(tm
 
     from benchmarks.common import Stages
     from benchmarks.task_agnostic import report
+    from distill.finetune.metrics import t_interval
 
-    def results(metric, mean, low=None, high=None):
-        return {"main_metric": metric, "test": {metric: {"mean": mean, "low": low, "high": high}}}
+    def results(metric, *seeds):
+        return {"main_metric": metric, "seeds": [{"test": {metric: v}} for v in seeds],
+                "test": {metric: t_interval(seeds)}}
 
-    scores = {"encoder": {"teacher": {"a": results("accuracy", 0.8, 0.7, 0.9), "b": results("pearson", 0.4)},
-                          "half depth: MHA": {"a": results("accuracy", 0.75, 0.7, 0.8), "b": results("pearson", 0.2)}}}
-    st = Stages(tmp_path, 2, "task_agnostic")
+    scores = {"encoder": {"teacher": {"a": results("accuracy", 0.8, 0.9), "b": results("pearson", 0.4, 0.4)},
+                          "half depth: MHA": {"a": results("accuracy", 0.7, 0.8), "b": results("pearson", 0.2, 0.3)},
+                          "half depth: objective alone": {"a": results("accuracy", 0.6, 0.8),
+                                                          "b": results("pearson", 0.2, 0.1)}}}
     sizes = {"a": {"train": 5000, "validation": 300, "test": 200}, "b": {"train": 400, "validation": 40, "test": 45}}
-    ce = {"encoder": {"teacher": 5.25, "half depth: MHA": None}}
-    text = report(scores, sizes, ce, st, argparse.Namespace(nproc=2, steps=10, seed=0, seeds=3, finetune_epochs=2,
+    ce = {"encoder": {"teacher": 5.25, "half depth: MHA": None, "half depth: objective alone": 6.0}}
+    st = Stages(tmp_path, 2, "task_agnostic")
+    text = report(scores, sizes, ce, st, argparse.Namespace(nproc=2, steps=10, seed=0, seeds=2, finetune_epochs=2,
                                                             finetune_lr=1e-3, finetune_train_samples=2400))
-    assert "| teacher | 5.250 | 0.800 [0.700, 0.900] | 0.400 | 0.600 |" in text
-    assert "| half depth: MHA | – | 0.750 [0.700, 0.800] | 0.200 | 0.475 |" in text
+    # averages over tasks per seed: teacher 0.60, 0.65; MHA 0.45, 0.55; baseline 0.40, 0.45
+    # (t(0.975, 1) = 12.706: half widths 12.706 * s / sqrt(2))
+    assert "| teacher | 5.250 | 0.850 [0.215, 1.485] | 0.400 [0.400, 0.400] | 0.625 [0.307, 0.943] | – |" in text
+    assert "| half depth: MHA | – | 0.750 [0.115, 1.385] | 0.250 [-0.385, 0.885] | 0.500 [-0.135, 1.135] " \
+           "| +0.075 [-0.243, +0.393] |" in text
+    assert "| half depth: objective alone | 6.000 |" in text and text.count("| – |") == 3
     assert "a 2400/300/200, b 400/40/45" in text  # the training rows a fine-tune draws from
 
 
