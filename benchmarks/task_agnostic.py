@@ -41,7 +41,7 @@ from distill.finetune.metrics import t_interval  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 BASELINE = "objective alone"
-NO_PRETRAINING = "teacher's shape, random init"
+NO_PRETRAINING = "random init"
 # name -> (recipe, overrides); the encoder's students read MLM, the encoder-decoder's span corruption
 ENCODER_METHODS = {
     "OD": ("udagawa_od_roberta.yaml", []),
