@@ -235,9 +235,10 @@ def _pretraining_ce(model: Path) -> float | None:
 
 def report(scores: dict, sizes: dict[str, dict[str, int]], ce: dict, st: Stages, a: argparse.Namespace) -> str:
     """One table per model kind: each model's validation CE on its pretraining objective, its mean test score
-    per task [95% interval over seeds], and the average of the means."""
+    per task and over the tasks [95% intervals over seeds], and a student's seed-paired difference from the
+    objective alone of its shape."""
     tasks = list(sizes)
-    cap = a.finetune_train_samples or None
+    cap = a.finetune_train_samples
     shown = ", ".join(f"{t} {min(n['train'], cap or n['train'])}/{n['validation']}/{n['test']}" for t, n in sizes.items())
     lines = [f"Machine: {machine()}, {a.nproc} ranks; {st.hours():.1f} h of stages. Students: {a.steps} steps each, "
              f"seed {a.seed}; fine-tuning: {a.seeds} seeds, {a.finetune_epochs} epochs at learning rate "
